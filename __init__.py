@@ -1,0 +1,1 @@
+"""mfconvert: convert pretrained models into multiplication-free models served by ONNX Runtime."""

@@ -1,0 +1,104 @@
+"""The `mfconvert` command: `mfconvert MODEL.onnx [options]` converts a model (a thin layer over
+mfconvert.convert.convert_onnx; everything here is one call in Python)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from tqdm import tqdm
+
+from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
+from mfconvert.convert.onnx_model import output_path_for
+from mfconvert.passes.shift_linear import ShiftLinearConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Convert an ONNX model into a multiplication-free model for ONNX Runtime.")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"mfconvert: error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
+    """'input_ids=1,128' → {'input_ids': [1, 128]}."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+            if any(d < 0 for d in shapes[name]):
+                raise ValueError
+        except ValueError:
+            fail(f"--input-shape {spec!r}: expected NAME=D0,D1,... with non-negative integers")
+    return shapes
+
+
+@app.command()
+def convert(
+    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path [default: MODEL.mf.onnx]."),
+    shift_linear: bool = typer.Option(True, "--shift-linear/--no-shift-linear",
+                                      help="Linear layers → power-of-two ShiftLinear."),
+    weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
+    weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
+    act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
+    act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations."),
+    include: List[str] = typer.Option([], "--include", help="Only convert nodes whose name matches (regex; repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Leave nodes whose name matches alone (regex; repeatable)."),
+    min_params: int = typer.Option(1024, help="Skip linear layers with fewer weights than this."),
+    input_shape: List[str] = typer.Option([], "--input-shape",
+                                          help="NAME=D0,D1,... for the report's per-inference counts (repeatable)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Read the conversion config from JSON (flags above are ignored)."),
+    save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config as JSON."),
+    report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the report as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Convert and report, write no model."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+):
+    """Convert MODEL.onnx; prints what was converted, what was skipped and why."""
+    try:
+        if config_file is not None:
+            cfg = ConvertConfig.from_dict(json.loads(config_file.read_text()))
+        else:
+            cfg = ConvertConfig(shift_linear=ShiftLinearConfig(
+                weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
+                weight_scale=weight_scale, include=include, exclude=exclude, min_params=min_params)
+                if shift_linear else None)
+    except (ValueError, TypeError, OSError) as err:
+        fail(str(err).splitlines()[0])
+    if not cfg.enabled():
+        fail("every pass is turned off; nothing to do")
+    out = None if dry_run else str(output or output_path_for(str(model)))
+    shapes = parse_input_shapes(input_shape)
+
+    bar = tqdm(total=len(cfg.enabled()), desc="converting", unit="pass", file=sys.stderr, leave=False)
+
+    def progress(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    try:
+        result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress)
+    except ConversionError as err:
+        bar.close()
+        fail(str(err))
+    bar.close()
+    typer.echo(result.report.table())
+    typer.echo(f"\nwrote {out}" if out else "\ndry run: no model written")
+    if save_config:
+        save_config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if report_json:
+        report_json.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

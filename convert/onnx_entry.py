@@ -1,0 +1,124 @@
+"""convert_onnx: run the enabled passes over an ONNX model and report what changed."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from mfconvert.convert.config import ConvertConfig
+from mfconvert.convert.onnx_model import (ConversionError, check_model, check_output_path,
+                                          load_model, save_model_atomic)
+from mfconvert.ort_ops import DOMAIN, OPSET_VERSION
+from mfconvert.passes import pass_for
+from mfconvert.passes.registry import PassError
+from mfconvert.passes.report import ConversionReport
+
+
+@dataclass
+class ConversionResult:
+    model: onnx.ModelProto
+    report: ConversionReport
+    output: str | None
+
+
+def convert_onnx(source, config: ConvertConfig | None = None, output: str | None = None,
+                 input_shapes: dict[str, list[int]] | None = None, force: bool = False,
+                 progress=None) -> ConversionResult:
+    """Convert `source` (path or ModelProto); write to `output` atomically when given.
+
+    `input_shapes` fixes dynamic input dims for the report's per-inference counts (dims not
+    given default to 1). `progress(pass_name)` is called as each pass starts.
+    """
+    config = config or ConvertConfig()
+    model, label, size_before = load_model(source)
+    input_path = None if isinstance(source, onnx.ModelProto) else os.fspath(source)
+    if output is not None:
+        check_output_path(output, input_path, force)
+    check_model(model, label)
+    shapes = resolve_input_shapes(model, input_shapes or {}, label)
+    typed = onnx.shape_inference.infer_shapes(model)   # dtypes let passes check activations
+
+    graph = gs.import_onnx(typed)
+    results = []
+    for cfg in config.enabled():
+        spec = pass_for(cfg)
+        if progress:
+            progress(spec.name)
+        try:
+            results.append(spec.run(graph, cfg))
+        except PassError as err:
+            raise ConversionError(f"{label}: {err}") from None
+
+    converted = _export(graph, model, config)
+    check_model(converted, f"{label} (converted)")
+    rows = activation_rows(model, shapes)
+    for result in results:
+        for change in result.changes:
+            change.rows = rows.get(change.activation)
+    size_after = converted.ByteSize()
+    if output is not None:
+        size_after = save_model_atomic(converted, output)
+    report = ConversionReport(results, shapes, size_before, size_after)
+    return ConversionResult(converted, report, output)
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig) -> onnx.ModelProto:
+    model = gs.export_onnx(graph)
+    model.ir_version = original.ir_version
+    model.producer_name, model.producer_version = original.producer_name, original.producer_version
+    del model.opset_import[:]
+    model.opset_import.extend(o for o in original.opset_import if o.domain != DOMAIN)
+    if any(n.domain == DOMAIN for n in model.graph.node):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
+    model.metadata_props.extend(original.metadata_props)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        "mfconvert.config": json.dumps(config.to_dict())})
+    return model
+
+
+def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]], label: str) -> dict[str, list[int]]:
+    """Concrete dims for every graph input: given ones, static ones, and 1 for the rest."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    names = [i.name for i in inputs]
+    for name in given:
+        if name not in names:
+            raise ConversionError(f"--input-shape names '{name}', but {label} has inputs {names}")
+    shapes = {}
+    for inp in inputs:
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
+        if inp.name in given:
+            if len(given[inp.name]) != len(dims):
+                raise ConversionError(f"--input-shape {inp.name} has rank {len(given[inp.name])}, "
+                                      f"the model's input has rank {len(dims)}")
+            dims = list(given[inp.name])
+        shapes[inp.name] = dims
+    return shapes
+
+
+def activation_rows(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Rows (product of all dims but the last) of every tensor, at the given input shapes."""
+    fixed = copy.deepcopy(model)
+    for inp in fixed.graph.input:
+        if inp.name in shapes:
+            for dim, value in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
+                dim.Clear()
+                dim.dim_value = value
+    del fixed.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:
+        return {}
+    rows = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            n = 1
+            for d in dims[:-1]:
+                n *= d.dim_value
+            rows[vi.name] = n
+    return rows

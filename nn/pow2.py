@@ -1,0 +1,102 @@
+"""Power-of-two weight codes and Q-format activations: the arithmetic of docs/ops.md#shiftlinear.
+
+One place defines how a float weight becomes a (sign, shift) code, how codes are bit-packed,
+and how activations become fixed point, so the ONNX pass, the PyTorch layer and the tests all
+produce the same bytes the C++ kernel reads.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+WEIGHT_SCALES = ("channel", "tensor", "none")
+EXPONENT_LIMIT = 100
+
+
+def zero_shift(weight_bits: int) -> int:
+    """The shift field value Z = 2^(B-1) - 1 that marks a zero weight."""
+    return (1 << (weight_bits - 1)) - 1
+
+
+def check_format(weight_bits: int, act_bits: int = 32, act_frac_bits: int = 16) -> None:
+    if not 2 <= weight_bits <= 5:
+        raise ValueError(f"weight_bits must be in [2, 5], got {weight_bits}")
+    if not 2 <= act_bits <= 32:
+        raise ValueError(f"act_bits must be in [2, 32], got {act_bits}")
+    if not -32 <= act_frac_bits <= 32:
+        raise ValueError(f"act_frac_bits must be in [-32, 32], got {act_frac_bits}")
+
+
+def channel_exponents(weight: torch.Tensor, weight_scale: str = "channel") -> torch.Tensor:
+    """e_o = round(log2(max |w_o|)) per output row (or one for the tensor, or 0), as int8."""
+    if weight_scale not in WEIGHT_SCALES:
+        raise ValueError(f"weight_scale must be one of {WEIGHT_SCALES}, got {weight_scale!r}")
+    out_features = weight.shape[0]
+    if weight_scale == "none":
+        return torch.zeros(out_features, dtype=torch.int8)
+    w = weight.detach().abs().double()
+    peak = w.amax(dim=1) if weight_scale == "channel" else w.amax().expand(out_features)
+    exp = torch.where(peak > 0, torch.round(torch.log2(peak.clamp_min(1e-300))), torch.zeros_like(peak))
+    return exp.clamp(-EXPONENT_LIMIT, EXPONENT_LIMIT).to(torch.int8)
+
+
+def round_to_codes(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
+    """Round float weights [out, in] to B-bit codes (uint8, sign in the top bit) per docs/ops.md."""
+    check_format(weight_bits)
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has NaN or Inf values")
+    z = zero_shift(weight_bits)
+    w = weight.detach().double()
+    e = exponent.to(torch.float64).unsqueeze(1)
+    mag = w.abs()
+    p = torch.round(torch.log2(mag.clamp_min(1e-300))).clamp(e - z + 1, e)
+    m = (e - p).to(torch.int64)
+    is_zero = mag < torch.exp2(e - z)
+    m = torch.where(is_zero, torch.full_like(m, z), m)
+    sign = ((w < 0) & ~is_zero).to(torch.int64)
+    return ((sign << (weight_bits - 1)) | m).to(torch.uint8)
+
+
+def decode_codes(codes: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
+    """The float32 weights that codes stand for: (-1)^s 2^(e-m), or 0."""
+    z = zero_shift(weight_bits)
+    c = codes.to(torch.int64)
+    sign = c >> (weight_bits - 1)
+    m = c & z
+    value = power_of_two(exponent.to(torch.int64).unsqueeze(1) - m, torch.float64)
+    value = torch.where(m == z, torch.zeros_like(value), value)
+    return torch.where(sign == 1, -value, value).to(torch.float32)
+
+
+def power_of_two(exponent: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """2^exponent, exact (ldexp, not exp2, whose result for integers is not guaranteed exact)."""
+    return torch.ldexp(torch.ones(exponent.shape, dtype=dtype), exponent.to(torch.int32))
+
+
+def pack_codes(codes: np.ndarray | torch.Tensor, weight_bits: int) -> np.ndarray:
+    """Bit-pack codes (row-major) LSB first into a uint8 stream of ceil(n*B/8) bytes."""
+    c = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    bits = ((c[:, None] >> np.arange(weight_bits, dtype=np.uint8)) & 1).reshape(-1)
+    return np.packbits(bits, bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, count: int, weight_bits: int) -> np.ndarray:
+    """Inverse of pack_codes: the first `count` codes of the stream."""
+    need = math.ceil(count * weight_bits / 8)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != need:
+        raise ValueError(f"packed codes have {packed.size} bytes, expected {need}")
+    bits = np.unpackbits(packed, bitorder="little")[: count * weight_bits].reshape(count, weight_bits)
+    return (bits << np.arange(weight_bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
+
+
+def quantize_activation(x: torch.Tensor, act_bits: int = 32, act_frac_bits: int = 16) -> torch.Tensor:
+    """x_q = sat_A(floor(x * 2^F)) as int32, NaN -> 0 (step 1 of docs/ops.md#arithmetic)."""
+    scaled = torch.floor(x.to(torch.float32) * torch.tensor(2.0 ** act_frac_bits, dtype=torch.float32))
+    lo, hi = -(2 ** (act_bits - 1)), 2 ** (act_bits - 1) - 1
+    scaled = torch.nan_to_num(scaled, nan=0.0)
+    # Compare in float64 so the bounds are exact, then convert the in-range integers.
+    s64 = scaled.to(torch.float64).clamp(lo, hi)
+    return s64.to(torch.int64).to(torch.int32)

@@ -1,0 +1,18 @@
+"""The C++ ONNX Runtime custom-op library (ops of domain ai.mfconvert, see docs/ops.md)."""
+from __future__ import annotations
+
+import os
+
+DOMAIN = "ai.mfconvert"
+OPSET_VERSION = 1
+_LIBRARY_NAME = "libmfconvert_ops.so"
+
+
+def library_path() -> str:
+    """Absolute path of the built custom-op library, to pass to register_custom_ops_library."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the custom-op library is not built. Build it with "
+            "`make setup` (or `pip install -e .` in the repository root).")
+    return path

@@ -1,0 +1,123 @@
+"""What a conversion changed and why it skipped: the records every pass returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerChange:
+    """One rewritten layer: where it was, what it became and what it costs now."""
+    pass_name: str
+    node: str
+    new_op: str
+    in_features: int
+    out_features: int
+    bytes_before: int
+    bytes_after: int
+    activation: str = ""          # name of the activation tensor, to count rows later
+    rows: int | None = None       # rows per inference at the stated input shapes
+    detail: str = ""
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def macs_removed(self) -> int | None:
+        return None if self.rows is None else self.rows * self.params
+
+
+@dataclass
+class Skip:
+    """A candidate a pass looked at and left alone, with the reason."""
+    pass_name: str
+    node: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What one pass did to the graph."""
+    pass_name: str
+    changes: list[LayerChange] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+
+    def skip(self, node: str, reason: str) -> None:
+        self.skips.append(Skip(self.pass_name, node, reason))
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+@dataclass
+class ConversionReport:
+    """All passes' results plus whole-model figures, printable as the CLI's table."""
+    results: list[PassResult]
+    input_shapes: dict[str, list[int]]
+    file_bytes_before: int
+    file_bytes_after: int
+
+    @property
+    def changes(self) -> list[LayerChange]:
+        return [c for r in self.results for c in r.changes]
+
+    @property
+    def skips(self) -> list[Skip]:
+        return [s for r in self.results for s in r.skips]
+
+    def to_dict(self) -> dict:
+        return {
+            "input_shapes": self.input_shapes,
+            "file_bytes_before": self.file_bytes_before,
+            "file_bytes_after": self.file_bytes_after,
+            "passes": [{
+                "pass": r.pass_name,
+                "converted": [{**c.__dict__, "macs_removed": c.macs_removed} for c in r.changes],
+                "skipped": [s.__dict__ for s in r.skips],
+            } for r in self.results],
+        }
+
+    def table(self) -> str:
+        rows = [("layer", "pass", "became", "in→out", "rows", "MACs removed", "bytes before→after")]
+        for c in self.changes:
+            rows.append((c.node, c.pass_name, c.new_op, f"{c.in_features}→{c.out_features}",
+                         "?" if c.rows is None else str(c.rows),
+                         "?" if c.macs_removed is None else human_count(c.macs_removed),
+                         f"{human_bytes(c.bytes_before)}→{human_bytes(c.bytes_after)}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.skips:
+            lines.append("")
+            lines.append("skipped:")
+            lines.extend(f"  {s.node} ({s.pass_name}): {s.reason}" for s in self.skips)
+        changes = self.changes
+        params = sum(c.params for c in changes)
+        before = sum(c.bytes_before for c in changes)
+        after = sum(c.bytes_after for c in changes)
+        macs = [c.macs_removed for c in changes]
+        shapes = ", ".join(f"{k}={v}" for k, v in self.input_shapes.items())
+        lines += [
+            "",
+            f"layers converted: {len(changes)}   skipped: {len(self.skips)}",
+            f"parameters converted: {human_count(params)}",
+            f"converted weights: {human_bytes(before)} → {human_bytes(after)}"
+            + (f" ({before / after:.1f}× smaller)" if after else ""),
+            f"model file: {human_bytes(self.file_bytes_before)} → {human_bytes(self.file_bytes_after)}",
+            "multiplications removed per inference"
+            + (f" at {shapes}" if shapes else "") + ": "
+            + ("unknown (shapes not inferable)" if None in macs else human_count(sum(macs))),
+        ]
+        return "\n".join(lines)
