@@ -3,6 +3,7 @@ mfconvert.convert.convert_onnx; everything here is one call in Python)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -21,6 +22,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def fail(message: str) -> None:
     typer.echo(f"mfconvert: error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+def as_flags(message: str) -> str:
+    """Config errors name fields (weight_bits); on the command line say the flag (--weight-bits)."""
+    return re.sub(r"\b(weight_bits|weight_scale|act_bits|act_frac_bits|min_params)\b",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
@@ -70,13 +77,14 @@ def convert(
                 weight_scale=weight_scale, include=include, exclude=exclude, min_params=min_params)
                 if shift_linear else None)
     except (ValueError, TypeError, OSError) as err:
-        fail(str(err).splitlines()[0])
+        fail(as_flags(str(err).splitlines()[0]))
     if not cfg.enabled():
         fail("every pass is turned off; nothing to do")
     out = None if dry_run else str(output or output_path_for(str(model)))
     shapes = parse_input_shapes(input_shape)
 
-    bar = tqdm(total=len(cfg.enabled()), desc="converting", unit="pass", file=sys.stderr, leave=False)
+    bar = tqdm(total=len(cfg.enabled()), desc="converting", unit="pass", file=sys.stderr, leave=False,
+               disable=None)  # no bar when stderr is not a terminal
 
     def progress(name: str) -> None:
         bar.set_postfix_str(name)

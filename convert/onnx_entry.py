@@ -53,6 +53,11 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         except PassError as err:
             raise ConversionError(f"{label}: {err}") from None
 
+    if not any(r.changes for r in results):
+        skips = [s for r in results for s in r.skips]
+        why = "; ".join(f"{s.node}: {s.reason}" for s in skips[:3]) + (" …" if len(skips) > 3 else "")
+        raise ConversionError(f"{label}: nothing to convert ({len(skips)} candidates skipped"
+                              + (f": {why})" if skips else ", none found)"))
     converted = _export(graph, model, config)
     check_model(converted, f"{label} (converted)")
     rows = activation_rows(model, shapes)
