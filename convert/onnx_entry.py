@@ -73,6 +73,12 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig) -> onnx.ModelProto:
     model = gs.export_onnx(graph)
+    # Passes never change the model's interface: keep the original declarations verbatim
+    # (graphsurgeon drops their metadata, e.g. the dynamo exporter's input kinds).
+    for mine, theirs in ((model.graph.input, original.graph.input), (model.graph.output, original.graph.output)):
+        if [v.name for v in mine] == [v.name for v in theirs]:
+            del mine[:]
+            mine.extend(theirs)
     model.ir_version = original.ir_version
     model.producer_name, model.producer_version = original.producer_name, original.producer_version
     del model.opset_import[:]
