@@ -1,0 +1,77 @@
+// ShiftLinear weights decoded from the packed B-bit codes (docs/ops.md#weight-codes) and laid
+// out for the kernel of one ISA, plus the activation format. Built once per kernel when the
+// weights are initializers, else on every Compute.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "cpu_isa.h"
+
+namespace mfconvert {
+
+struct ShiftLinearAttrs {
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  int weight_bits = 5;
+  int act_bits = 32;
+  int act_frac_bits = 16;
+};
+
+// Step 1 of the arithmetic: x_q = sat_A(floor(x * 2^F)), NaN -> 0.
+struct ActQuant {
+  float scale;      // 2^F
+  float hi;         // 2^(A-1): floor(x * 2^F) >= hi saturates to qhi
+  float lo;         // -2^(A-1): floor(x * 2^F) <= lo gives qlo
+  int32_t qhi, qlo;
+
+  static ActQuant Make(int act_bits, int act_frac_bits);
+};
+
+// A weight in "normalised code" form: sign << 4 | shift, with shift 15 (and sign 0) for zero.
+inline constexpr uint8_t kZeroCode = 15;
+
+// Token-vectorised kernel (AVX2): an output tile has kTileOut outputs; for each
+// (tile, input i, output r) one TileEntry says which activation row to add, shifted right.
+// The activation buffer of a block of kBlockTokens tokens holds, per input i, the row x_q and
+// the row ~x_q (each kBlockTokens int32), then one zero row; -(x >> m) = (~x >> m) + 1, so a
+// negative weight adds the ~x_q row and the "+1"s are added once per output (neg_count).
+inline constexpr int kTileOut = 6;
+inline constexpr int kBlockTokens = 64;
+inline constexpr int64_t kRowBytes = kBlockTokens * 4;
+inline constexpr int64_t kInputBytes = 2 * kRowBytes;
+struct TileEntry {
+  int32_t shift;    // m (0 for a zero weight)
+  uint32_t offset;  // byte offset of the row in the block: i*kInputBytes (+kRowBytes if
+                    // negative), or the zero row at in_features*kInputBytes
+};
+
+// Output-vectorised lookup-table kernel (AVX-512): codes as bytes in [group][i][kLutOut].
+inline constexpr int kLutOut = 64;
+
+struct PackedShiftLinear {
+  ShiftLinearAttrs attrs;
+  ActQuant quant{};
+  Isa isa = Isa::kScalar;
+  int64_t tiles = 0;       // ceil(out / kTileOut)
+  int64_t lut_groups = 0;  // ceil(out / kLutOut)
+  // Per output, padded with zeros/ones to a multiple of kLutOut.
+  std::vector<float> scale;         // 2^(e_o - F)
+  std::vector<float> bias;          // b_o, or 0
+  std::vector<int32_t> neg_count;   // number of negative nonzero weights of output o
+  std::vector<uint8_t> codes;       // scalar: normalised codes [out][in]
+  AlignedBuffer tile_entries;       // AVX2: TileEntry [tile][in][kTileOut]
+  AlignedBuffer lut_codes;          // AVX-512: normalised codes [group][in][kLutOut]
+};
+
+// Checks the attribute ranges; returns an empty string or what is wrong.
+std::string CheckAttrs(const ShiftLinearAttrs& a);
+
+// Decodes and lays out the weights. Returns an empty string, or what is wrong with the inputs
+// (lengths are checked by the caller; this checks e_o - F).
+std::string PackShiftLinear(const ShiftLinearAttrs& attrs, Isa isa, const uint8_t* w_codes,
+                            const int8_t* w_exponent, const float* bias, PackedShiftLinear* out);
+
+}  // namespace mfconvert
