@@ -27,9 +27,11 @@ class ConversionResult:
 
 def convert_onnx(source, config: ConvertConfig | None = None, output: str | None = None,
                  input_shapes: dict[str, list[int]] | None = None, force: bool = False,
-                 progress=None) -> ConversionResult:
+                 progress=None, allow_unchanged: bool = False) -> ConversionResult:
     """Convert `source` (path or ModelProto); write to `output` atomically when given.
 
+    A model in which no pass changes anything is an error (naming the skip reasons) unless
+    `allow_unchanged`.
     `input_shapes` fixes dynamic input dims for the report's per-inference counts (dims not
     given default to 1). `progress(pass_name)` is called as each pass starts.
     """
@@ -53,12 +55,12 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         except PassError as err:
             raise ConversionError(f"{label}: {err}") from None
 
-    if not any(r.changes for r in results):
+    if not allow_unchanged and not any(r.changes for r in results):
         skips = [s for r in results for s in r.skips]
         why = "; ".join(f"{s.node}: {s.reason}" for s in skips[:3]) + (" …" if len(skips) > 3 else "")
         raise ConversionError(f"{label}: nothing to convert ({len(skips)} candidates skipped"
                               + (f": {why})" if skips else ", none found)"))
-    converted = _export(graph, model, config)
+    converted = _export(graph, model, config, results)
     check_model(converted, f"{label} (converted)")
     rows = activation_rows(model, shapes)
     for result in results:
@@ -71,7 +73,7 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
     return ConversionResult(converted, report, output)
 
 
-def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig) -> onnx.ModelProto:
+def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig, results) -> onnx.ModelProto:
     model = gs.export_onnx(graph)
     # Passes never change the model's interface: keep the original declarations verbatim
     # (graphsurgeon drops their metadata, e.g. the dynamo exporter's input kinds).
@@ -87,6 +89,7 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig) -
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     model.metadata_props.extend(original.metadata_props)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        **{k: v for r in results for k, v in r.metadata.items()},
                                         "mfconvert.config": json.dumps(config.to_dict())})
     return model
 

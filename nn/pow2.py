@@ -36,43 +36,64 @@ def channel_exponents(weight: torch.Tensor, weight_scale: str = "channel") -> to
     out_features = weight.shape[0]
     if weight_scale == "none":
         return torch.zeros(out_features, dtype=torch.int8)
-    w = weight.detach().abs().double()
+    w = weight.detach().to(torch.float32).abs()
     peak = w.amax(dim=1) if weight_scale == "channel" else w.amax().expand(out_features)
-    exp = torch.where(peak > 0, torch.round(torch.log2(peak.clamp_min(1e-300))), torch.zeros_like(peak))
+    exp = torch.where(peak > 0, rounded_log2(peak.clamp_min(2.0 ** -126)), 0)
     return exp.clamp(-EXPONENT_LIMIT, EXPONENT_LIMIT).to(torch.int8)
 
 
+def rounded_log2(magnitude: torch.Tensor) -> torch.Tensor:
+    """round(log2 m) for float32 m > 0, exactly, from the bits: m = 1.f · 2^k rounds up to k+1
+    when 1.f > √2, i.e. when the 23-bit fraction is at least 0x3504F4 (√2 in float32 is
+    0x3FB504F3, just below the true value, so no float32 lies between the two)."""
+    bits = magnitude.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) >= 0x3504F4).to(torch.int32)
+
+
+def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2^exponent as float32, exact, built from the bits (exponent in [-126, 127])."""
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _shift_and_zero(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int):
+    """(p, is_zero): the rounded power of each float32 weight, clamped to the channel's range,
+    and whether it rounds to the zero code (|w| below half the smallest magnitude)."""
+    z = zero_shift(weight_bits)
+    e = exponent.to(torch.int32).unsqueeze(1)
+    mag = weight.detach().to(torch.float32).abs()
+    p = torch.maximum(torch.minimum(rounded_log2(mag), e), e - z + 1)
+    return p, mag < power_of_two(e - z)
+
+
 def round_to_codes(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    """Round float weights [out, in] to B-bit codes (uint8, sign in the top bit) per docs/ops.md."""
+    """Round float weights [out, in] to B-bit codes (uint8, sign in the top bit) per docs/ops.md.
+    Weights are rounded from their float32 values."""
     check_format(weight_bits)
     if not torch.isfinite(weight).all():
         raise ValueError("weight has NaN or Inf values")
     z = zero_shift(weight_bits)
-    w = weight.detach().double()
-    e = exponent.to(torch.float64).unsqueeze(1)
-    mag = w.abs()
-    p = torch.round(torch.log2(mag.clamp_min(1e-300))).clamp(e - z + 1, e)
-    m = (e - p).to(torch.int64)
-    is_zero = mag < torch.exp2(e - z)
-    m = torch.where(is_zero, torch.full_like(m, z), m)
-    sign = ((w < 0) & ~is_zero).to(torch.int64)
+    p, is_zero = _shift_and_zero(weight, exponent, weight_bits)
+    m = torch.where(is_zero, z, exponent.to(torch.int32).unsqueeze(1) - p)
+    sign = ((weight < 0) & ~is_zero).to(torch.int32)
     return ((sign << (weight_bits - 1)) | m).to(torch.uint8)
+
+
+def round_weight(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
+    """The float32 value of each weight's code (= decode_codes(round_to_codes(...))), computed
+    directly: the training forward pass calls this for every layer at every step."""
+    p, is_zero = _shift_and_zero(weight, exponent, weight_bits)
+    value = torch.copysign(power_of_two(p), weight.detach().to(torch.float32))
+    return value.masked_fill(is_zero, 0.0)
 
 
 def decode_codes(codes: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
     """The float32 weights that codes stand for: (-1)^s 2^(e-m), or 0."""
     z = zero_shift(weight_bits)
-    c = codes.to(torch.int64)
-    sign = c >> (weight_bits - 1)
+    c = codes.to(torch.int32)
     m = c & z
-    value = power_of_two(exponent.to(torch.int64).unsqueeze(1) - m, torch.float64)
-    value = torch.where(m == z, torch.zeros_like(value), value)
-    return torch.where(sign == 1, -value, value).to(torch.float32)
-
-
-def power_of_two(exponent: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """2^exponent, exact (ldexp, not exp2, whose result for integers is not guaranteed exact)."""
-    return torch.ldexp(torch.ones(exponent.shape, dtype=dtype), exponent.to(torch.int32))
+    value = power_of_two(exponent.to(torch.int32).unsqueeze(1) - torch.where(m == z, 0, m))
+    value = torch.where(c >> (weight_bits - 1) == 1, -value, value)
+    return value.masked_fill(m == z, 0.0)
 
 
 def pack_codes(codes: np.ndarray | torch.Tensor, weight_bits: int) -> np.ndarray:

@@ -97,12 +97,13 @@ class ShiftLinear(nn.Module):
     def rounded_weight(self) -> torch.Tensor:
         """The power-of-two weights the forward pass uses, with straight-through gradients."""
         if self.mode == "Q":
-            exact = pow2.decode_codes(self.codes(), self.exponent, self.weight_bits)
-            return _ste(self.weight, exact)
+            return _ste(self.weight, pow2.round_weight(self.weight, self.exponent, self.weight_bits))
         z = pow2.zero_shift(self.weight_bits)
-        shift = _ste(self.shift, self.shift.round().clamp(-(z - 1), 0))
+        e = self.exponent.to(torch.int32).unsqueeze(1)
+        shift = self.shift.round().clamp(-(z - 1), 0)
+        magnitude = _ste(torch.exp2(self.shift + e), pow2.power_of_two(shift.to(torch.int32) + e))
         sign = _ste(self.sign, self.sign.round().clamp(-1, 1))
-        return sign * torch.exp2(shift + self.exponent.to(torch.float32).unsqueeze(1))
+        return sign * magnitude
 
     def onnx_constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(packed codes uint8, exponent int8, bias float32 or None): the op's inputs 1–3."""

@@ -32,7 +32,8 @@ def ops(model):
 
 
 def convert(model, **cfg):
-    return convert_onnx(model, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0, **cfg)))
+    return convert_onnx(model, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0, **cfg)),
+                        allow_unchanged=True)
 
 
 def reference(x, weight_out_in, bias, **fmt):
@@ -107,7 +108,8 @@ def test_skips_are_reported_with_reasons_and_leave_the_graph_alone():
                         helper.make_node("MatMul", ["a", "w"], ["b"], name="tiny"),
                         helper.make_node("MatMul", ["b", "w"], ["y"], name="head.skip_me")],
                        [f32("x", [4, 8]), f32("w_in", [8, 8])], [f32("y", [4, 8])], [init("w", w)])
-    result = convert_onnx(model, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=100, exclude=["skip_me$"])))
+    result = convert_onnx(model, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=100, exclude=["skip_me$"])),
+                          allow_unchanged=True)
     reasons = {s.node: s.reason for s in result.report.skips}
     assert "graph input" in reasons["dynamic_weight"]
     assert "tiny layer: 8×8 < min_params=100" in reasons["tiny"]

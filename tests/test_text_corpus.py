@@ -1,20 +1,15 @@
 """calibrate/text.py: deterministic, disjoint, prose-like sentences from local docstrings."""
 import re
-import time
 
 import pytest
 
 from mfconvert.calibrate import text
 
 
-def test_requested_count_distinct_and_fast():
-    text._stdlib_pool.cache_clear()  # time a cold build (~2 s on 2 cores), not the cache
-    t0 = time.perf_counter()
+def test_requested_count_distinct():
     sents = text.sentences(2000, seed=0)
-    elapsed = time.perf_counter() - t0
     assert len(sents) == 2000
     assert len({s.lower() for s in sents}) == 2000
-    assert elapsed < 10.0, f"took {elapsed:.1f}s"
     assert text.sentences(0) == []
     assert len(text.sentences(5, seed=1)) == 5
 
