@@ -41,6 +41,7 @@ class PassResult:
     pass_name: str
     changes: list[LayerChange] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)   # written to the model's metadata_props
 
     def skip(self, node: str, reason: str) -> None:
         self.skips.append(Skip(self.pass_name, node, reason))
