@@ -1,0 +1,140 @@
+"""Calibration and finetuning data: whatever the user has, as examples keyed by model input name.
+
+An example is a dict {input name: np.ndarray without the batch axis}. Sources:
+  - a text file, one example per line, with a Hugging Face tokenizer.json;
+  - .npz (arrays keyed by input name, first axis = examples) or .npy (one input);
+  - a folder of PNG/JPEG images with a preprocessing spec (calibrate/images.py);
+  - any Python iterable of such dicts, or an ORT-style CalibrationDataReader (get_next()).
+Batches pad variable-length axes (token sequences) with each input's pad value.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from mfconvert.calibrate.text import read_text_file
+
+
+class DataError(ValueError):
+    """Bad calibration data; one line naming the file or the input."""
+
+
+@dataclass
+class Examples:
+    items: list[dict[str, np.ndarray]]
+    pad_values: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def split(self, held_out_fraction: float, seed: int = 0) -> tuple["Examples", "Examples"]:
+        """(train, held_out): a seeded shuffle, then the last fraction held out."""
+        if not 0 <= held_out_fraction < 1:
+            raise DataError(f"held-out fraction must be in [0, 1), got {held_out_fraction}")
+        order = np.random.default_rng(seed).permutation(len(self.items))
+        n_held = int(round(len(order) * held_out_fraction))
+        pick = lambda idx: Examples([self.items[i] for i in idx], self.pad_values)  # noqa: E731
+        return pick(order[: len(order) - n_held]), pick(order[len(order) - n_held:])
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the data in batches (the last one may be smaller)."""
+        order = np.random.default_rng(seed).permutation(len(self.items)) if shuffle else np.arange(len(self.items))
+        for start in range(0, len(order), batch_size):
+            yield collate([self.items[i] for i in order[start:start + batch_size]], self.pad_values)
+
+
+def collate(items: list[dict[str, np.ndarray]], pad_values: dict[str, int]) -> dict[str, np.ndarray]:
+    """Stack examples into a batch, padding axes whose lengths differ."""
+    batch = {}
+    for name in items[0]:
+        arrays = [np.asarray(it[name]) for it in items]
+        shape = np.max([a.shape for a in arrays], axis=0) if arrays[0].ndim else ()
+        out = np.full((len(arrays), *shape), pad_values.get(name, 0), dtype=arrays[0].dtype)
+        for i, a in enumerate(arrays):
+            out[(i, *(slice(0, d) for d in a.shape))] = a
+        batch[name] = out
+    return batch
+
+
+def from_text(lines: list[str], tokenizer_json: str | os.PathLike, input_names: list[str],
+              max_length: int = 128) -> Examples:
+    """Tokenise one example per line for a transformer's inputs (ids, mask, token types)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(os.fspath(tokenizer_json))
+    except Exception as err:
+        raise DataError(f"{tokenizer_json}: not a readable tokenizer.json ({err})") from None
+    tok.enable_truncation(max_length=max_length)
+    tok.no_padding()
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    unknown = [n for n in input_names if n not in fields]
+    if unknown:
+        raise DataError(f"text data can feed inputs {sorted(fields)}, the model also takes {unknown}")
+    items = []
+    for enc in tok.encode_batch(list(lines)):
+        items.append({n: np.asarray(getattr(enc, fields[n]), dtype=np.int64) for n in input_names})
+    return Examples(items, {"input_ids": tok.token_to_id("[PAD]") or 0})
+
+
+def from_arrays(path: str | os.PathLike, input_names: list[str]) -> Examples:
+    """.npz keyed by input name, or .npy for a one-input model; first axis = examples."""
+    path = os.fspath(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable .npy/.npz file ({err})") from None
+    if isinstance(data, np.ndarray):
+        if len(input_names) != 1:
+            raise DataError(f"{path}: a .npy file feeds one input, the model takes {input_names}")
+        arrays = {input_names[0]: data}
+    else:
+        missing = [n for n in input_names if n not in data.files]
+        if missing:
+            raise DataError(f"{path}: no arrays for inputs {missing} (file has {data.files})")
+        arrays = {n: data[n] for n in input_names}
+    counts = {n: len(a) for n, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"{path}: inputs have different numbers of examples {counts}")
+    n = next(iter(counts.values()))
+    return Examples([{k: a[i] for k, a in arrays.items()} for i in range(n)])
+
+
+def from_iterable(source: Iterable[dict] | object, input_names: list[str]) -> Examples:
+    """Examples from an iterable of dicts or a CalibrationDataReader (batched dicts are split)."""
+    if hasattr(source, "get_next"):
+        source = iter(source.get_next, None)
+    items = []
+    for record in source:
+        missing = [n for n in input_names if n not in record]
+        if missing:
+            raise DataError(f"data record lacks inputs {missing} (has {sorted(record)})")
+        arrays = {n: np.asarray(record[n]) for n in input_names}
+        items.extend({n: a[i] for n, a in arrays.items()} for i in range(len(next(iter(arrays.values())))))
+    return Examples(items)
+
+
+def load_examples(source, input_names: list[str], tokenizer: str | None = None, max_length: int = 128,
+                  image_spec=None) -> Examples:
+    """Examples from a path (text file, .npy/.npz, image folder) or a Python object."""
+    if not isinstance(source, (str, os.PathLike)):
+        examples = from_iterable(source, input_names)
+    else:
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            from mfconvert.calibrate.images import from_image_folder
+            examples = from_image_folder(path, input_names, image_spec)
+        elif not os.path.isfile(path):
+            raise DataError(f"{path}: no such file or directory")
+        elif path.endswith((".npz", ".npy")):
+            examples = from_arrays(path, input_names)
+        else:
+            if tokenizer is None:
+                raise DataError(f"{path}: text data needs --tokenizer tokenizer.json")
+            examples = from_text(read_text_file(path), tokenizer, input_names, max_length)
+    if not len(examples):
+        raise DataError(f"{source}: no examples")
+    return examples

@@ -1,0 +1,225 @@
+"""Short finetuning by distillation: the converted model (student) learns to reproduce the
+original (teacher) on the user's unlabelled data, then is written back as ONNX.
+
+The teacher runs in ONNX Runtime without gradients, once per batch (its outputs are cached when
+batches repeat across epochs); the student runs as an OnnxModule whose shift layers train with
+DeepShift's straight-through rules, starting from the teacher's float weights (DeepShift-Q keeps
+float weights and rounds them in every forward pass). AdamW with linear warm-up and cosine decay,
+a seeded run, checkpoints to resume from, CUDA when present, and data parallelism over
+torch.distributed processes (torchrun; gloo on CPU, NCCL on GPUs).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mfconvert.calibrate.data import Examples
+from mfconvert.convert.onnx_model import save_model_atomic
+from mfconvert.nn.onnx_module import OnnxModule
+from mfconvert.passes.shift_linear import match_linear
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int | None = 200
+    minutes: float | None = None          # a time budget instead of (or on top of) steps
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    loss: str = "mse"                      # "mse" on outputs, "cosine" (1 - cos per row), or "kl" on logits
+    feature_weight: float = 0.0            # weight of per-block feature matching (LayerNorm outputs)
+    seed: int = 0
+    checkpoint: str | None = None          # path; saved every `checkpoint_every` steps and at the end
+    checkpoint_every: int = 100
+    resume: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps is None and self.minutes is None:
+            raise ValueError("finetuning needs --steps or --minutes")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"--minutes must be > 0, got {self.minutes}")
+        if self.loss not in ("mse", "cosine", "kl"):
+            raise ValueError(f"--loss must be mse, cosine or kl, got {self.loss!r}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("--batch-size and --lr must be positive")
+
+
+@dataclass
+class FinetuneResult:
+    model: onnx.ModelProto
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def teacher_linear_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Float weights [out, in] of the teacher's linear layers by node name: the latent weights
+    the student's shift layers (which keep those names) start from."""
+    graph = gs.import_onnx(teacher)
+    weights = {}
+    for node in graph.nodes:
+        if node.op in ("MatMul", "Gemm") and node.name:
+            match = match_linear(graph, node)
+            if not isinstance(match, str):
+                weights[node.name] = match.weight
+    return weights
+
+
+def block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
+    """Tensors to match per block: LayerNormalization outputs present in both models."""
+    theirs = {o for n in teacher.graph.node for o in n.output}
+    return [n.output[0] for n in student.graph.node if n.op_type == "LayerNormalization" and n.output[0] in theirs]
+
+
+class Teacher:
+    """The original model in ORT: outputs (and block features) per batch, cached by batch id."""
+
+    def __init__(self, model: onnx.ModelProto, features: list[str], threads: int | None = None):
+        from mfconvert.runtime import session
+
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        names = [o.name for o in model.graph.output]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(f) for f in features if f not in names)
+        self.output_names = names
+        self.features = features
+        self.session = session(model.SerializeToString(), threads=threads)
+        self.cache: dict[int, tuple[list[np.ndarray], dict[str, np.ndarray]]] = {}
+
+    def __call__(self, batch_id: int, feeds: dict[str, np.ndarray]):
+        if batch_id not in self.cache:
+            values = self.session.run(self.output_names + [f for f in self.features if f not in self.output_names], feeds)
+            outs = values[: len(self.output_names)]
+            feats = dict(zip(self.features, values[len(self.output_names):]))
+            self.cache[batch_id] = (outs, feats)
+        return self.cache[batch_id]
+
+
+def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(student_out, -1), F.log_softmax(teacher_out, -1),
+                        log_target=True, reduction="batchmean")
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student_out, teacher_out, dim=-1)).mean()
+    return F.mse_loss(student_out, teacher_out)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(progress: float, warmup_fraction: float) -> float:
+    """Linear warm-up over the first `warmup_fraction` of the run, then cosine decay to 0.
+    `progress` in [0, 1] is the fraction of steps or of the time budget used, whichever is more."""
+    if progress < warmup_fraction:
+        return (progress + 1e-3) / (warmup_fraction + 1e-3)
+    rest = (progress - warmup_fraction) / max(1e-9, 1 - warmup_fraction)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
+             config: FinetuneConfig | None = None, output: str | None = None) -> FinetuneResult:
+    """Distil `teacher` into `student` on `data`; write the trained student to `output`."""
+    cfg = config or FinetuneConfig()
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+    features = block_outputs(student, teacher) if cfg.feature_weight > 0 else []
+    teach = Teacher(teacher, features)
+    module = OnnxModule(student, latent_weights=teacher_linear_weights(teacher)).to(device).train()
+    model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Batches are fixed once (a seeded shuffle) so the teacher's outputs can be cached; each
+    # epoch visits them in a new order. Rank r takes every world-th batch.
+    batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed))
+    budget = cfg.minutes * 60 if cfg.minutes else None
+    step, losses, elapsed_before = 0, [], 0.0
+    if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
+        state = torch.load(cfg.checkpoint, map_location=device, weights_only=False)
+        module.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, losses, elapsed_before = state["step"], state["losses"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+
+    start = time.monotonic() - elapsed_before
+    bar = tqdm(total=cfg.steps, initial=step, desc="finetuning", unit="step", disable=not cfg.progress or rank != 0)
+    order = np.random.default_rng(cfg.seed + 1)
+    epoch_batches: list[int] = []
+    for _ in range(step):   # replay the batch order so a resumed run sees what an unbroken one would
+        epoch_batches = epoch_batches or _epoch(order, len(batches), rank, world)
+        epoch_batches.pop()
+    while True:
+        progress = max(step / cfg.steps if cfg.steps else 0.0,
+                       (time.monotonic() - start) / budget if budget else 0.0)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(progress, cfg.warmup_fraction)
+        if not epoch_batches:
+            epoch_batches = _epoch(order, len(batches), rank, world)
+        batch_id = epoch_batches.pop()
+        feeds = batches[batch_id]
+        t_out, t_feat = teach(batch_id, feeds)
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
+        s_out, s_feat = model(capture=tuple(features), **inputs) if features else (model(**inputs), {})
+        loss = sum(distillation_loss(s, torch.from_numpy(t).to(device), cfg.loss)
+                   for s, t in zip(s_out, t_out) if s.is_floating_point())
+        for name in features:
+            loss = loss + cfg.feature_weight * F.mse_loss(s_feat[name], torch.from_numpy(t_feat[name]).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3e}")
+        if rank == 0 and cfg.checkpoint and step % cfg.checkpoint_every == 0:
+            _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
+    bar.close()
+    if rank == 0 and cfg.checkpoint:
+        _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
+    trained = module.cpu().to_onnx()
+    if output is not None and rank == 0:
+        save_model_atomic(trained, output)
+    return FinetuneResult(trained, step, time.monotonic() - start, losses)
+
+
+def _epoch(order: np.random.Generator, n_batches: int, rank: int, world: int) -> list[int]:
+    """This rank's share of a fresh permutation of the batches (every rank draws the same one)."""
+    ids = order.permutation(n_batches)
+    return [int(i) for i in ids[rank::world]] or [int(ids[0])]
+
+
+def _save_checkpoint(path, module, optimizer, step, losses, elapsed) -> None:
+    tmp = f"{path}.tmp"
+    torch.save({"student": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "losses": losses, "elapsed": elapsed, "rng": torch.get_rng_state(), "format": 1}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,103 @@
+"""`mfconvert finetune STUDENT.onnx --teacher ORIGINAL.onnx --data PATH`: distil the original into
+the converted model on the user's data, report held-out fidelity before and after, write ONNX."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import onnx
+import typer
+
+from mfconvert.calibrate.data import DataError, Examples, load_examples
+from mfconvert.calibrate.evaluate import fidelity, model_outputs
+from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+from mfconvert.convert.onnx_model import ConversionError, check_output_path, load_model
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Finetune a converted model by distillation from the original.")
+
+
+def fail(message: str) -> None:
+    typer.echo(f"mfconvert finetune: error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[str]:
+    initializers = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def load_data(path: str, model: onnx.ModelProto, tokenizer: Optional[Path], max_length: int,
+              image_preset: str) -> Examples:
+    from mfconvert.calibrate.images import image_spec
+    return load_examples(path, graph_inputs(model), tokenizer=str(tokenizer) if tokenizer else None,
+                         max_length=max_length, image_spec=image_spec(image_preset))
+
+
+def format_figures(figures: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.4f}" for k, v in figures.items())
+
+
+def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: FinetuneConfig, output: str,
+                 held_out: float, logits: bool) -> dict:
+    """Split, evaluate, train, evaluate again; returns the figures (also printed)."""
+    train, evaluation = data.split(held_out, seed=cfg.seed)
+    if not len(train):
+        raise DataError("no training examples left after the held-out split")
+    student, _, _ = load_model(student_path)
+    teacher, _, _ = load_model(teacher_path)
+    reference = model_outputs(teacher_path, evaluation) if len(evaluation) else None
+    before = fidelity(reference, model_outputs(student_path, evaluation), logits) if reference is not None else {}
+    typer.echo(f"training on {len(train)} examples, {len(evaluation)} held out")
+    result = finetune(student, teacher, train, cfg, output=output)
+    after = fidelity(reference, model_outputs(output, evaluation), logits) if reference is not None else {}
+    typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; "
+               f"loss {result.losses[0]:.3e} → {result.losses[-1]:.3e}")
+    if before:
+        typer.echo(f"held-out before: {format_figures(before)}")
+        typer.echo(f"held-out after:  {format_figures(after)}")
+    typer.echo(f"wrote {output}")
+    return {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after}
+
+
+@app.command()
+def main(
+    student: Path = typer.Argument(..., help="The converted model (e.g. MODEL.mf.onnx); never modified."),
+    teacher: Path = typer.Option(..., "--teacher", help="The original model."),
+    data: str = typer.Option(..., "--data", help="Text file (with --tokenizer), .npz/.npy, or an image folder."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json for text data."),
+    max_length: int = typer.Option(128, help="Token limit per text example."),
+    image_preset: str = typer.Option("imagenet", help="Image preprocessing preset: imagenet, vit, digits."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps [default: 200 unless --minutes]."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget in minutes."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    loss: str = typer.Option("mse", "--loss", help="mse (embeddings, hidden states), cosine, or kl (logits)."),
+    feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of per-block feature matching."),
+    held_out: float = typer.Option(0.1, "--held-out", help="Fraction of the data kept for evaluation."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save training state here."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output [default: STUDENT.ft.onnx]."),
+    report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the figures as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+):
+    """Distil TEACHER into STUDENT on --data and write the finetuned model."""
+    root, ext = os.path.splitext(str(student))
+    out = str(output or f"{root}.ft{ext or '.onnx'}")
+    try:
+        cfg = FinetuneConfig(steps=steps if steps is not None or minutes is not None else 200, minutes=minutes,
+                             batch_size=batch_size, lr=lr, loss=loss, feature_weight=feature_weight, seed=seed,
+                             checkpoint=str(checkpoint) if checkpoint else None, resume=resume)
+        check_output_path(out, str(student), force)
+        if os.path.exists(out) and os.path.samefile(out, str(teacher)):
+            raise ConversionError(f"{out}: refusing to overwrite the teacher model")
+        model, _, _ = load_model(str(student))
+        examples = load_data(data, model, tokenizer, max_length, image_preset)
+        figures = run_finetune(str(student), str(teacher), examples, cfg, out, held_out, logits=loss == "kl")
+    except (ValueError, ConversionError, DataError, OSError) as err:
+        fail(str(err).splitlines()[0])
+    if report_json:
+        report_json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -1,0 +1,165 @@
+"""OnnxModule: run an ONNX model as a differentiable PyTorch module, for finetuning.
+
+Float initializers become nn.Parameters, other initializers buffers; standard ONNX ops map to
+torch functions (nn/onnx_ops.py) and our own ops to the mfconvert.nn layers, so gradients flow
+through the whole graph with the straight-through rules of those layers. After training,
+`to_onnx()` writes the trained values back into a copy of the model (shift weights repacked).
+
+It executes the graph node by node in the model's order, which ONNX requires to be
+topological. An op it does not know is an error naming the op and the node, raised when the
+module is built, not halfway through a training run.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from mfconvert.nn import pow2
+from mfconvert.nn.onnx_ops import OPS, attributes
+from mfconvert.nn.shift_linear import ShiftLinear
+from mfconvert.ort_ops import DOMAIN
+
+
+class UnsupportedOp(ValueError):
+    pass
+
+
+def _safe(name: str) -> str:
+    """A module/parameter name made from a tensor or node name."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name) or "_"
+
+
+class OnnxModule(nn.Module):
+    """forward(**feeds) → list of outputs (torch tensors), in the model's output order."""
+
+    def __init__(self, model: onnx.ModelProto, latent_weights: dict[str, np.ndarray] | None = None,
+                 shift_mode: str = "Q", train_lookup_tables: bool = False):
+        super().__init__()
+        self.model = model
+        self.input_names = [i.name for i in model.graph.input
+                            if i.name not in {t.name for t in model.graph.initializer}]
+        self.output_names = [o.name for o in model.graph.output]
+        self._tensor_keys: dict[str, str] = {}
+        self.params = nn.ParameterDict()
+        self.layers = nn.ModuleDict()
+        # Embedding tables (data inputs of Gather) stay frozen unless asked: they hold most of a
+        # text model's parameters, take dense gradients, and converting changes nothing in them.
+        tables = set() if train_lookup_tables else {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+        for init in model.graph.initializer:
+            self._add_initializer(init.name, numpy_helper.to_array(init), trainable=init.name not in tables)
+        self.nodes = []
+        consumed_by_layers = set()
+        for index, node in enumerate(model.graph.node):
+            key = f"n{index}_{_safe(node.name or node.op_type)}"
+            if node.domain == DOMAIN:
+                self.layers[key] = self._custom_layer(node, latent_weights or {}, shift_mode)
+                consumed_by_layers.update(node.input[1:])
+            elif (node.domain or "") in ("", "ai.onnx") and node.op_type in OPS:
+                if node.op_type == "Constant":   # constants of the graph's arithmetic: never trained
+                    self._add_initializer(node.output[0], _constant_value(node), trainable=False)
+                    continue
+            else:
+                label = node.name or node.output[0]
+                raise UnsupportedOp(f"node '{label}': op {node.domain + '.' if node.domain else ''}"
+                                    f"{node.op_type} is not supported by the PyTorch executor")
+            self.nodes.append((key, node, attributes(node)))
+        # The custom layers own their constants (codes, exponents, bias): drop the raw copies.
+        for name in consumed_by_layers:
+            key = self._tensor_keys.pop(name, None)
+            if key in self.params:
+                del self.params[key]
+            elif key is not None:
+                delattr(self, key)
+
+    def _add_initializer(self, name: str, value: np.ndarray, trainable: bool = True) -> None:
+        key = f"t_{_safe(name)}"
+        tensor = torch.from_numpy(np.array(value, copy=True))
+        if trainable and tensor.is_floating_point():
+            self.params[key] = nn.Parameter(tensor)
+        else:
+            self.register_buffer(key, tensor)
+        self._tensor_keys[name] = key
+
+    def _custom_layer(self, node: onnx.NodeProto, latent: dict[str, np.ndarray], shift_mode: str) -> nn.Module:
+        if node.op_type != "ShiftLinear":
+            raise UnsupportedOp(f"node '{node.name}': op {DOMAIN}.{node.op_type} is not supported by the PyTorch executor")
+        attrs = attributes(node)
+        consts = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
+        bits = attrs.get("weight_bits", 5)
+        n_in, n_out = attrs["in_features"], attrs["out_features"]
+        codes = pow2.unpack_codes(consts[node.input[1]], n_in * n_out, bits).reshape(n_out, n_in)
+        exponent = torch.from_numpy(consts[node.input[2]].astype(np.int8))
+        bias = torch.from_numpy(consts[node.input[3]].copy()) if len(node.input) > 3 and node.input[3] else None
+        layer = ShiftLinear.from_codes(torch.from_numpy(codes), exponent, bias, weight_bits=bits,
+                                       act_bits=attrs.get("act_bits", 32), act_frac_bits=attrs.get("act_frac_bits", 16),
+                                       mode=shift_mode)
+        if node.name in latent and shift_mode == "Q":
+            # DeepShift-Q keeps float weights: start from the original ones (same codes, finer state).
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(np.asarray(latent[node.name], dtype=np.float32)))
+        return layer
+
+    def _value(self, name: str) -> torch.Tensor:
+        key = self._tensor_keys[name]
+        return self.params[key] if key in self.params else getattr(self, key)
+
+    def forward(self, capture: tuple[str, ...] = (), **feeds):
+        """The model's outputs (a list); with `capture`, also {name: tensor} of those
+        intermediate tensors, as (outputs, captured)."""
+        env: dict[str, torch.Tensor] = {}
+        for name in self.input_names:
+            if name not in feeds:
+                raise ValueError(f"missing input '{name}' (the model takes {self.input_names})")
+            value = feeds[name]
+            env[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+        for key, node, attrs in self.nodes:
+            if key in self.layers:   # the layer holds its own constants: only the activation flows in
+                outputs = (self.layers[key](env[node.input[0]]),)
+            else:
+                args = [None if not n else env[n] if n in env else self._value(n) for n in node.input]
+                outputs = OPS[node.op_type](attrs, *args)
+                if not isinstance(outputs, (tuple, list)):
+                    outputs = (outputs,)
+            for name, value in zip(node.output, outputs):
+                if name:
+                    env[name] = value
+        outputs = [env[n] if n in env else self._value(n) for n in self.output_names]
+        return (outputs, {n: env[n] for n in capture}) if capture else outputs
+
+    @torch.no_grad()
+    def to_onnx(self) -> onnx.ModelProto:
+        """A copy of the model with the current parameter values (shift weights repacked)."""
+        model = copy.deepcopy(self.model)
+        values = {}
+        for name, key in self._tensor_keys.items():
+            values[name] = (self.params[key] if key in self.params else getattr(self, key)).detach().numpy()
+        for key, node, _ in self.nodes:
+            if key in self.layers:
+                packed, exponent, bias = self.layers[key].onnx_constants()
+                values[node.input[1]], values[node.input[2]] = packed, exponent
+                if bias is not None:
+                    values[node.input[3]] = bias
+        for init in model.graph.initializer:
+            if init.name in values:
+                dtype = numpy_helper.to_array(init).dtype
+                init.CopyFrom(numpy_helper.from_array(values[init.name].astype(dtype), init.name))
+        return model
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.array(onnx.helper.get_attribute_value(attr),
+                            dtype=np.float32 if attr.name == "value_float" else np.int64)
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(attr),
+                            dtype=np.float32 if attr.name == "value_floats" else np.int64)
+    raise UnsupportedOp(f"node '{node.name}': Constant without a supported value attribute")
