@@ -13,10 +13,13 @@ from tqdm import tqdm
 
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
 from mfconvert.convert.onnx_model import output_path_for
+from mfconvert.passes.add_attention import AddAttentionConfig
+from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Convert an ONNX model into a multiplication-free model for ONNX Runtime.")
+                  help="Convert an ONNX model into a multiplication-free model for ONNX Runtime. "
+                       "`mfconvert finetune --help` for finetuning by distillation.")
 
 
 def fail(message: str) -> None:
@@ -52,6 +55,10 @@ def convert(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path [default: MODEL.mf.onnx]."),
     shift_linear: bool = typer.Option(True, "--shift-linear/--no-shift-linear",
                                       help="Linear layers → power-of-two ShiftLinear."),
+    add_attention: bool = typer.Option(True, "--add-attention/--no-add-attention",
+                                       help="Softmax attention cores → AddLinearAttention (binary Q/K, additions)."),
+    moe_mlp: bool = typer.Option(False, "--moe-mlp", help="MLP blocks → router + float expert + ShiftLinear "
+                                 "expert (same format flags); other linears follow --shift-linear."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
@@ -75,7 +82,11 @@ def convert(
             cfg = ConvertConfig(shift_linear=ShiftLinearConfig(
                 weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
                 weight_scale=weight_scale, include=include, exclude=exclude, min_params=min_params)
-                if shift_linear else None)
+                if shift_linear else None,
+                moe_mlp=MoEMLPConfig(weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
+                                     weight_scale=weight_scale, include=include, exclude=exclude)
+                if moe_mlp else None,
+                add_attention=AddAttentionConfig(include=include, exclude=exclude) if add_attention else None)
     except (ValueError, TypeError, OSError) as err:
         fail(as_flags(str(err).splitlines()[0]))
     if not cfg.enabled():
@@ -105,7 +116,12 @@ def convert(
 
 
 def main() -> None:
-    app()
+    """`mfconvert MODEL.onnx …` converts; `mfconvert finetune …` finetunes (cli/finetune.py)."""
+    if len(sys.argv) > 1 and sys.argv[1] == "finetune":
+        from mfconvert.cli import finetune
+        finetune.app(args=sys.argv[2:], prog_name="mfconvert finetune")
+    else:
+        app()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from mfconvert.passes import PASSES
+from mfconvert.passes.add_attention import AddAttentionConfig
+from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
 
 CONFIG_VERSION = 1
@@ -14,6 +16,8 @@ CONFIG_VERSION = 1
 class ConvertConfig:
     """One field per pass; None turns that pass off. Passes run in registry order."""
     shift_linear: ShiftLinearConfig | None = dataclasses.field(default_factory=ShiftLinearConfig)
+    add_attention: AddAttentionConfig | None = dataclasses.field(default_factory=AddAttentionConfig)
+    moe_mlp: MoEMLPConfig | None = None
 
     def enabled(self) -> list:
         """The pass configs that are on, in the order their passes run."""

@@ -1,3 +1,5 @@
 """Graph passes. Importing this package registers every pass, in the order they run."""
+from mfconvert.passes import add_attention  # noqa: F401  (registers "add-attention"; runs first)
+from mfconvert.passes import moe_mlp  # noqa: F401  (registers "moe-mlp"; claims MLP linears before shift-linear)
 from mfconvert.passes import shift_linear  # noqa: F401  (registers "shift-linear")
 from mfconvert.passes.registry import PASSES, pass_for  # noqa: F401

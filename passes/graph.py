@@ -32,7 +32,7 @@ def _producer_subgraph(tensor: gs.Tensor) -> list[gs.Node]:
         if isinstance(t, gs.Constant):
             return
         if not t.inputs:
-            raise NotConstant(f"'{t.name}' is a graph input or has no producer")
+            raise NotConstant(f"it depends on graph input '{t.name}'")
         node = t.inputs[0]
         if id(node) in seen:
             return
@@ -110,3 +110,16 @@ def tensor_dtype(tensor: gs.Tensor):
     if isinstance(dt, int):
         return onnx.helper.tensor_dtype_to_np_dtype(dt)
     return np.dtype(dt)
+
+
+def claim(graph: gs.Graph, nodes: list[gs.Node], pass_name: str) -> None:
+    """Mark nodes a pass emitted as final, so later passes leave them alone (e.g. the float
+    Gemms of an MoE block's Mult expert must not become ShiftLinear)."""
+    claims = graph.__dict__.setdefault("_mfconvert_claims", {})
+    claims.update({id(n): (n, pass_name) for n in nodes})
+
+
+def claimant(graph: gs.Graph, node: gs.Node) -> str | None:
+    """The pass that claimed `node`, or None."""
+    entry = graph.__dict__.get("_mfconvert_claims", {}).get(id(node))
+    return entry[1] if entry else None

@@ -23,7 +23,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def converted(minilm_onnx_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm_mf") / "minilm.mf.onnx"
-    return convert_onnx(str(minilm_onnx_path), ConvertConfig(), output=str(out),
+    return convert_onnx(str(minilm_onnx_path), ConvertConfig(add_attention=None), output=str(out),
                         input_shapes={"input_ids": [1, 128], "attention_mask": [1, 128]})
 
 

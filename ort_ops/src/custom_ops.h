@@ -9,5 +9,6 @@ inline constexpr const char* kDomain = "ai.mfconvert";
 
 // One accessor per op, returning a process-lifetime OrtCustomOp.
 const OrtCustomOp* ShiftLinearCustomOp();
+const OrtCustomOp* AddLinearAttentionCustomOp();
 
 }  // namespace mfconvert

@@ -10,6 +10,7 @@ using OpGetter = const OrtCustomOp* (*)();
 
 constexpr OpGetter kOps[] = {
     mfconvert::ShiftLinearCustomOp,
+    mfconvert::AddLinearAttentionCustomOp,
 };
 
 }  // namespace

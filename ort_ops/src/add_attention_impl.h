@@ -1,0 +1,144 @@
+// The AddLinearAttention kernel body, instantiated once per ISA: each add_attention_<isa>.cc
+// includes the standard headers, sets its target, defines `struct Vec` (Width lanes with Load,
+// Store, Add, masked tail Load/Store) and then includes this file inside an anonymous namespace.
+// Only S and Q_b·S are hot (O(T·bits·D) additions); the epilogue (scale, norm, conv) is O(T·D).
+
+constexpr int64_t kKeyChunk = 256;    // keys per task of the S phase (fixed: sums do not depend on threads)
+constexpr int64_t kQueryChunk = 32;   // queries per task of the output phase
+constexpr int kLanes = 16;
+constexpr float kInvPi = static_cast<float>(0.31830988618379067154);
+
+// acc[0:n] += row[0:n]
+inline void AddRow(float* acc, const float* row, int64_t n) {
+  int64_t i = 0;
+  for (; i + Vec::kWidth <= n; i += Vec::kWidth) Vec::Store(acc + i, Vec::Add(Vec::Load(acc + i), Vec::Load(row + i)));
+  if (i < n) Vec::AddTail(acc + i, row + i, n - i);
+}
+
+// Partial S of keys [j0, j1) of (b, h) into part[bits][D] (zeroed here): for each kept key,
+// its V row is added to the rows of S its code selects.
+void PartialS(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, float* part) {
+  const int64_t d = p.depth, c = p.heads * p.depth;
+  std::fill(part, part + p.bits * d, 0.0f);
+  for (int64_t j = j0; j < j1; ++j) {
+    if (p.keep != nullptr && !p.keep[b * p.tokens + j]) continue;
+    const float* vrow = p.v + (b * p.tokens + j) * c + h * d;
+    const uint64_t* code = p.k_codes + ((b * p.heads + h) * p.tokens + j) * p.words;
+    for (int64_t w = 0; w < p.words; ++w) {
+      for (uint64_t m = code[w]; m != 0; m &= m - 1) {
+        const int64_t r = w * 64 + __builtin_ctzll(m);
+        AddRow(part + r * d, vrow, d);
+      }
+    }
+  }
+}
+
+// out[0:D] += w * V'[b, src, h, :] (nothing for a masked token).
+inline void AddTap(const AddAttentionProblem& p, int64_t b, int64_t src, int64_t h, float w, float* out) {
+  if (w == 0.0f || (p.keep != nullptr && !p.keep[b * p.tokens + src])) return;
+  const float* row = p.v + (b * p.tokens + src) * p.heads * p.depth + h * p.depth;
+  for (int64_t i = 0; i < p.depth; ++i) out[i] += w * row[i];
+}
+
+// conv(V')_t added into out[0:D].
+void AddConv(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, float* out) {
+  if (p.conv_rank == 2) {
+    const float* w = p.conv + h * p.conv_k;
+    const int64_t half = p.conv_k / 2;
+    for (int64_t u = 0; u < p.conv_k; ++u) {
+      const int64_t src = t + u - half;
+      if (src >= 0 && src < p.tokens) AddTap(p, b, src, h, w[u], out);
+    }
+    return;
+  }
+  const float* w = p.conv + h * p.conv_kh * p.conv_kw;
+  const int64_t hh = p.conv_kh / 2, hw = p.conv_kw / 2;
+  if (t < p.prefix) {
+    AddTap(p, b, t, h, w[hh * p.conv_kw + hw], out);
+    return;
+  }
+  const int64_t row = (t - p.prefix) / p.grid_w, col = (t - p.prefix) % p.grid_w;
+  for (int64_t a = 0; a < p.conv_kh; ++a) {
+    const int64_t r = row + a - hh;
+    if (r < 0 || r >= p.grid_h) continue;
+    for (int64_t e = 0; e < p.conv_kw; ++e) {
+      const int64_t q = col + e - hw;
+      if (q >= 0 && q < p.grid_w) AddTap(p, b, p.prefix + r * p.grid_w + q, h, w[a * p.conv_kw + e], out);
+    }
+  }
+}
+
+// acc[0:n] = Σ over the set bits r of code of s[r][0:n] (rows of stride d), four vectors of
+// the accumulator held in registers per pass over the bits.
+inline void GatherRows(float* acc, const float* s, int64_t d, const uint64_t* code, int64_t words, int64_t n) {
+  constexpr int64_t kBlock = 4 * Vec::kWidth;
+  int64_t i0 = 0;
+  for (; i0 + kBlock <= n; i0 += kBlock) {
+    auto r0 = Vec::Zero(), r1 = Vec::Zero(), r2 = Vec::Zero(), r3 = Vec::Zero();
+    for (int64_t w = 0; w < words; ++w) {
+      for (uint64_t m = code[w]; m != 0; m &= m - 1) {
+        const float* row = s + (w * 64 + __builtin_ctzll(m)) * d + i0;
+        r0 = Vec::Add(r0, Vec::Load(row));
+        r1 = Vec::Add(r1, Vec::Load(row + Vec::kWidth));
+        r2 = Vec::Add(r2, Vec::Load(row + 2 * Vec::kWidth));
+        r3 = Vec::Add(r3, Vec::Load(row + 3 * Vec::kWidth));
+      }
+    }
+    Vec::Store(acc + i0, r0);
+    Vec::Store(acc + i0 + Vec::kWidth, r1);
+    Vec::Store(acc + i0 + 2 * Vec::kWidth, r2);
+    Vec::Store(acc + i0 + 3 * Vec::kWidth, r3);
+  }
+  if (i0 == n) return;
+  std::fill(acc + i0, acc + n, 0.0f);
+  for (int64_t w = 0; w < words; ++w)
+    for (uint64_t m = code[w]; m != 0; m &= m - 1) AddRow(acc + i0, s + (w * 64 + __builtin_ctzll(m)) * d + i0, n - i0);
+}
+
+void Queries(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float* acc) {
+  const int64_t d = p.depth, c = p.heads * p.depth;
+  const float* s = p.s + (b * p.heads + h) * p.bits * d;
+  for (int64_t t = t0; t < t1; ++t) {
+    GatherRows(acc, s, d, p.q_codes + ((b * p.heads + h) * p.tokens + t) * p.words, p.words, d);
+    const float* vrow = p.v + (b * p.tokens + t) * c + h * d;
+    float* yrow = p.y + (b * p.tokens + t) * c + h * d;
+    for (int64_t i = 0; i < d; ++i) acc[i] = 0.5f * vrow[i] + acc[i] * kInvPi;
+    // ‖z‖² with kLanes partial sums (a vectorisable order; PyTorch's differs, see the spec).
+    float lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += acc[i + l] * acc[i + l];
+    float sq = 0.0f;
+    for (; i < d; ++i) sq += acc[i] * acc[i];
+    for (int l = 0; l < kLanes; ++l) sq += lanes[l];
+    const float norm = std::max(std::sqrt(sq), 1e-12f);
+    for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] / norm;
+    if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);
+  }
+}
+
+void Run(const AddAttentionProblem& p, const Parallel& par) {
+  const int64_t bh = p.batch * p.heads, sd = p.bits * p.depth;
+  const int64_t key_chunks = std::max<int64_t>(1, (p.tokens + kKeyChunk - 1) / kKeyChunk);
+  // Phase 1: partial S per (b, h, key chunk); phase 2: sum the chunks in order.
+  std::vector<float> parts(static_cast<size_t>(bh * key_chunks * sd));
+  par.For(static_cast<size_t>(bh * key_chunks), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task), g = i / key_chunks, chunk = i % key_chunks;
+    const int64_t j0 = chunk * kKeyChunk, j1 = std::min(p.tokens, j0 + kKeyChunk);
+    PartialS(p, g / p.heads, g % p.heads, j0, j1, parts.data() + i * sd);
+  });
+  par.For(static_cast<size_t>(bh), [&](size_t g) {
+    float* s = p.s + static_cast<int64_t>(g) * sd;
+    const float* first = parts.data() + static_cast<int64_t>(g) * key_chunks * sd;
+    std::copy(first, first + sd, s);
+    for (int64_t k = 1; k < key_chunks; ++k) AddRow(s, first + k * sd, sd);
+  });
+  // Phase 3: outputs per (b, h, query chunk).
+  const int64_t query_chunks = (p.tokens + kQueryChunk - 1) / kQueryChunk;
+  par.For(static_cast<size_t>(bh * query_chunks), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task), g = i / query_chunks, chunk = i % query_chunks;
+    std::vector<float> acc(static_cast<size_t>(p.depth));
+    const int64_t t0 = chunk * kQueryChunk;
+    Queries(p, g / p.heads, g % p.heads, t0, std::min(p.tokens, t0 + kQueryChunk), acc.data());
+  });
+}

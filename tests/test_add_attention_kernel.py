@@ -1,0 +1,208 @@
+"""The AddLinearAttention C++ kernel against the PyTorch layer's core (docs/ops.md): random
+inputs with masks, odd head sizes, one token, both binarisers, both convs, every ISA this CPU
+has; and errors that name the node."""
+import copy
+import math
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mfconvert.nn import AddLinearAttention
+from mfconvert.ort_ops import DOMAIN
+from mfconvert.runtime import session
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small tensors: torch's intra-op threads only contend with ORT's pool on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+FINFO_MIN = float(np.finfo(np.float32).min)
+
+
+def op_model(layer: AddLinearAttention, with_k=True, with_mask=True, attrs=None):
+    consts = layer.onnx_constants()
+    names = ["Q", "K" if with_k else "", "V", "mask" if with_mask else ""]
+    inits = []
+    for i in range(4, 11):
+        names.append(f"c{i}" if i in consts else "")
+        if i in consts:
+            inits.append(numpy_helper.from_array(consts[i], f"c{i}"))
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node("AddLinearAttention", names, ["Y"], name="attn0", domain=DOMAIN,
+                            **(attrs if attrs is not None else layer.onnx_attributes()))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:4] if n]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+
+def isas():
+    """The kernel paths this CPU runs (MFCONVERT_ISA is read when the session creates the kernel)."""
+    out = []
+    for isa in ("scalar", "avx2", "avx512"):
+        os.environ["MFCONVERT_ISA"] = isa
+        try:
+            session(op_model(AddLinearAttention(4, 1, conv=None), with_mask=False).SerializeToString(), threads=1)
+            out.append(isa)
+        except Exception:
+            pass
+        finally:
+            del os.environ["MFCONVERT_ISA"]
+    return out
+
+
+ISAS = isas()
+
+
+def run_op(model, feeds, isa=None, threads=2):
+    if isa:
+        os.environ["MFCONVERT_ISA"] = isa
+    try:
+        return session(model.SerializeToString(), threads=threads).run(None, feeds)[0]
+    finally:
+        os.environ.pop("MFCONVERT_ISA", None)
+
+
+def tolerance(layer, q, k, v, mask):
+    """Per-element bound of docs/ops.md#parity: float32 sums of n = T + bits terms in another
+    order (|err| ≤ n·2⁻²⁴·Σ|terms|), divided by ‖Z‖ through the normalisation, plus the conv's
+    sum of |w·v| and a few ulps of the unit-norm output."""
+    ref = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        qh, vh = ref.heads(q.double()), ref.heads(v.double())
+        kh = qh if k is None else ref.heads(k.double())
+        bz = ref.binarizer
+        if ref.binarizer_name == "sign":
+            qb, kb = bz.codes(qh, bz.q_threshold), bz.codes(kh, bz.k_threshold)
+        else:
+            qb = kb = bz.codes(qh)
+        from mfconvert.nn.add_attention import depthwise_conv, valid_keys
+        keep = valid_keys(mask, q.shape[0], q.shape[1])
+        if keep is not None:
+            kb = kb * keep[:, None, :, None]
+            vm = vh * keep[:, None, :, None]
+        else:
+            vm = vh
+        z = 0.5 * vh + qb @ (kb.transpose(-2, -1) @ vh) / math.pi
+        terms = 0.5 * vh.abs() + qb @ (kb.transpose(-2, -1) @ vh.abs()) / math.pi
+        n = q.shape[1] + qb.shape[-1] + 4
+        tol = n * 2.0 ** -24 * terms / z.norm(dim=-1, keepdim=True).clamp_min(1e-12) + 2.0 ** -21
+        if ref.conv_weight is not None:
+            tol = tol + 16 * 2.0 ** -24 * depthwise_conv(vm.abs(), ref.conv_weight.abs(), ref.grid, ref.prefix_tokens)
+    b, t, c = q.shape
+    return tol.transpose(1, 2).reshape(b, t, c).float().numpy()
+
+
+CASES = [  # binarizer, conv, B, T, H, D, mask
+    ("sign", "tokens", 2, 37, 3, 16, "half"),
+    ("sign", None, 1, 1, 2, 5, None),               # one token, odd head size
+    ("sign", "tokens", 3, 1, 1, 7, "all"),           # one token, every key masked
+    ("sign", "tokens", 2, 70, 2, 65, "half"),        # D > 64: two code words per token
+    ("ksh", "tokens", 2, 50, 2, 33, "half"),
+    ("sign", "grid", 2, 17, 4, 8, "half"),           # class token + 4×4 grid
+    ("sign", "tokens", 1, 300, 3, 64, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_matches_layer(case):
+    binz, conv, b, t, h, d, masking = case
+    c = h * d
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    layer = AddLinearAttention(c, h, binarizer=binz, conv=conv, grid=(4, 4), prefix_tokens=1)
+    if binz == "ksh":
+        layer.binarizer.iterations = 10      # fit quality is irrelevant to parity
+    if conv:
+        torch.nn.init.normal_(layer.conv_weight)
+    q, k, v = (torch.from_numpy(rng.normal(size=(b, t, c)).astype(np.float32)) for _ in range(3))
+    mask = None
+    if masking:
+        mask = torch.zeros(b, 1, 1, t)
+        cut = 0 if masking == "all" else t // 2 + 1
+        mask[0, ..., cut:] = FINFO_MIN                      # batch 0 padded, batch 1 not
+    kin = None if binz == "ksh" else k
+    with torch.no_grad():
+        layer.core(q, kin, v, mask)                          # first forward fits the binariser
+        if binz == "sign":
+            layer.binarizer.q_threshold.normal_(0, 0.05)     # exercise non-zero thresholds
+        expect = layer.core(q, kin, v, mask).numpy()
+    tol = tolerance(layer, q, kin, v, mask)
+    feeds = {"Q": q.numpy(), "V": v.numpy()}
+    if kin is not None:
+        feeds["K"] = k.numpy()
+    if mask is not None:
+        feeds["mask"] = mask.numpy()
+    model = op_model(layer, with_k=kin is not None, with_mask=mask is not None)
+    for isa in ISAS:
+        got = run_op(model, feeds, isa)
+        excess = np.abs(got - expect) - tol
+        # Measured: max |diff| ≤ 1.9e-6 on these cases, at most 0.16 of the bound (ksh case).
+        assert excess.max() <= 0, f"{isa}: {np.abs(got - expect).max()}"
+    # Threads do not change the result (chunks are fixed, not per thread).
+    np.testing.assert_array_equal(run_op(model, feeds, threads=1), run_op(model, feeds, threads=2))
+
+
+def test_masked_keys_contribute_nothing():
+    """Changing the values and keys of masked tokens leaves the unmasked rows unchanged."""
+    torch.manual_seed(0)
+    layer = AddLinearAttention(24, 3, conv="tokens")
+    torch.nn.init.normal_(layer.conv_weight)
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.normal(size=(1, 20, 24)).astype(np.float32) for _ in range(3))
+    mask = np.zeros((1, 20), np.float32)
+    mask[0, 15:] = -1e4
+    model = op_model(layer, attrs={"num_heads": 3})
+    with torch.no_grad():
+        layer.core(*(torch.from_numpy(x) for x in (q, k, v)))
+    model = op_model(layer)
+    a = run_op(model, {"Q": q, "K": k, "V": v, "mask": mask})
+    k2, v2 = k.copy(), v.copy()
+    k2[0, 15:] = rng.normal(size=(5, 24))
+    v2[0, 15:] = 100 * rng.normal(size=(5, 24))
+    b = run_op(model, {"Q": q, "K": k2, "V": v2, "mask": mask})
+    # Unmasked rows are identical: masked keys are skipped and the conv reads V. = 0 there.
+    np.testing.assert_array_equal(a[0, :15], b[0, :15])
+
+
+@pytest.mark.parametrize("feeds, attrs, message", [
+    ({"Q": np.zeros((2, 3, 8), np.float32), "V": np.zeros((2, 4, 8), np.float32)}, {"num_heads": 2},
+     "node 'attn0': V has shape \\[2, 4, 8\\], Q has \\[2, 3, 8\\]"),
+    ({"Q": np.zeros((2, 3, 9), np.float32), "V": np.zeros((2, 3, 9), np.float32)}, {"num_heads": 2},
+     "node 'attn0': C = 9 is not divisible by num_heads = 2"),
+    ({"Q": np.zeros((3, 8), np.float32), "V": np.zeros((3, 8), np.float32)}, {"num_heads": 2},
+     "node 'attn0': Q must be \\[B, T, C\\], got \\[3, 8\\]"),
+    ({"Q": np.zeros((2, 3, 8), np.float32), "V": np.zeros((2, 3, 8), np.float32),
+      "mask": np.zeros((2, 1, 3, 3), np.float32)}, {"num_heads": 2}, "node 'attn0': mask must be"),
+    ({"Q": np.zeros((1, 3, 8), np.float32), "V": np.zeros((1, 3, 8), np.float32)}, {"num_heads": 2, "binarizer": "ksh"},
+     "node 'attn0': binarizer 'ksh' needs hash_anchors"),
+    ({"Q": np.zeros((1, 3, 8), np.float32), "V": np.zeros((1, 3, 8), np.float32)}, {"num_heads": 2, "binarizer": "xor"},
+     "node 'attn0': binarizer must be 'sign' or 'ksh', got 'xor'"),
+])
+def test_errors_name_the_node(feeds, attrs, message):
+    names = ["Q", "", "V", "mask" if "mask" in feeds else ""]
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node("AddLinearAttention", names, ["Y"], name="attn0", domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in feeds],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    with pytest.raises((ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                        ort.capi.onnxruntime_pybind11_state.RuntimeException), match=message):
+        run_op(model, feeds)
+
+
+def test_grid_conv_needs_matching_token_count():
+    layer = AddLinearAttention(8, 2, conv="grid", grid=(2, 2), prefix_tokens=1)
+    model = op_model(layer, with_k=False, with_mask=False)
+    x = np.zeros((1, 6, 8), np.float32)
+    with pytest.raises(Exception, match="node 'attn0': a \\[H, kh, kw\\] conv_weight needs T = prefix_tokens"):
+        run_op(model, {"Q": x, "V": x})

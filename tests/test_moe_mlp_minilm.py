@@ -1,0 +1,54 @@
+"""--moe-mlp on the real all-MiniLM-L6-v2 export: all 6 MLPs become MoE blocks, the attention
+linears follow --shift-linear, the model runs in ORT and reports its routing split; forced
+all-Mult routing reproduces the original model."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mfconvert.convert import ConvertConfig, MoEMLPConfig, convert_onnx
+from mfconvert.moe import routing_split
+from mfconvert.runtime import session
+from mfconvert.zoo.minilm import tokenizer
+
+pytestmark = pytest.mark.slow
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "A man is playing a guitar.", "Hi",
+         "Multiplication-free networks replace products with shifts and additions."]
+
+
+@pytest.fixture(scope="module")
+def feeds():
+    return tokenizer()(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def original(minilm_onnx_path, feeds):
+    sess = ort.InferenceSession(str(minilm_onnx_path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def test_every_mlp_converts_and_the_model_runs(minilm_onnx_path, feeds, original):
+    result = convert_onnx(str(minilm_onnx_path), ConvertConfig(moe_mlp=MoEMLPConfig()))
+    by_pass = {r.pass_name: r for r in result.report.results}
+    blocks = {c.detail.split(" ")[1] for c in by_pass["moe-mlp"].changes}
+    assert len(by_pass["moe-mlp"].changes) == 12 and len(blocks) == 6
+    assert all("384→1536→384, GELU)" in c.detail for c in by_pass["moe-mlp"].changes)
+    assert not by_pass["moe-mlp"].skips
+    assert len(by_pass["shift-linear"].changes) == 24          # Q, K, V, attention output
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("ShiftLinear") == 36 and ops.count("Gemm") == 18   # 6 × (router + Mult fc1, fc2)
+
+    got = session(result.model.SerializeToString(), threads=2).run(None, feeds)[0]
+    assert got.shape == original.shape and np.isfinite(got).all()
+    splits = routing_split(result.model, feeds)
+    assert set(splits) == blocks
+    tokens = feeds["input_ids"].size
+    assert all(s.mult + s.shift == tokens for s in splits.values())
+
+
+def test_forced_all_mult_routing_is_the_original_model(minilm_onnx_path, feeds, original):
+    cfg = ConvertConfig(shift_linear=None, add_attention=None,
+                        moe_mlp=MoEMLPConfig(router_std=0.0, router_bias=-30.0))
+    result = convert_onnx(str(minilm_onnx_path), cfg)
+    got = session(result.model.SerializeToString(), threads=2).run(None, feeds)[0]
+    # Gemm on the gathered tokens instead of MatMul + Add: float32 rounding only (measured 1e-7).
+    np.testing.assert_allclose(got, original, rtol=0, atol=2e-6)
