@@ -61,9 +61,11 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, out=sys.
 
     t0 = time.perf_counter()
     converted = workdir / "all-MiniLM-L6-v2.mf.onnx"
-    result = convert_onnx(str(original), ConvertConfig(), output=str(converted), force=True,
+    # Shift linears only: binarised attention and the MoE router change the function until they
+    # are finetuned (`mfconvert finetune`); power-of-two weights are usable as converted.
+    result = convert_onnx(str(original), ConvertConfig(add_attention=None), output=str(converted), force=True,
                           input_shapes={"input_ids": [1, 128], "attention_mask": [1, 128]})
-    say(f"[2/4] converted -> {converted}  ({time.perf_counter() - t0:.1f} s)")
+    say(f"[2/4] converted the linear layers to ShiftLinear -> {converted}  ({time.perf_counter() - t0:.1f} s)")
 
     _, held_out = corpus(0, n_sentences, seed=0)
     batches = _batches(held_out, batch_size)
