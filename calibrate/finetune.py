@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +26,10 @@ from tqdm import tqdm
 
 from mfconvert.calibrate.data import Examples
 from mfconvert.convert.onnx_model import save_model_atomic
+from mfconvert.moe import expert_latent_weights, router_logits
+from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
 from mfconvert.nn.onnx_module import OnnxModule
+from mfconvert.nn.shift_linear import ShiftLinear
 from mfconvert.passes.shift_linear import match_linear
 
 
@@ -35,6 +39,7 @@ class FinetuneConfig:
     minutes: float | None = None          # a time budget instead of (or on top of) steps
     batch_size: int = 32
     lr: float = 1e-4
+    shift_lr: float | None = None          # peak lr of the shift layers' latent weights (default: lr)
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
     loss: str = "mse"                      # "mse" on outputs, "cosine" (1 - cos per row), or "kl" on logits
@@ -45,6 +50,14 @@ class FinetuneConfig:
     resume: bool = False
     device: str = "auto"
     progress: bool = True
+    # MoE MLP blocks (--moe-mlp): weight α of the latency-aware load-balancing loss and the expert
+    # latencies (τ_mult, τ_shift) it balances (docs/ops.md#shiftmoemlp; 0 turns it off).
+    balance_coef: float = BALANCE_COEF
+    expert_latency: tuple[float, float] = DEFAULT_LATENCY
+    # Add attention: give AddLinearAttention nodes without a conv a zero-initialised depthwise conv
+    # on V that finetuning trains: None, "tokens" (kernel 9 over the token axis) or
+    # "grid:HxW+P" (3×3 over an H×W token grid after P prefix tokens, e.g. "grid:14x14+1").
+    attention_conv: str | None = None
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -55,6 +68,10 @@ class FinetuneConfig:
             raise ValueError(f"--minutes must be > 0, got {self.minutes}")
         if self.loss not in ("mse", "cosine", "kl"):
             raise ValueError(f"--loss must be mse, cosine or kl, got {self.loss!r}")
+        if self.balance_coef < 0 or len(self.expert_latency) != 2 or min(self.expert_latency) <= 0:
+            raise ValueError(f"balance_coef must be >= 0 and expert_latency two positive numbers, "
+                             f"got {self.balance_coef}, {self.expert_latency}")
+        parse_attention_conv(self.attention_conv)
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("--batch-size and --lr must be positive")
 
@@ -65,6 +82,21 @@ class FinetuneResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    distill_losses: list[float] = field(default_factory=list)   # the losses without the balancing term
+    shift_fractions: list[dict[str, float]] = field(default_factory=list)   # per step: {MoE block: share to Shift}
+
+
+def parse_attention_conv(spec: str | None) -> dict | None:
+    """FinetuneConfig.attention_conv → AddLinearAttention.add_conv keywords (None: no conv)."""
+    if spec is None:
+        return None
+    if spec == "tokens":
+        return {"kind": "tokens"}
+    match = re.fullmatch(r"grid:(\d+)x(\d+)(?:\+(\d+))?", spec)
+    if not match:
+        raise ValueError(f"attention_conv must be 'tokens' or 'grid:HxW+P', got {spec!r}")
+    h, w, prefix = match.groups()
+    return {"kind": "grid", "grid": (int(h), int(w)), "prefix_tokens": int(prefix or 0)}
 
 
 def teacher_linear_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -153,15 +185,28 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
 
     features = block_outputs(student, teacher) if cfg.feature_weight > 0 else []
     teach = Teacher(teacher, features)
-    module = OnnxModule(student, latent_weights=teacher_linear_weights(teacher)).to(device).train()
+    start_weights = {**teacher_linear_weights(teacher), **expert_latent_weights(student)}
+    module = OnnxModule(student, latent_weights=start_weights).to(device).train()
+    conv = parse_attention_conv(cfg.attention_conv)
+    for layer in module.attention_layers().values() if conv else ():
+        layer.add_conv(**conv)
+    logits_of = router_logits(student)                # {MoE block: router logits tensor}
+    latency = torch.tensor(cfg.expert_latency, dtype=torch.float32)
     model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Latent shift weights move only when they cross a rounding boundary, so they may want a
+    # larger step than the float parameters (norms, biases) around them.
+    latent = {id(layer.weight) for layer in module.modules() if isinstance(layer, ShiftLinear) and layer.mode == "Q"}
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad and id(p) in latent],
+               "peak_lr": cfg.shift_lr or cfg.lr},
+              {"params": [p for p in module.parameters() if p.requires_grad and id(p) not in latent],
+               "peak_lr": cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Batches are fixed once (a seeded shuffle) so the teacher's outputs can be cached; each
     # epoch visits them in a new order. Rank r takes every world-th batch.
     batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed))
     budget = cfg.minutes * 60 if cfg.minutes else None
     step, losses, elapsed_before = 0, [], 0.0
+    distill_losses, shift_fractions = [], []
     if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
         state = torch.load(cfg.checkpoint, map_location=device, weights_only=False)
         module.load_state_dict(state["student"])
@@ -182,23 +227,31 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(progress, cfg.warmup_fraction)
+            group["lr"] = group["peak_lr"] * lr_factor(progress, cfg.warmup_fraction)
         if not epoch_batches:
             epoch_batches = _epoch(order, len(batches), rank, world)
         batch_id = epoch_batches.pop()
         feeds = batches[batch_id]
         t_out, t_feat = teach(batch_id, feeds)
         inputs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
-        s_out, s_feat = model(capture=tuple(features), **inputs) if features else (model(**inputs), {})
+        captured = tuple(features) + tuple(logits_of.values())
+        s_out, s_feat = model(capture=captured, **inputs) if captured else (model(**inputs), {})
         loss = sum(distillation_loss(s, torch.from_numpy(t).to(device), cfg.loss)
                    for s, t in zip(s_out, t_out) if s.is_floating_point())
         for name in features:
             loss = loss + cfg.feature_weight * F.mse_loss(s_feat[name], torch.from_numpy(t_feat[name]).to(device))
+        distill = loss.item()
+        if logits_of and cfg.balance_coef > 0:
+            loss = loss + cfg.balance_coef * sum(balance_loss_from_logits(s_feat[t], latency) for t in logits_of.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         losses.append(loss.item())
+        distill_losses.append(distill)
+        if logits_of:
+            shift_fractions.append({b: float((s_feat[t].detach().argmax(-1) == 1).float().mean())
+                                    for b, t in logits_of.items()})
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3e}")
         if rank == 0 and cfg.checkpoint and step % cfg.checkpoint_every == 0:
@@ -209,7 +262,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     trained = module.cpu().to_onnx()
     if output is not None and rank == 0:
         save_model_atomic(trained, output)
-    return FinetuneResult(trained, step, time.monotonic() - start, losses)
+    return FinetuneResult(trained, step, time.monotonic() - start, losses, distill_losses, shift_fractions)
 
 
 def _epoch(order: np.random.Generator, n_batches: int, rank: int, world: int) -> list[int]:

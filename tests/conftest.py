@@ -1,5 +1,6 @@
 """Shared fixtures: the real all-MiniLM-L6-v2, loaded and exported once per test session."""
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,12 @@ def minilm_onnx_path(tmp_path_factory, minilm_model):
     from mfconvert.zoo.minilm import minilm_onnx
 
     return minilm_onnx(tmp_path_factory.mktemp("minilm"), model=minilm_model)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors: torch's intra-op threads only contend with ORT's pool on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

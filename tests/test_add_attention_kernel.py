@@ -16,13 +16,7 @@ from mfconvert.ort_ops import DOMAIN
 from mfconvert.runtime import session
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors: torch's intra-op threads only contend with ORT's pool on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FINFO_MIN = float(np.finfo(np.float32).min)
 

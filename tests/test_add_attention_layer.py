@@ -11,13 +11,7 @@ from torch import nn
 from mfconvert.nn import AddLinearAttention
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors: torch's intra-op threads only contend with ORT's pool on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SoftmaxAttention(nn.Module):

@@ -18,13 +18,7 @@ from mfconvert.runtime import session
 from mfconvert.tests.attention_models import BertSelfAttention, TinyViT, export
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors: torch's intra-op threads only contend with ORT's pool on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ONLY_ATTENTION = ConvertConfig(shift_linear=None, add_attention=AddAttentionConfig())
 EXPORTS = [(False, 13), (False, 17), (True, 18), (True, 21)]   # (dynamo, opset)
