@@ -31,6 +31,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_shift_linear.py --threads 2
+	$(PY) bench/bench_add_attention.py
+	$(PY) bench/bench_moe_mlp.py
 
 clean:
 	rm -rf build *.egg-info $(OPS_LIB) out
