@@ -11,6 +11,9 @@ from typing import List, Optional
 import typer
 from tqdm import tqdm
 
+from mfconvert.calibrate.finetune import FinetuneConfig
+from mfconvert.cli import finetune as finetune_cli
+from mfconvert.cli.finetune import load_data, run_finetune
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
 from mfconvert.convert.onnx_model import output_path_for
 from mfconvert.passes.add_attention import AddAttentionConfig
@@ -71,6 +74,13 @@ def convert(
     config_file: Optional[Path] = typer.Option(None, "--config", help="Read the conversion config from JSON (flags above are ignored)."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config as JSON."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the report as JSON."),
+    data: Optional[str] = typer.Option(None, "--data", help="Finetune after converting, on this data "
+                                       "(text file with --tokenizer, .npz/.npy, image folder)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json for text --data."),
+    image_preset: str = typer.Option("imagenet", help="Preprocessing preset for an image folder --data."),
+    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Distillation steps with --data."),
+    finetune_minutes: Optional[float] = typer.Option(None, "--finetune-minutes", help="Time budget with --data."),
+    finetune_loss: str = typer.Option("mse", "--finetune-loss", help="mse, cosine or kl (logits)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Convert and report, write no model."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ):
@@ -93,6 +103,16 @@ def convert(
         fail("every pass is turned off; nothing to do")
     out = None if dry_run else str(output or output_path_for(str(model)))
     shapes = parse_input_shapes(input_shape)
+    if data is None and (finetune_steps is not None or finetune_minutes is not None):
+        fail("--finetune-steps/--finetune-minutes need --data")
+    if data is not None and dry_run:
+        fail("--data finetunes the converted model, which --dry-run does not write")
+    if data is not None:
+        try:
+            ft_cfg = FinetuneConfig(steps=finetune_steps if finetune_steps or finetune_minutes else 200,
+                                    minutes=finetune_minutes, loss=finetune_loss)
+        except ValueError as err:
+            fail(str(err))
 
     bar = tqdm(total=len(cfg.enabled()), desc="converting", unit="pass", file=sys.stderr, leave=False,
                disable=None)  # no bar when stderr is not a terminal
@@ -109,6 +129,12 @@ def convert(
     bar.close()
     typer.echo(result.report.table())
     typer.echo(f"\nwrote {out}" if out else "\ndry run: no model written")
+    if data is not None:
+        try:
+            examples = load_data(data, result.model, tokenizer, 128, image_preset)
+            run_finetune(out, str(model), examples, ft_cfg, out, held_out=0.1, logits=finetune_loss == "kl")
+        except (ValueError, ConversionError, OSError) as err:
+            fail(str(err).splitlines()[0])
     if save_config:
         save_config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if report_json:
@@ -118,8 +144,7 @@ def convert(
 def main() -> None:
     """`mfconvert MODEL.onnx …` converts; `mfconvert finetune …` finetunes (cli/finetune.py)."""
     if len(sys.argv) > 1 and sys.argv[1] == "finetune":
-        from mfconvert.cli import finetune
-        finetune.app(args=sys.argv[2:], prog_name="mfconvert finetune")
+        finetune_cli.app(args=sys.argv[2:], prog_name="mfconvert finetune")
     else:
         app()
 

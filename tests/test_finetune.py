@@ -123,3 +123,19 @@ def test_cli_finetune_on_npz_data_and_its_errors(models, tmp_path):
                           (["--data", str(data), "-o", student], "refusing to overwrite the input model")]:
         res = CliRunner().invoke(app, [student, "--teacher", teacher, *args])
         assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_convert_and_finetune_in_one_command(models, tmp_path):
+    from typer.testing import CliRunner
+    from mfconvert.cli.main import app
+    teacher, _, examples = models
+    data = tmp_path / "digits.npz"
+    np.savez(data, x=np.stack([e["x"] for e in examples.items]))
+    out = tmp_path / "one_go.onnx"
+    res = CliRunner().invoke(app, [teacher, "-o", str(out), "--weight-bits", "3", "--data", str(data),
+                                   "--finetune-steps", "10", "--finetune-loss", "kl"])
+    assert res.exit_code == 0, res.output
+    assert "layers converted: 2" in res.output and "finetuned 10 steps" in res.output
+    assert any(n.op_type == "ShiftLinear" for n in onnx.load(out).graph.node)
+    res = CliRunner().invoke(app, [teacher, "--dry-run", "--finetune-steps", "10"])
+    assert res.exit_code == 1 and "--finetune-steps/--finetune-minutes need --data" in res.output
