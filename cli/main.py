@@ -11,11 +11,13 @@ from typing import List, Optional
 import typer
 from tqdm import tqdm
 
+from mfconvert.calibrate.data import DataError, Examples
 from mfconvert.calibrate.finetune import FinetuneConfig
+from mfconvert.calibrate.sensitivity import convert_within_budget
 from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
-from mfconvert.convert.onnx_model import output_path_for
+from mfconvert.convert.onnx_model import check_output_path, load_model, output_path_for, save_model_atomic
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
@@ -81,6 +83,9 @@ def convert(
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Distillation steps with --data."),
     finetune_minutes: Optional[float] = typer.Option(None, "--finetune-minutes", help="Time budget with --data."),
     finetune_loss: str = typer.Option("mse", "--finetune-loss", help="mse, cosine or kl (logits)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Keep the most sensitive layers float "
+                                             "until the output error on --data is at most this (1 − cosine, "
+                                             "or top-1 agreement lost with --finetune-loss kl)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Convert and report, write no model."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ):
@@ -103,14 +108,16 @@ def convert(
         fail("every pass is turned off; nothing to do")
     out = None if dry_run else str(output or output_path_for(str(model)))
     shapes = parse_input_shapes(input_shape)
-    if data is None and (finetune_steps is not None or finetune_minutes is not None):
-        fail("--finetune-steps/--finetune-minutes need --data")
-    if data is not None and dry_run:
-        fail("--data finetunes the converted model, which --dry-run does not write")
-    if data is not None:
+    finetuning = finetune_steps is not None or finetune_minutes is not None
+    if data is None and (finetuning or max_drop is not None):
+        fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
+    if data is not None and not (finetuning or max_drop is not None):
+        fail("--data is for --finetune-steps/--finetune-minutes or --max-drop")
+    if finetuning and dry_run:
+        fail("finetuning trains the converted model, which --dry-run does not write")
+    if finetuning:
         try:
-            ft_cfg = FinetuneConfig(steps=finetune_steps if finetune_steps or finetune_minutes else 200,
-                                    minutes=finetune_minutes, loss=finetune_loss)
+            ft_cfg = FinetuneConfig(steps=finetune_steps, minutes=finetune_minutes, loss=finetune_loss)
         except ValueError as err:
             fail(str(err))
 
@@ -122,14 +129,21 @@ def convert(
         bar.update(1)
 
     try:
-        result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress)
-    except ConversionError as err:
+        if max_drop is None:
+            result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress)
+            budget_lines = []
+        else:
+            result, budget_lines = convert_with_budget(model, cfg, out, shapes, force, max_drop, data, tokenizer,
+                                                       image_preset, finetune_loss == "kl")
+    except (ConversionError, DataError) as err:
         bar.close()
         fail(str(err))
     bar.close()
     typer.echo(result.report.table())
+    for line in budget_lines:
+        typer.echo(line)
     typer.echo(f"\nwrote {out}" if out else "\ndry run: no model written")
-    if data is not None:
+    if finetuning:
         try:
             examples = load_data(data, result.model, tokenizer, 128, image_preset)
             run_finetune(out, str(model), examples, ft_cfg, out, held_out=0.1, logits=finetune_loss == "kl")
@@ -139,6 +153,21 @@ def convert(
         save_config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if report_json:
         report_json.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
+
+
+def convert_with_budget(model, cfg, out, shapes, force, max_drop, data, tokenizer, image_preset, logits):
+    """--max-drop: sensitivity-guided conversion on (at most 256 examples of) --data."""
+    if not 0 <= max_drop < 1:
+        raise ConversionError(f"--max-drop must be in [0, 1), got {max_drop}")
+    if out is not None:
+        check_output_path(out, str(model), force)
+    original, label, _ = load_model(str(model))
+    examples = load_data(data, original, tokenizer, 128, image_preset)
+    examples = Examples(examples.items[:256], examples.pad_values)
+    budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes)
+    if out is not None:
+        save_model_atomic(budget.result.model, out)
+    return budget.result, budget.lines()
 
 
 def main() -> None:

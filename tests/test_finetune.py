@@ -138,4 +138,4 @@ def test_convert_and_finetune_in_one_command(models, tmp_path):
     assert "layers converted: 2" in res.output and "finetuned 10 steps" in res.output
     assert any(n.op_type == "ShiftLinear" for n in onnx.load(out).graph.node)
     res = CliRunner().invoke(app, [teacher, "--dry-run", "--finetune-steps", "10"])
-    assert res.exit_code == 1 and "--finetune-steps/--finetune-minutes need --data" in res.output
+    assert res.exit_code == 1 and "--finetune-steps/--finetune-minutes/--max-drop need --data" in res.output

@@ -1,0 +1,107 @@
+"""Sensitivity-guided conversion (`--max-drop`): measure the error each conversion causes on its
+own, then keep the most sensitive layers in float until the whole model's error fits the budget.
+
+Error is measured in ONNX Runtime on calibration data against the original model's first output:
+1 − mean cosine of the rows (embeddings, hidden states) or, for logits, the loss of top-1
+agreement. Keeping the k most sensitive layers is searched by bisection over k (the error falls
+as more layers stay float), so a model with n candidate layers costs n + log2(n) conversions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from mfconvert.calibrate.data import Examples
+from mfconvert.calibrate.evaluate import fidelity, model_outputs
+from mfconvert.convert.config import ConvertConfig
+from mfconvert.convert.onnx_entry import ConversionResult, convert_onnx
+from mfconvert.passes import PASSES
+
+
+@dataclass
+class LayerSensitivity:
+    pass_name: str
+    node: str
+    error: float          # the drop when this layer alone is converted
+
+
+@dataclass
+class BudgetResult:
+    result: ConversionResult
+    error: float
+    kept_float: list[LayerSensitivity]
+    sensitivities: list[LayerSensitivity]
+
+    def lines(self) -> list[str]:
+        out = [f"--max-drop: measured drop {self.error:.4f} with {len(self.kept_float)} layer(s) kept float"]
+        out += [f"  kept float: {s.node} ({s.pass_name}; alone it drops {s.error:.4f}, "
+                f"rank {self.sensitivities.index(s) + 1} of {len(self.sensitivities)})" for s in self.kept_float]
+        return out
+
+
+def drop(reference: np.ndarray, test: np.ndarray, logits: bool) -> float:
+    figures = fidelity(reference, test, logits)
+    return 1.0 - (figures["top1_agreement"] if logits else figures["mean_cosine"])
+
+
+def _field_of(pass_name: str) -> str:
+    return pass_name.replace("-", "_")
+
+
+def _only(config: ConvertConfig, pass_name: str, node: str) -> ConvertConfig:
+    """The config converting just `node` with `pass_name` (every other pass off)."""
+    fields = {f.name: None for f in dataclasses.fields(ConvertConfig)}
+    base = getattr(config, _field_of(pass_name))
+    fields[_field_of(pass_name)] = dataclasses.replace(base, include=[f"^{re.escape(node)}$"], exclude=[])
+    return ConvertConfig(**fields)
+
+
+def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertConfig:
+    """`config` with `layers` added to their passes' exclude lists."""
+    changes = {}
+    for spec in PASSES.values():
+        cfg = getattr(config, _field_of(spec.name), None)
+        names = [f"^{re.escape(s.node)}$" for s in layers if s.pass_name == spec.name]
+        if cfg is not None and names:
+            changes[_field_of(spec.name)] = dataclasses.replace(cfg, exclude=list(cfg.exclude) + names)
+    return dataclasses.replace(config, **changes)
+
+
+def convert_within_budget(model_path: str, config: ConvertConfig, examples: Examples, max_drop: float,
+                          logits: bool = False, input_shapes=None, progress=None) -> BudgetResult:
+    """Convert with `config`, leaving the most sensitive layers float so the drop is ≤ max_drop."""
+    original = onnx.load(model_path)
+    reference = model_outputs(model_path, examples)
+
+    def measure(cfg: ConvertConfig) -> tuple[ConversionResult, float]:
+        result = convert_onnx(original, cfg, input_shapes=input_shapes, allow_unchanged=True)
+        return result, drop(reference, model_outputs(result.model, examples), logits)
+
+    full, full_error = measure(config)
+    candidates = full.report.changes
+    sensitivities = []
+    for i, change in enumerate(candidates):
+        if progress:
+            progress(f"layer {i + 1}/{len(candidates)}: {change.node}")
+        _, error = measure(_only(config, change.pass_name, change.node))
+        sensitivities.append(LayerSensitivity(change.pass_name, change.node, error))
+    sensitivities.sort(key=lambda s: s.error, reverse=True)
+    if full_error <= max_drop:
+        return BudgetResult(full, full_error, [], sensitivities)
+    # Bisection for the fewest most-sensitive layers to keep float.
+    lo, hi = 0, len(sensitivities)          # lo fails the budget; hi (everything float) meets it
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        result, error = measure(_without(config, sensitivities[:mid]))
+        if error <= max_drop:
+            hi, best = mid, (result, error)
+        else:
+            lo = mid
+    if best is None:
+        best = measure(_without(config, sensitivities[:hi]))
+    return BudgetResult(best[0], best[1], sensitivities[:hi], sensitivities)
