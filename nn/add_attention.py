@@ -38,7 +38,9 @@ def _normalize64(x: torch.Tensor) -> torch.Tensor:
 
 def valid_keys(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
     """[B, T] bool (True = key counts) from an additive mask [B|1, T] / [B|1, 1, 1, T] or a
-    boolean key padding mask [B, T] (True = keep)."""
+    boolean key padding mask [B, T] (True = keep); also from a query × key mask [B|1, 1, T, T] /
+    [B|1, T, T] (transformers ≥ 5 expands the padding mask over the queries) whose query rows all
+    mask the same keys — ValueError otherwise (a causal mask is not linear attention)."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
@@ -46,9 +48,17 @@ def valid_keys(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tens
     else:
         keep = mask >= MASKED_BELOW
     if keep.dim() == 4:
-        if keep.shape[1] != 1 or keep.shape[2] != 1:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} is not a per-key mask [B, 1, 1, T]")
-        keep = keep[:, 0, 0, :]
+        if keep.shape[1] != 1 or keep.shape[2] not in (1, tokens):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} is not a per-key mask [B, 1, 1, T] "
+                             "or a query × key mask [B, 1, T, T]")
+        keep = keep[:, 0]
+    if keep.dim() == 3:
+        if keep.shape[1] not in (1, tokens):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} is not a query × key mask [B, T, T]")
+        if not bool((keep == keep[:, :1]).all()):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} is not per key: its query rows mask different "
+                             "keys (a causal or other per-query mask is not linear attention)")
+        keep = keep[:, 0]
     if keep.dim() != 2 or keep.shape[-1] != tokens or keep.shape[0] not in (1, batch):
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit batch {batch}, tokens {tokens}")
     return keep.expand(batch, tokens)
@@ -174,12 +184,14 @@ class AddLinearAttention(nn.Module):
     """Multi-head self-attention with a binarised, addition-only core (docs/ops.md).
 
     forward(x [B, T, C], mask=None) → [B, T, C]; `mask` is an additive mask ([B|1, T] or
-    [B|1, 1, 1, T], < −1000 = masked) or a boolean key padding mask [B, T] (True = keep).
+    [B|1, 1, 1, T], < −1000 = masked) or a boolean key padding mask [B, T] (True = keep), or
+    either expanded over the queries ([B|1, 1, T, T], every query row the same keys).
     """
 
     def __init__(self, dim: int, num_heads: int, *, binarizer: str = "sign", conv: str | None = "tokens",
                  conv_kernel: int = 9, grid: tuple[int, int] | None = None, prefix_tokens: int = 0,
-                 qkv_bias: bool = True, nbits: int = 16, anchors: int = 25, topk: int = 10):
+                 qkv_bias: bool = True, nbits: int = 16, anchors: int = 25, topk: int = 10,
+                 projections: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -191,10 +203,11 @@ class AddLinearAttention(nn.Module):
             raise ValueError("conv='grid' needs grid=(rows, cols)")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.binarizer_name, self.grid, self.prefix_tokens = binarizer, grid, prefix_tokens
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias) if binarizer == "sign" else None   # ksh: shared qk
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        # projections=False: only the op's core (the ONNX executor, whose graph holds the projections).
+        self.q = nn.Linear(dim, dim, bias=qkv_bias) if projections else None
+        self.k = nn.Linear(dim, dim, bias=qkv_bias) if projections and binarizer == "sign" else None   # ksh: shared qk
+        self.v = nn.Linear(dim, dim, bias=qkv_bias) if projections else None
+        self.proj = nn.Linear(dim, dim) if projections else None
         self.binarizer = SignBinarizer(num_heads, self.head_dim) if binarizer == "sign" else \
             KSHBinarizer(num_heads, self.head_dim, nbits, anchors, topk)
         if conv is None:
@@ -266,11 +279,64 @@ class AddLinearAttention(nn.Module):
         return y.transpose(1, 2).reshape(b, t, c)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.q is None:
+            raise RuntimeError("this AddLinearAttention holds only the op's core: call core(q, k, v, mask)")
         q = self.q(x)
         k = None if self.k is None else self.k(x)
         return self.proj(self.core(q, k, self.v(x), mask))
 
     # -- ONNX -------------------------------------------------------------------------------
+    @classmethod
+    def from_onnx(cls, channels: int, attrs: dict, constants: dict[int, np.ndarray],
+                  key_input: bool = True) -> "AddLinearAttention":
+        """The op's core from an AddLinearAttention node: its attributes and its constant inputs
+        by index (the inverse of onnx_attributes / onnx_constants). Absent thresholds are 0 and
+        count as fitted, so the layer computes exactly what the node computes."""
+        binarizer = attrs.get("binarizer", "sign")
+        if isinstance(binarizer, bytes):
+            binarizer = binarizer.decode()
+        heads = attrs["num_heads"]
+        conv = constants.get(4)
+        kwargs = {}
+        if binarizer == "ksh":
+            if key_input:
+                raise ValueError("the ksh binariser shares Q and K: the node must not have a K input")
+            missing = [i for i in (7, 8, 9, 10) if i not in constants]
+            if missing:
+                raise ValueError(f"ksh binariser without hash inputs {missing}")
+            kwargs = dict(nbits=constants[9].shape[1], anchors=constants[7].shape[1])
+        grid = (attrs.get("grid_h", 0), attrs.get("grid_w", 0))
+        layer = cls(channels, heads, binarizer=binarizer, projections=False,
+                    conv=None if conv is None else "tokens" if conv.ndim == 2 else "grid",
+                    conv_kernel=conv.shape[-1] if conv is not None else 9,
+                    grid=grid if conv is not None and conv.ndim == 3 else None,
+                    prefix_tokens=attrs.get("prefix_tokens", 0), **kwargs)
+        bz = layer.binarizer
+        with torch.no_grad():
+            if conv is not None:
+                layer.conv_weight.copy_(torch.from_numpy(np.array(conv, np.float32)))
+            if binarizer == "sign":
+                for index, buf in ((5, bz.q_threshold), (6, bz.k_threshold)):
+                    if index in constants:
+                        buf.copy_(torch.from_numpy(np.array(constants[index], np.float32)).reshape(buf.shape))
+            else:
+                for index, buf in ((7, bz.anchors), (8, bz.center), (9, bz.projection), (10, bz.sigma)):
+                    buf.copy_(torch.from_numpy(np.array(constants[index], np.float32)).reshape(buf.shape))
+            bz.fitted.fill_(True)
+        return layer
+
+    def add_conv(self, kind: str = "tokens", kernel: int = 9, grid: tuple[int, int] | None = None,
+                 prefix_tokens: int = 0) -> None:
+        """Give a layer without a conv a zero-initialised one (the function is unchanged until
+        training moves it): ShiftAddViT's depthwise conv on V, which restores locality."""
+        if self.conv_weight is not None:
+            return
+        if kind not in ("tokens", "grid") or (kind == "grid" and grid is None):
+            raise ValueError(f"conv must be 'tokens' or 'grid' with a grid, got {kind!r}, grid={grid}")
+        shape = (self.num_heads, kernel) if kind == "tokens" else (self.num_heads, 3, 3)
+        self.grid, self.prefix_tokens = grid, prefix_tokens
+        self.conv_weight = nn.Parameter(torch.zeros(shape, device=self.binarizer.fitted.device))
+
     def onnx_attributes(self) -> dict:
         attrs = {"num_heads": self.num_heads, "binarizer": self.binarizer_name}
         if self.conv_weight is not None and self.conv_weight.dim() == 3:

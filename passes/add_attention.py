@@ -7,7 +7,9 @@ Pattern: every Softmax whose input is (MatMul(q_heads, k_heads_T) [× / ÷ scale
 whose output feeds MatMul(·, v_heads). Check: each of q_heads [B,H,T,D], k_heads_T [B,H,D,T] and
 v_heads [B,H,T,D] traces back through Transpose / Reshape / positive scalar Mul-Div / the
 Split-Gather-Slice(+Squeeze) of a fused qkv to a [B, T, C] (or fused [B, T, 3C]) projection
-output, with the tokens and heads laid out alike; the mask is per key; the context merges back
+output, with the tokens and heads laid out alike; the mask is per key [B|1, 1, 1, T], or a query ×
+key mask [B|1, 1, T, T] built from per-key and per-query factors only (transformers ≥ 5's expanded
+padding mask; the kernel checks its rows agree at run time); the context merges back
 through Transpose(0,2,1,3) + Reshape to [B, T, C]; no intermediate tensor is read elsewhere.
 Rewrite: AddLinearAttention(Q, K, V[, mask]) writes the merged context tensor (fused qkv: one
 Split of the projection output on its last axis).
@@ -251,6 +253,7 @@ class AttentionMatch:
     heads: int
     channels: int
     core_nodes: list[gs.Node]
+    query_key_mask: bool = False  # mask is [B|1, 1, T, T]: the kernel checks its rows are equal
 
 
 def _strip_scale(graph, t: gs.Tensor, opset: int, nodes: list) -> gs.Tensor:
@@ -337,6 +340,75 @@ def _skip_inference_identities(probs: gs.Tensor, opset: int, core: list) -> gs.T
     return probs
 
 
+def _factor_dims(t: gs.Tensor) -> list | None:
+    """t's dims, or where they do not show a broadcast query or key axis, those of the tensor it
+    is a Cast or a Reshape-to-Shape(x) of (TorchScript's vmap-indexed padding mask reshapes back
+    to its index's shape [B, 1, 1, T], which plain shape inference loses)."""
+    for _ in range(4):
+        dims = _dims(t)
+        if dims is not None and len(dims) >= 2 and (dims[-2] == 1 or dims[-1] == 1):
+            return dims
+        node = t.inputs[0] if t.inputs else None
+        if node is not None and node.op == "Cast":
+            t = node.inputs[0]
+            continue
+        if node is not None and node.op == "Reshape" and node.inputs[1].inputs:
+            shape = node.inputs[1].inputs[0]
+            if shape.op == "Concat" and len(shape.inputs) == 1 and shape.inputs[0].inputs:
+                shape = shape.inputs[0].inputs[0]
+            if shape.op == "Shape" and not shape.attrs.get("start") and shape.attrs.get("end") is None:
+                t = shape.inputs[0]
+                continue
+        return dims
+    return _dims(t)
+
+
+# Ops through which a query × key mask may be built from per-key and per-query factors: they keep
+# each (query, key) entry a function of the factors' entries, and none compares a query position
+# with a key position (LessOrEqual(kv_idx, q_idx), a causal mask, is refused).
+_MASK_COMBINE = ("And", "Or", "Not", "Cast", "Where", "Expand")
+
+
+def _query_key_mask_reason(t: gs.Tensor, opset: int, depth: int = 0) -> str | None:
+    """None when the [.., Tq, Tk] mask t is built only from factors that are per key (size 1 on
+    the query axis), per query (size 1 on the key axis) or constant with identical query rows —
+    transformers ≥ 5's padding mask expanded over the queries — so its query rows can differ only
+    through a per-query factor, which the kernel checks at run time; else the reason."""
+    try:
+        v = np.asarray(constant_value(t, opset))
+        if v.ndim >= 2 and not (v == v[..., :1, :]).all():
+            return f"constant mask '{t.name}' has query rows that differ (causal?)"
+        if v.ndim >= 3 and v.shape[-3] != 1:
+            return f"constant mask '{t.name}' varies over heads"
+        return None
+    except NotConstant:
+        pass
+    dims = _factor_dims(t)
+    if dims is not None and len(dims) >= 2 and (dims[-2] == 1 or dims[-1] == 1):
+        if len(dims) >= 3 and dims[-3] != 1:
+            return f"mask factor '{t.name}' of shape {dims} may vary over heads"
+        return None
+    node = t.inputs[0] if t.inputs else None
+    if node is None:
+        return f"mask '{t.name}' of shape {dims} is a graph input"
+    if node.op not in _MASK_COMBINE or depth > 16:
+        return f"{node.op} '{node.name}' in the mask may couple query and key positions"
+    inputs = node.inputs
+    if node.op == "Expand":
+        try:
+            target = np.asarray(constant_value(inputs[1], opset)).reshape(-1)
+            if len(target) >= 3 and int(target[-3]) != 1:
+                return f"Expand '{node.name}' broadcasts the mask over heads"
+        except NotConstant:
+            pass                          # a dynamic target: the kernel checks the mask's shape
+        inputs = inputs[:1]
+    for i in inputs:
+        reason = _query_key_mask_reason(i, opset, depth + 1)
+        if reason:
+            return reason
+    return None
+
+
 def match_attention(graph: gs.Graph, softmax: gs.Node) -> AttentionMatch:
     opset = graph_opset(graph)
     rank = len(softmax.inputs[0].shape) if softmax.inputs[0].shape is not None else 4
@@ -416,6 +488,7 @@ def match_attention(graph: gs.Graph, softmax: gs.Node) -> AttentionMatch:
         raise NoMatch("a mix of fused and separate projections")
     if fused == {True} and not (q.source is k.source is v.source):
         raise NoMatch("q, k and v come from different fused projections")
+    query_key_mask = False
     if mask is not None:
         mdims = _dims(mask)
         if mdims is None:
@@ -423,11 +496,18 @@ def match_attention(graph: gs.Graph, softmax: gs.Node) -> AttentionMatch:
         # Broadcasting aligns trailing axes: only [B|1, 1, 1, T] and [1, T] are per key ([T, T]
         # is a causal or other per-query mask).
         if not ((len(mdims) == 4 and mdims[1] == 1 and mdims[2] == 1) or (len(mdims) == 2 and mdims[0] == 1)):
-            raise NoMatch(f"mask '{mask.name}' of shape {mdims} is not per key [B, 1, 1, T]")
+            # A query × key mask [B|1, 1, T, T] (transformers ≥ 5) is fed as it is when its
+            # construction is per key up to per-query factors; the kernel checks its rows.
+            why = f"rank {len(mdims)}" if len(mdims) != 4 else \
+                "it varies over heads" if isinstance(mdims[1], (int, np.integer)) and mdims[1] != 1 else \
+                _query_key_mask_reason(mask, opset)
+            if why:
+                raise NoMatch(f"mask '{mask.name}' of shape {mdims} is not per key [B, 1, 1, T]: {why}")
+            query_key_mask = True
     reason = _consumers_only(graph, core, out)
     if reason:
         raise NoMatch(reason)
-    return AttentionMatch(q, k, v, mask, out, heads, heads * depth, core)
+    return AttentionMatch(q, k, v, mask, out, heads, heads * depth, core, query_key_mask)
 
 
 @dataclass
@@ -484,6 +564,7 @@ def run(graph: gs.Graph, cfg: AddAttentionConfig) -> PassResult:
         result.changes.append(AttentionChange(
             NAME, label, OP, c, c, 0, 0, activation=m.q.source.name, tokens=_static_tokens(m),
             detail=f"{m.heads} heads × {c // m.heads}, {'fused qkv' if m.q.select is not None else 'separate q/k/v'}"
-                   + (", key mask" if m.mask is not None else "")))
+                   + (", key mask" if m.mask is not None else "")
+                   + (" (query × key, rows checked at run time)" if m.query_key_mask else "")))
     graph.cleanup().toposort()
     return result

@@ -167,6 +167,52 @@ def test_masked_keys_contribute_nothing():
     np.testing.assert_array_equal(a[0, :15], b[0, :15])
 
 
+def test_query_key_mask_with_equal_rows_is_the_key_mask():
+    """A padding mask expanded over the queries ([B|1, 1, T, T], [B|1, T, T], as transformers ≥ 5
+    builds it) gives exactly the result of the per-key mask; the layer agrees."""
+    torch.manual_seed(0)
+    layer = AddLinearAttention(24, 3, conv="tokens")
+    torch.nn.init.normal_(layer.conv_weight)
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(2, 9, 24)).astype(np.float32) for _ in range(3))
+    key_mask = np.zeros((2, 1, 1, 9), np.float32)
+    key_mask[1, ..., 6:] = FINFO_MIN
+    with torch.no_grad():
+        layer.core(*(torch.from_numpy(x) for x in (q, k, v)), torch.from_numpy(key_mask))
+    model = op_model(layer)
+    expect = run_op(model, {"Q": q, "K": k, "V": v, "mask": key_mask})
+    expanded = np.broadcast_to(key_mask, (2, 1, 9, 9)).copy()
+    expanded[0, 0, :, 3] = -5.0            # not masked (≥ −1000) in every row: still the same key mask
+    feeds = {"Q": q, "K": k, "V": v}
+    for mask in (expanded, expanded[:, 0]):
+        np.testing.assert_array_equal(run_op(model, {**feeds, "mask": mask}), expect)
+    np.testing.assert_array_equal(run_op(model, {**feeds, "mask": expanded[1:]}),     # [1, 1, T, T]: shared
+                                  run_op(model, {**feeds, "mask": key_mask[1:]}))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.core(*(torch.from_numpy(x) for x in (q, k, v)), torch.from_numpy(expanded)),
+                                   layer.core(*(torch.from_numpy(x) for x in (q, k, v)), torch.from_numpy(key_mask)),
+                                   rtol=0, atol=0)
+
+
+def test_causal_mask_is_refused_at_run_time():
+    """Linear attention has one key mask for all queries: a [T, T] mask whose rows differ
+    (causal) fails in ORT naming the node; the layer raises the same error."""
+    layer = AddLinearAttention(8, 2, conv=None)
+    layer.binarizer.fitted.fill_(True)
+    x = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
+    causal = np.triu(np.full((4, 4), FINFO_MIN, np.float32), 1)
+    padded = np.zeros((2, 1, 4, 4), np.float32)
+    padded[1, 0, :, 3] = FINFO_MIN
+    padded[1, 0, 2, 1] = FINFO_MIN          # one query row of batch item 1 differs
+    for mask, where in ((causal[None, None], "query row 1 of batch item 0"), (causal[None], "query row 1 of batch item 0"),
+                        (padded, "query row 2 of batch item 1")):
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                           match=f"node 'attn0': mask is not per key: {where} masks other keys than row 0"):
+            run_op(op_model(layer), {"Q": x, "K": x, "V": x, "mask": mask})
+        with pytest.raises(ValueError, match="is not per key: its query rows mask different keys"):
+            layer.core(*(torch.from_numpy(a) for a in (x, x, x, mask)))
+
+
 @pytest.mark.parametrize("feeds, attrs, message", [
     ({"Q": np.zeros((2, 3, 8), np.float32), "V": np.zeros((2, 4, 8), np.float32)}, {"num_heads": 2},
      "node 'attn0': V has shape \\[2, 4, 8\\], Q has \\[2, 3, 8\\]"),
@@ -175,7 +221,9 @@ def test_masked_keys_contribute_nothing():
     ({"Q": np.zeros((3, 8), np.float32), "V": np.zeros((3, 8), np.float32)}, {"num_heads": 2},
      "node 'attn0': Q must be \\[B, T, C\\], got \\[3, 8\\]"),
     ({"Q": np.zeros((2, 3, 8), np.float32), "V": np.zeros((2, 3, 8), np.float32),
-      "mask": np.zeros((2, 1, 3, 3), np.float32)}, {"num_heads": 2}, "node 'attn0': mask must be"),
+      "mask": np.zeros((2, 2, 3, 3), np.float32)}, {"num_heads": 2}, "node 'attn0': mask must be"),
+    ({"Q": np.zeros((2, 3, 8), np.float32), "V": np.zeros((2, 3, 8), np.float32),
+      "mask": np.zeros((2, 1, 2, 3), np.float32)}, {"num_heads": 2}, "node 'attn0': mask must be"),
     ({"Q": np.zeros((1, 3, 8), np.float32), "V": np.zeros((1, 3, 8), np.float32)}, {"num_heads": 2, "binarizer": "ksh"},
      "node 'attn0': binarizer 'ksh' needs hash_anchors"),
     ({"Q": np.zeros((1, 3, 8), np.float32), "V": np.zeros((1, 3, 8), np.float32)}, {"num_heads": 2, "binarizer": "xor"},

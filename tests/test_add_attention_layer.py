@@ -110,8 +110,13 @@ def test_boolean_and_additive_masks_agree_and_masked_keys_do_not_matter():
         c = layer.core(q, k2, v2, keep)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a[1, :6], c[1, :6], rtol=0, atol=0)
+    expanded = additive.expand(2, 1, 10, 10)               # transformers ≥ 5: the padding mask over queries
+    torch.testing.assert_close(layer.core(q, k, v, expanded), a, rtol=0, atol=0)
+    torch.testing.assert_close(layer.core(q, k, v, keep[:, None, None, :].expand(2, 1, 10, 10)), a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="is not per key: its query rows mask different keys"):
+        layer.core(q, k, v, torch.triu(torch.full((10, 10), -1e4), 1).expand(2, 1, 10, 10))
     with pytest.raises(ValueError, match="not a per-key mask"):
-        layer.core(q, k, v, torch.zeros(2, 1, 10, 10))
+        layer.core(q, k, v, torch.zeros(2, 2, 10, 10))
 
 
 def test_bad_configuration_is_refused():

@@ -168,15 +168,35 @@ struct AddAttentionKernel {
     p.v = v.data;
     std::vector<uint8_t> keep;
     if (mask.present) {
+      // [B|1, T], [B|1, 1, 1, T]: one key mask per batch item. [B|1, 1, T, T], [B|1, T, T]: query x key
+      // (transformers >= 5 expands the padding mask over the queries); linear attention needs a
+      // key mask, so every query row must mask the same keys as row 0 (checked: O(B*T^2) reads).
       const auto& s = mask.shape;
-      const bool ok = (s.size() == 2 || (s.size() == 4 && s[1] == 1 && s[2] == 1)) && s.back() == t &&
-                      (s[0] == 1 || s[0] == b);
-      if (!ok) throw Error{"mask must be [B|1, T] or [B|1, 1, 1, T] with B = " + std::to_string(b) + ", T = " +
-                           std::to_string(t) + ", got " + Shape(s)};
+      const size_t r = s.size();
+      const bool batch_ok = r >= 2 && (s[0] == 1 || s[0] == b) && s.back() == t;
+      int64_t rows = 0;   // query rows per batch item
+      if (batch_ok && r == 2) rows = 1;
+      if (batch_ok && r == 3 && (s[1] == 1 || s[1] == t)) rows = s[1];
+      if (batch_ok && r == 4 && s[1] == 1 && (s[2] == 1 || s[2] == t)) rows = s[2];
+      if (rows == 0)
+        throw Error{"mask must be [B|1, T], [B|1, 1, 1|T, T] or [B|1, 1|T, T] with B = " + std::to_string(b) +
+                    ", T = " + std::to_string(t) + ", got " + Shape(s)};
       keep.resize(static_cast<size_t>(b * t));
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < t; ++j)
-          keep[i * t + j] = mask.data[(s[0] == 1 ? 0 : i) * t + j] >= kMaskedBelow;  // NaN masks the key
+      for (int64_t i = 0; i < b; ++i) {
+        const int64_t mb = s[0] == 1 ? 0 : i;
+        const float* row0 = mask.data + mb * rows * t;
+        for (int64_t j = 0; j < t; ++j) keep[i * t + j] = row0[j] >= kMaskedBelow;  // NaN masks the key
+        if (mb != i) continue;   // a shared mask is checked once, at batch item 0
+        for (int64_t q_row = 1; q_row < rows; ++q_row) {
+          const float* row = row0 + q_row * t;
+          for (int64_t j = 0; j < t; ++j) {
+            if ((row[j] >= kMaskedBelow) != (keep[i * t + j] != 0))
+              throw Error{"mask is not per key: query row " + std::to_string(q_row) + " of batch item " +
+                          std::to_string(i) + " masks other keys than row 0 (key " + std::to_string(j) +
+                          "); a causal or other per-query mask is not linear attention"};
+          }
+        }
+      }
       p.keep = keep.data();
     }
     if (conv.present) {
