@@ -34,7 +34,7 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearMatch | str:
     try:
         w = constant_value(w_tensor, opset)
     except NotConstant as err:
-        return f"weight is not constant: {err}"
+        return f"no constant weight: the second input is an activation ({err}), e.g. attention scores"
     if w.ndim != 2:
         return f"weight has rank {w.ndim}, not 2 (batched MatMul)"
     if not np.issubdtype(w.dtype, np.floating):

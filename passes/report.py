@@ -62,6 +62,22 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def skip_lines(skips: list[Skip], spelled_out: int = 3) -> list[str]:
+    """One line per skip; a reason shared by more than `spelled_out` nodes becomes one line
+    naming the first few (the JSON report keeps every node)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for s in skips:
+        groups.setdefault((s.pass_name, s.reason), []).append(s.node)
+    lines = []
+    for (pass_name, reason), nodes in groups.items():
+        if len(nodes) <= spelled_out:
+            lines.extend(f"  {node} ({pass_name}): {reason}" for node in nodes)
+        else:
+            shown = ", ".join(nodes[:2])
+            lines.append(f"  {len(nodes)} nodes ({pass_name}): {reason} — {shown}, … (+{len(nodes) - 2} more)")
+    return lines
+
+
 @dataclass
 class ConversionReport:
     """All passes' results plus whole-model figures, printable as the CLI's table."""
@@ -103,7 +119,7 @@ class ConversionReport:
         if self.skips:
             lines.append("")
             lines.append("skipped:")
-            lines.extend(f"  {s.node} ({s.pass_name}): {s.reason}" for s in self.skips)
+            lines.extend(skip_lines(self.skips))
         changes = self.changes
         params = sum(c.params for c in changes)
         before = sum(c.bytes_before for c in changes)

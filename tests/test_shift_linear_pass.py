@@ -148,3 +148,10 @@ def test_report_counts_multiplications_at_the_stated_shape():
     assert change.bytes_after == 64 * 32 * 5 // 8 + 32       # 5-bit codes + one int8 exponent per row
     with pytest.raises(ConversionError, match="--input-shape names 'nope'"):
         convert_onnx(model, ConvertConfig(), input_shapes={"nope": [1]})
+
+
+def test_report_groups_a_reason_shared_by_many_nodes():
+    from mfconvert.passes.report import Skip, skip_lines
+    skips = [Skip("shift-linear", f"n{i}", "same reason") for i in range(5)] + [Skip("shift-linear", "x", "other")]
+    assert skip_lines(skips) == ["  5 nodes (shift-linear): same reason — n0, n1, … (+3 more)",
+                                 "  x (shift-linear): other"]
