@@ -45,9 +45,11 @@ def test_ort_equals_pytorch_reference_model(converted, minilm_model, minilm_onnx
     with torch.no_grad():
         expect = reference.eval()(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))).numpy()
     # The shift layers agree bit for bit; ORT's and PyTorch's float ops around them (LayerNorm,
-    # Softmax, GELU) differ in the last bits, which can move an activation across a Q16.16 floor
-    # step (2^-16) now and then. Measured max |diff| on unit-norm embeddings: ~3e-6.
-    assert np.abs(got - expect).max() < 2e-5
+    # Softmax, GELU) differ in the last bits, which now and then moves an activation across a
+    # Q16.16 floor step (2^-16) and changes one term by 2^-16·|w|. Measured on 16 held-out
+    # sentences: max |diff| 2.0e-5, mean 4e-6 on unit-norm embeddings, against a conversion
+    # error of ~1e-1 (cosine 0.91); 1e-4 leaves room for other sentences.
+    assert np.abs(got - expect).max() < 1e-4
     original = session(str(minilm_onnx_path), threads=2).run(None, feeds)[0]
     cos = (got * original).sum(1)
     assert cos.min() > 0.8     # 5-bit power-of-two weights, no finetuning: a real but lossy copy
