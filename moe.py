@@ -34,6 +34,31 @@ def routes(model: onnx.ModelProto) -> dict[str, str]:
     return json.loads(props.get(ROUTES_KEY, "{}"))
 
 
+def router_logits(model: onnx.ModelProto) -> dict[str, str]:
+    """{block: router logits tensor}: the input of each block's recorded ArgMax node (what the
+    finetune's load-balancing loss reads)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for block, route in routes(model).items():
+        node = producer.get(route)
+        if node is None or node.op_type != "ArgMax":
+            raise ValueError(f"MoE block {block}: its route tensor '{route}' is not an ArgMax output")
+        out[block] = node.input[0]
+    return out
+
+
+def expert_latent_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{Shift expert ShiftLinear node: float weight [out, in]}: the Mult expert's weights of the
+    same block (the original MLP's), as latent weights for finetuning the Shift expert."""
+    from onnx import numpy_helper
+
+    from mfconvert.passes.moe_mlp import expert_pairs
+
+    inits = {i.name: i for i in model.graph.initializer}
+    return {shift: numpy_helper.to_array(inits[weight]).copy() for shift, weight in expert_pairs(model).items()
+            if weight in inits}
+
+
 def routing_split(model, feeds: dict | Iterable[dict], threads: int | None = None) -> dict[str, RoutingSplit]:
     """Run `model` (path or ModelProto) on one feed dict or an iterable of them and count the
     tokens each MoE block routed to each expert."""

@@ -69,7 +69,7 @@ class FinetuneConfig:
         if self.loss not in ("mse", "cosine", "kl"):
             raise ValueError(f"--loss must be mse, cosine or kl, got {self.loss!r}")
         if self.balance_coef < 0 or len(self.expert_latency) != 2 or min(self.expert_latency) <= 0:
-            raise ValueError(f"balance_coef must be >= 0 and expert_latency two positive numbers, "
+            raise ValueError(f"--balance-coef must be >= 0 and --expert-latency two positive numbers, "
                              f"got {self.balance_coef}, {self.expert_latency}")
         parse_attention_conv(self.attention_conv)
         if self.batch_size < 1 or self.lr <= 0:
@@ -82,8 +82,10 @@ class FinetuneResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
-    distill_losses: list[float] = field(default_factory=list)   # the losses without the balancing term
-    shift_fractions: list[dict[str, float]] = field(default_factory=list)   # per step: {MoE block: share to Shift}
+    # Of the steps this call ran (a resumed run: since the checkpoint): the losses without the
+    # balancing term, and each MoE block's share of tokens sent to Shift.
+    distill_losses: list[float] = field(default_factory=list)
+    shift_fractions: list[dict[str, float]] = field(default_factory=list)
 
 
 def parse_attention_conv(spec: str | None) -> dict | None:
@@ -94,7 +96,7 @@ def parse_attention_conv(spec: str | None) -> dict | None:
         return {"kind": "tokens"}
     match = re.fullmatch(r"grid:(\d+)x(\d+)(?:\+(\d+))?", spec)
     if not match:
-        raise ValueError(f"attention_conv must be 'tokens' or 'grid:HxW+P', got {spec!r}")
+        raise ValueError(f"--attention-conv must be 'tokens' or 'grid:HxW+P', got {spec!r}")
     h, w, prefix = match.groups()
     return {"kind": "grid", "grid": (int(h), int(w)), "prefix_tokens": int(prefix or 0)}
 
@@ -242,7 +244,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
             loss = loss + cfg.feature_weight * F.mse_loss(s_feat[name], torch.from_numpy(t_feat[name]).to(device))
         distill = loss.item()
         if logits_of and cfg.balance_coef > 0:
-            loss = loss + cfg.balance_coef * sum(balance_loss_from_logits(s_feat[t], latency) for t in logits_of.values())
+            balance = sum(balance_loss_from_logits(s_feat[t], latency) for t in logits_of.values())
+            loss = loss + cfg.balance_coef * balance
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -14,6 +14,8 @@ from mfconvert.calibrate.data import DataError, Examples, load_examples
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.convert.onnx_model import ConversionError, check_output_path, load_model
+from mfconvert.moe import routes, routing_split, split_table
+from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Finetune a converted model by distillation from the original.")
@@ -58,8 +60,24 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
     if before:
         typer.echo(f"held-out before: {format_figures(before)}")
         typer.echo(f"held-out after:  {format_figures(after)}")
+    figures = {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after}
+    if routes(result.model):
+        # The routing the trained routers make, in ORT on the held-out data (else the training data).
+        splits = routing_split(result.model, (evaluation if len(evaluation) else train).batches(cfg.batch_size))
+        typer.echo(f"MoE routing after finetuning (balanced target: "
+                   f"{100 * cfg.expert_latency[0] / sum(cfg.expert_latency):.1f} % to Shift):")
+        typer.echo(split_table(splits))
+        figures["routing"] = {b: {"mult": s.mult, "shift": s.shift} for b, s in splits.items()}
     typer.echo(f"wrote {output}")
-    return {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after}
+    return figures
+
+
+def parse_latency(text: str) -> tuple[float, float]:
+    try:
+        mult, shift = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--expert-latency must be 'MULT,SHIFT', got {text!r}") from None
+    return mult, shift
 
 
 @app.command()
@@ -76,6 +94,13 @@ def main(
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     loss: str = typer.Option("mse", "--loss", help="mse (embeddings, hidden states), cosine, or kl (logits)."),
     feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of per-block feature matching."),
+    balance_coef: float = typer.Option(BALANCE_COEF, "--balance-coef",
+                                       help="Weight of the MoE latency-aware load-balancing loss."),
+    expert_latency: str = typer.Option(",".join(map(str, DEFAULT_LATENCY)), "--expert-latency",
+                                       help="MoE expert latencies 'MULT,SHIFT' (any unit; only the ratio matters)."),
+    attention_conv: Optional[str] = typer.Option(None, "--attention-conv",
+                                                 help="Train a depthwise conv on V in add attention: "
+                                                      "'tokens' or 'grid:HxW+P'."),
     held_out: float = typer.Option(0.1, "--held-out", help="Fraction of the data kept for evaluation."),
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save training state here."),
@@ -90,7 +115,9 @@ def main(
     try:
         cfg = FinetuneConfig(steps=steps if steps is not None or minutes is not None else 200, minutes=minutes,
                              batch_size=batch_size, lr=lr, loss=loss, feature_weight=feature_weight, seed=seed,
-                             checkpoint=str(checkpoint) if checkpoint else None, resume=resume)
+                             checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
+                             balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
+                             attention_conv=attention_conv)
         check_output_path(out, str(student), force)
         if os.path.exists(out) and os.path.samefile(out, str(teacher)):
             raise ConversionError(f"{out}: refusing to overwrite the teacher model")

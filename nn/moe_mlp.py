@@ -45,6 +45,14 @@ def balance_loss(probs: torch.Tensor, expert: torch.Tensor, latency: torch.Tenso
     return cv_squared(latency * importance) + cv_squared(latency * load)
 
 
+def balance_loss_from_logits(logits: torch.Tensor, latency: torch.Tensor) -> torch.Tensor:
+    """balance_loss of a block's router logits [R, 2] (the ONNX form's Gemm output); 0 for R = 0."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    if not logits.shape[0]:
+        return logits.sum()
+    return balance_loss(logits.softmax(-1), logits.argmax(-1), latency.to(logits.device, logits.dtype))
+
+
 class ShiftMoEMLP(nn.Module):
     """y = g · E_e(x) per token, e = argmax of a 2-logit router, g its softmax probability.
 

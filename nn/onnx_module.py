@@ -5,6 +5,11 @@ torch functions (nn/onnx_ops.py) and our own ops to the mfconvert.nn layers, so 
 through the whole graph with the straight-through rules of those layers. After training,
 `to_onnx()` writes the trained values back into a copy of the model (shift weights repacked).
 
+Our ops: ShiftLinear nodes become nn.ShiftLinear layers (codes unpacked, the teacher's float
+weights as latent weights when given); AddLinearAttention nodes become the op's core of
+nn.AddLinearAttention (binariser and conv constants from the node's inputs, its STE rules), fed
+the node's Q, K, V and mask. The MoE blocks of `--moe-mlp` are standard ops plus ShiftLinear.
+
 It executes the graph node by node in the model's order, which ONNX requires to be
 topological. An op it does not know is an error naming the op and the node, raised when the
 module is built, not halfway through a training run.
@@ -21,6 +26,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from mfconvert.nn import pow2
+from mfconvert.nn.add_attention import AddLinearAttention
 from mfconvert.nn.onnx_ops import OPS, attributes
 from mfconvert.nn.shift_linear import ShiftLinear
 from mfconvert.ort_ops import DOMAIN
@@ -46,6 +52,7 @@ class OnnxModule(nn.Module):
                             if i.name not in {t.name for t in model.graph.initializer}]
         self.output_names = [o.name for o in model.graph.output]
         self._tensor_keys: dict[str, str] = {}
+        self._shapes: dict[str, list] | None = None
         self.params = nn.ParameterDict()
         self.layers = nn.ModuleDict()
         # Embedding tables (data inputs of Gather) stay frozen unless asked: they hold most of a
@@ -59,7 +66,7 @@ class OnnxModule(nn.Module):
             key = f"n{index}_{_safe(node.name or node.op_type)}"
             if node.domain == DOMAIN:
                 self.layers[key] = self._custom_layer(node, latent_weights or {}, shift_mode)
-                consumed_by_layers.update(node.input[1:])
+                consumed_by_layers.update(node.input[_flow_inputs(node):])
             elif (node.domain or "") in ("", "ai.onnx") and node.op_type in OPS:
                 if node.op_type == "Constant":   # constants of the graph's arithmetic: never trained
                     self._add_initializer(node.output[0], _constant_value(node), trainable=False)
@@ -87,10 +94,12 @@ class OnnxModule(nn.Module):
         self._tensor_keys[name] = key
 
     def _custom_layer(self, node: onnx.NodeProto, latent: dict[str, np.ndarray], shift_mode: str) -> nn.Module:
-        if node.op_type != "ShiftLinear":
+        if node.op_type not in _FLOW_INPUTS:
             raise UnsupportedOp(f"node '{node.name}': op {DOMAIN}.{node.op_type} is not supported by the PyTorch executor")
         attrs = attributes(node)
         consts = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
+        if node.op_type == "AddLinearAttention":
+            return self._attention_layer(node, attrs, consts)
         bits = attrs.get("weight_bits", 5)
         n_in, n_out = attrs["in_features"], attrs["out_features"]
         codes = pow2.unpack_codes(consts[node.input[1]], n_in * n_out, bits).reshape(n_out, n_in)
@@ -104,6 +113,43 @@ class OnnxModule(nn.Module):
             with torch.no_grad():
                 layer.weight.copy_(torch.from_numpy(np.asarray(latent[node.name], dtype=np.float32)))
         return layer
+
+    def _attention_layer(self, node: onnx.NodeProto, attrs: dict, consts: dict) -> AddLinearAttention:
+        constants = {}
+        for index, name in enumerate(node.input[_FLOW_INPUTS[node.op_type]:], start=_FLOW_INPUTS[node.op_type]):
+            if name:
+                if name not in consts:
+                    raise UnsupportedOp(f"node '{node.name}': input {index} ('{name}') of AddLinearAttention "
+                                        "must be an initializer for the PyTorch executor")
+                constants[index] = consts[name]
+        try:
+            return AddLinearAttention.from_onnx(self._channels(node, constants), attrs, constants,
+                                                key_input=len(node.input) > 1 and bool(node.input[1]))
+        except ValueError as err:
+            raise UnsupportedOp(f"node '{node.name}': {err}") from None
+
+    def _channels(self, node: onnx.NodeProto, constants: dict[int, np.ndarray]) -> int:
+        """C of the node's [B, T, C] inputs: from shape inference, else from [H, D] constants."""
+        if self._shapes is None:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+            self._shapes = {}
+            for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+                dims = info.type.tensor_type.shape.dim
+                self._shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        for name in (node.input[0], node.input[2] if len(node.input) > 2 else ""):
+            dims = self._shapes.get(name)
+            if dims and dims[-1]:
+                return int(dims[-1])
+        for index in (5, 6, 7):
+            if index in constants:
+                return int(constants[index].shape[0] * constants[index].shape[-1])
+        raise UnsupportedOp(f"node '{node.name}': the channel count of its inputs is unknown "
+                            "(no static last dim after shape inference)")
+
+    def attention_layers(self) -> dict[str, AddLinearAttention]:
+        """{node name: layer} of the AddLinearAttention nodes."""
+        return {node.name or key: self.layers[key] for key, node, _ in self.nodes
+                if key in self.layers and isinstance(self.layers[key], AddLinearAttention)}
 
     def _value(self, name: str) -> torch.Tensor:
         key = self._tensor_keys[name]
@@ -119,8 +165,13 @@ class OnnxModule(nn.Module):
             value = feeds[name]
             env[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
         for key, node, attrs in self.nodes:
-            if key in self.layers:   # the layer holds its own constants: only the activation flows in
-                outputs = (self.layers[key](env[node.input[0]]),)
+            if key in self.layers:   # the layer holds its own constants: only the activations flow in
+                flow = [env[n] if n else None for n in node.input[:_FLOW_INPUTS[node.op_type]]]
+                if node.op_type == "AddLinearAttention":
+                    flow += [None] * (4 - len(flow))
+                    outputs = (self.layers[key].core(flow[0], flow[1], flow[2], flow[3]),)
+                else:
+                    outputs = (self.layers[key](flow[0]),)
             else:
                 args = [None if not n else env[n] if n in env else self._value(n) for n in node.input]
                 outputs = OPS[node.op_type](attrs, *args)
@@ -139,8 +190,12 @@ class OnnxModule(nn.Module):
         values = {}
         for name, key in self._tensor_keys.items():
             values[name] = (self.params[key] if key in self.params else getattr(self, key)).detach().numpy()
+        added = []
         for key, node, _ in self.nodes:
-            if key in self.layers:
+            if key in self.layers and node.op_type == "AddLinearAttention":
+                index = int(key[1:key.index("_")])          # keys are n{node index}_{name}
+                added += _write_attention(model.graph.node[index], self.layers[key], values)
+            elif key in self.layers:
                 packed, exponent, bias = self.layers[key].onnx_constants()
                 values[node.input[1]], values[node.input[2]] = packed, exponent
                 if bias is not None:
@@ -149,7 +204,41 @@ class OnnxModule(nn.Module):
             if init.name in values:
                 dtype = numpy_helper.to_array(init).dtype
                 init.CopyFrom(numpy_helper.from_array(values[init.name].astype(dtype), init.name))
+        model.graph.initializer.extend(added)
         return model
+
+
+# Leading inputs of our ops that are activations (computed by the graph); the rest are constants.
+_FLOW_INPUTS = {"ShiftLinear": 1, "AddLinearAttention": 4}
+
+
+def _flow_inputs(node: onnx.NodeProto) -> int:
+    return _FLOW_INPUTS.get(node.op_type, 1)
+
+
+def _write_attention(node: onnx.NodeProto, layer: AddLinearAttention, values: dict) -> list[onnx.TensorProto]:
+    """Write the layer's constants into `values` (existing inputs) or as new initializers wired to
+    the node (a conv added for finetuning, thresholds that became non-zero); set its attributes."""
+    new = []
+    for index, value in sorted(layer.onnx_constants().items()):
+        name = node.input[index] if index < len(node.input) else ""
+        if name:
+            values[name] = value
+            continue
+        if index in (5, 6) and not np.any(value):
+            continue                                  # absent thresholds are 0: keep them absent
+        name = f"{node.name or node.output[0]}.{_CONSTANT_NAMES[index]}"
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        new.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    del node.attribute[:]
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in layer.onnx_attributes().items())
+    return new
+
+
+_CONSTANT_NAMES = {4: "conv_weight", 5: "q_threshold", 6: "k_threshold", 7: "hash_anchors",
+                   8: "hash_center", 9: "hash_projection", 10: "hash_sigma"}
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

@@ -160,6 +160,22 @@ def _gather_nd(attrs, data, indices):
     return out.reshape(*indices.shape[:-1], *data.shape[k:])
 
 
+def _gather_elements(attrs, x, index):
+    axis = attrs.get("axis", 0) % x.dim()
+    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index).long())
+
+
+def _compress(attrs, x, condition):
+    """Compress-11: the slices along `axis` (the flattened input when absent) where `condition`
+    is true; a condition shorter than the axis selects from its leading slices only."""
+    axis = attrs.get("axis")
+    if axis is None:
+        x, axis = x.reshape(-1), 0
+    axis %= x.dim()
+    keep = condition.reshape(-1).to(torch.bool)[: x.shape[axis]]
+    return torch.index_select(x, axis, keep.nonzero().reshape(-1))
+
+
 def _expand(attrs, x, shape):
     target = _ints(shape)
     full = torch.broadcast_shapes(tuple(x.shape), tuple(target))
@@ -253,8 +269,8 @@ OPS = {
         attrs.get("perm", list(reversed(range(x.dim()))))),
     "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
     "Concat": lambda attrs, *xs: torch.cat(xs, dim=attrs["axis"]), "Split": _split, "Slice": _slice,
-    "Gather": _gather, "GatherND": _gather_nd, "ScatterND": _scatter_nd,
-    "GatherElements": lambda attrs, x, i: torch.gather(x, attrs.get("axis", 0), i.long()),
+    "Gather": _gather, "GatherND": _gather_nd, "ScatterND": _scatter_nd, "Compress": _compress,
+    "GatherElements": _gather_elements,
     "Shape": lambda attrs, x: torch.tensor(list(x.shape), dtype=torch.int64)[
         slice(attrs.get("start", 0), attrs.get("end"))],
     "Size": lambda attrs, x: torch.tensor(x.numel(), dtype=torch.int64),

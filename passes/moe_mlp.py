@@ -153,6 +153,15 @@ def rewrite(graph: gs.Graph, block: Block, label: str, cfg: MoEMLPConfig) -> tup
     return route, shift_bytes + router_w.nbytes + router_b.nbytes
 
 
+def expert_pairs(model: onnx.ModelProto) -> dict[str, str]:
+    """{Shift expert ShiftLinear node name: the Mult expert's float weight initializer [out, in]}
+    of every block this pass emitted (rewrite() names them `{block}/moe/{expert}.{fc}`)."""
+    blocks = json.loads({p.key: p.value for p in model.metadata_props}.get(ROUTES_KEY, "{}"))
+    names = {n.name for n in model.graph.node if n.op_type == "ShiftLinear"}
+    return {f"{b}/moe/shift.{fc}": f"{b}/moe/mult.{fc}.weight" for b in blocks for fc in ("fc1", "fc2")
+            if f"{b}/moe/shift.{fc}" in names}
+
+
 def _weight_bytes(linear: LinearMatch) -> int:
     return linear.weight.size * 4 + (0 if linear.bias is None else linear.bias.size * 4)
 
