@@ -1,10 +1,11 @@
 """End-to-end demo on a real model: all-MiniLM-L6-v2 -> multiplication-free ONNX.
 
-    python -m mfconvert.demo [--workdir out/demo] [--sentences 256] [--batch-size 32]
+    python -m mfconvert.demo [--workdir out/demo] [--sentences 256] [--batch-size 32] [--finetune-minutes 2]
 
 Exports the pretrained sentence encoder to ONNX, converts it with mfconvert, runs both in ONNX
 Runtime (2 threads) on held-out English sentences found on this machine, and reports file
-sizes, latency, embedding fidelity and what the conversion changed.
+sizes, latency, embedding fidelity and what the conversion changed; then finetunes the shift
+layers for a couple of minutes by distillation on other sentences and reports fidelity again.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mfconvert.calibrate.data import from_text
+from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.calibrate.text import corpus
 from mfconvert.convert import ConvertConfig, convert_onnx
 from mfconvert.metrics import cosine_per_row, mean_cosine, nearest_neighbour_agreement, sqnr_db
 from mfconvert.runtime import session
-from mfconvert.zoo.minilm import minilm_onnx, tokenizer
+from mfconvert.zoo.minilm import INPUT_NAMES, minilm_onnx, model_dir, tokenizer
 
 THREADS = 2
 
@@ -50,14 +53,38 @@ def _latencies(sessions, batches, repeats: int) -> list[list[float]]:
     return times
 
 
-def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, out=sys.stdout) -> dict:
+def fidelity_lines(ref: np.ndarray, test: np.ndarray) -> tuple[dict, list[str]]:
+    figures = {"mean_cosine": mean_cosine(ref, test), "min_cosine": float(np.min(cosine_per_row(ref, test))),
+               "nn_agreement": nearest_neighbour_agreement(ref, test), "sqnr_db": sqnr_db(ref, test)}
+    return figures, [
+        f"  mean cosine                  {figures['mean_cosine']:.5f}   (min {figures['min_cosine']:.5f})",
+        f"  nearest-neighbour agreement  {figures['nn_agreement']:.3f}",
+        f"  SQNR                         {figures['sqnr_db']:.1f} dB"]
+
+
+def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float, n_held_out: int, say) -> Path:
+    """Distil the original into the converted model on 2,000 training sentences (disjoint from
+    the `n_held_out` evaluation ones) for `minutes`; returns the finetuned model's path."""
+    train, _ = corpus(2000, n_held_out, seed=0)
+    data = from_text(train, model_dir() / "tokenizer.json", list(INPUT_NAMES))
+    out = workdir / "all-MiniLM-L6-v2.mf.ft.onnx"
+    import onnx
+    cfg = FinetuneConfig(steps=None, minutes=minutes, lr=5e-5, shift_lr=5e-4, batch_size=32)
+    result = finetune(onnx.load(converted), onnx.load(original), data, cfg, output=str(out))
+    say(f"[5/5] finetuned {result.steps} steps in {result.seconds:.0f} s on {len(train)} sentences; "
+        f"distillation loss {result.losses[0]:.2e} → {np.mean(result.losses[-5:]):.2e}")
+    return out
+
+
+def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune_minutes: float = 2.0,
+        out=sys.stdout) -> dict:
     """Run the demo, print the report to ``out`` and return the numbers."""
     workdir.mkdir(parents=True, exist_ok=True)
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
 
     t0 = time.perf_counter()
     original = minilm_onnx(workdir)
-    say(f"[1/4] exported all-MiniLM-L6-v2 -> {original}  ({time.perf_counter() - t0:.1f} s)")
+    say(f"[1/5] exported all-MiniLM-L6-v2 -> {original}  ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
     converted = workdir / "all-MiniLM-L6-v2.mf.onnx"
@@ -65,11 +92,11 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, out=sys.
     # are finetuned (`mfconvert finetune`); power-of-two weights are usable as converted.
     result = convert_onnx(str(original), ConvertConfig(add_attention=None), output=str(converted), force=True,
                           input_shapes={"input_ids": [1, 128], "attention_mask": [1, 128]})
-    say(f"[2/4] converted the linear layers to ShiftLinear -> {converted}  ({time.perf_counter() - t0:.1f} s)")
+    say(f"[2/5] converted the linear layers to ShiftLinear -> {converted}  ({time.perf_counter() - t0:.1f} s)")
 
     _, held_out = corpus(0, n_sentences, seed=0)
     batches = _batches(held_out, batch_size)
-    say(f"[3/4] {len(held_out)} held-out sentences (stdlib docstrings), {len(batches)} batches "
+    say(f"[3/5] {len(held_out)} held-out sentences (stdlib docstrings), {len(batches)} batches "
         f"of <= {batch_size}, e.g. {held_out[0]!r}")
 
     sess_ref = session(str(original), threads=THREADS)
@@ -78,15 +105,12 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, out=sys.
     test = _embed(sess_mf, batches)
     t_ref, t_mf = _latencies([sess_ref, sess_mf], batches, repeats)
     med_ref, med_mf = statistics.median(t_ref), statistics.median(t_mf)
-    say(f"[4/4] timed {repeats} x {len(batches)} batches per model, {THREADS} ORT threads")
+    say(f"[4/5] timed {repeats} x {len(batches)} batches per model, {THREADS} ORT threads")
 
+    figures, lines = fidelity_lines(ref, test)
     numbers = {
         "size_original_mib": _mib(original), "size_converted_mib": _mib(converted),
-        "latency_original_ms": 1e3 * med_ref, "latency_converted_ms": 1e3 * med_mf,
-        "mean_cosine": mean_cosine(ref, test),
-        "min_cosine": float(np.min(cosine_per_row(ref, test))),
-        "nn_agreement": nearest_neighbour_agreement(ref, test),
-        "sqnr_db": sqnr_db(ref, test),
+        "latency_original_ms": 1e3 * med_ref, "latency_converted_ms": 1e3 * med_mf, **figures,
     }
     n = numbers
     say("")
@@ -98,12 +122,19 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, out=sys.
         f"{n['latency_converted_ms']:12.2f}{n['latency_converted_ms'] / n['latency_original_ms']:9.3f}")
     say("")
     say(f"fidelity of converted vs fp32 embeddings on {len(held_out)} held-out sentences:")
-    say(f"  mean cosine                  {n['mean_cosine']:.5f}   (min {n['min_cosine']:.5f})")
-    say(f"  nearest-neighbour agreement  {n['nn_agreement']:.3f}")
-    say(f"  SQNR                         {n['sqnr_db']:.1f} dB")
+    for line in lines:
+        say(line)
     say("")
     say("conversion report:")
     say(result.report.table())
+    if finetune_minutes > 0:
+        say("")
+        tuned = finetune_step(original, converted, workdir, finetune_minutes, n_sentences, say)
+        figures, lines = fidelity_lines(ref, _embed(session(str(tuned), threads=THREADS), batches))
+        numbers["finetuned"] = figures
+        say(f"fidelity after finetuning, same {len(held_out)} held-out sentences:")
+        for line in lines:
+            say(line)
     return numbers
 
 
@@ -115,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=256, help="held-out sentences")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the batches")
+    parser.add_argument("--finetune-minutes", type=float, default=2.0,
+                        help="distillation time budget for the shift layers (0: skip)")
     args = parser.parse_args(argv)
     if args.sentences < 2 or args.batch_size < 1 or args.repeats < 1:
         parser.error("--sentences must be >= 2, --batch-size and --repeats >= 1")
-    run(args.workdir, args.sentences, args.batch_size, args.repeats)
+    run(args.workdir, args.sentences, args.batch_size, args.repeats, args.finetune_minutes)
     return 0
 
 
