@@ -131,7 +131,7 @@ class Teacher:
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(f) for f in features if f not in names)
         self.output_names = names
         self.features = features
-        self.session = session(model.SerializeToString(), threads=threads)
+        self.session = session(model.SerializeToString(), threads=threads, spinning=False)
         self.cache: dict[int, tuple[list[np.ndarray], dict[str, np.ndarray]]] = {}
 
     def __call__(self, batch_id: int, feeds: dict[str, np.ndarray]):
