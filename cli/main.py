@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from tqdm import tqdm
 
+from mfconvert.calibrate.activation_stats import calibrated_frac_bits
 from mfconvert.calibrate.data import DataError, Examples
 from mfconvert.calibrate.finetune import FinetuneConfig
 from mfconvert.calibrate.sensitivity import convert_within_budget
@@ -67,7 +69,10 @@ def convert(
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
-    act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations."),
+    act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations "
+                                      "(with --act-bits < 32 and --data: calibrated per layer instead)."),
+    act_percentile: Optional[float] = typer.Option(None, help="Calibrate activation ranges at this percentile "
+                                                   "of |x| instead of the maximum."),
     include: List[str] = typer.Option([], "--include", help="Only convert nodes whose name matches (regex; repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", help="Leave nodes whose name matches alone (regex; repeatable)."),
     min_params: int = typer.Option(1024, help="Skip linear layers with fewer weights than this."),
@@ -109,10 +114,20 @@ def convert(
     out = None if dry_run else str(output or output_path_for(str(model)))
     shapes = parse_input_shapes(input_shape)
     finetuning = finetune_steps is not None or finetune_minutes is not None
+    calibrating = act_bits < 32 and shift_linear
     if data is None and (finetuning or max_drop is not None):
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
-    if data is not None and not (finetuning or max_drop is not None):
-        fail("--data is for --finetune-steps/--finetune-minutes or --max-drop")
+    if data is not None and not (finetuning or max_drop is not None or calibrating):
+        fail("--data is for --finetune-steps/--finetune-minutes, --max-drop or calibrating --act-bits < 32")
+    if data is not None and calibrating and config_file is None:
+        try:
+            original, _, _ = load_model(str(model))
+            examples = load_data(data, original, tokenizer, 128, image_preset)
+            by_input = calibrated_frac_bits(original, Examples(examples.items[:256], examples.pad_values),
+                                            act_bits, act_percentile)
+            cfg.shift_linear = replace(cfg.shift_linear, act_frac_bits_by_input=by_input)
+        except (ValueError, ConversionError, DataError, OSError) as err:
+            fail(str(err).splitlines()[0])
     if finetuning and dry_run:
         fail("finetuning trains the converted model, which --dry-run does not write")
     if finetuning:

@@ -2,7 +2,7 @@
 become ShiftLinear ops whose weights are signed powers of two (DeepShift; docs/ops.md)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
@@ -25,9 +25,14 @@ class ShiftLinearConfig:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     min_params: int = 1024
+    # Fractional bits per activation tensor name, from calibration (calibrate/activation_stats.py);
+    # a linear whose input is not listed uses act_frac_bits.
+    act_frac_bits_by_input: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         pow2.check_format(self.weight_bits, self.act_bits, self.act_frac_bits)
+        for frac_bits in self.act_frac_bits_by_input.values():
+            pow2.check_format(self.weight_bits, self.act_bits, frac_bits)
         if self.weight_scale not in pow2.WEIGHT_SCALES:
             raise ValueError(f"weight_scale must be one of {pow2.WEIGHT_SCALES}, got {self.weight_scale!r}")
         if self.min_params < 0:
@@ -55,7 +60,9 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
         if in_features * out_features < cfg.min_params:
             result.skip(label, f"tiny layer: {in_features}×{out_features} < min_params={cfg.min_params}")
             continue
-        new, nbytes = shift_linear_node(label, match.activation, match.output, match.weight, match.bias, cfg)
+        frac_bits = cfg.act_frac_bits_by_input.get(match.activation.name, cfg.act_frac_bits)
+        new, nbytes = shift_linear_node(label, match.activation, match.output, match.weight, match.bias,
+                                        replace(cfg, act_frac_bits=frac_bits))
         for old in match.nodes:
             old.outputs.clear()
         graph.nodes.append(new)

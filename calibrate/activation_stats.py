@@ -1,0 +1,63 @@
+"""Activation statistics that set the fixed-point format of each shift layer's input.
+
+Q16.16 (32 bits) holds any activation a transformer produces; narrower formats (act_bits 8–16)
+need a power-of-two scale per layer: the largest number of fractional bits F whose range
+[−2^(A−1), 2^(A−1) − 1]·2^−F still holds the observed activations. The statistic is the maximum
+|x| seen on the calibration data or, to ignore rare outliers, a percentile of |x|. Collected in
+explicit phases: augment (the activations become graph outputs), collect (ORT runs over the
+data), compute (one figure per tensor).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from mfconvert.calibrate.data import Examples
+from mfconvert.runtime import session
+
+
+def linear_inputs(model: onnx.ModelProto) -> list[str]:
+    """The activation tensors feeding MatMul/Gemm nodes: the candidates for shift layers."""
+    initializers = {i.name for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[0] not in initializers and node.input[0] not in names:
+            names.append(node.input[0])
+    return names
+
+
+def activation_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[str],
+                      percentile: float | None = None, batch_size: int = 32) -> dict[str, float]:
+    """max |x| (or the given percentile of |x|) of each tensor over the examples."""
+    augmented = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
+    sess = session(augmented.SerializeToString())
+    seen: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for batch in examples.batches(batch_size):
+        for name, value in zip(tensors, sess.run(tensors, batch)):
+            seen[name].append(np.abs(value).reshape(-1))
+    ranges = {}
+    for name, parts in seen.items():
+        values = np.concatenate(parts)
+        ranges[name] = float(values.max() if percentile is None else np.percentile(values, percentile))
+    return ranges
+
+
+def frac_bits_for(max_abs: float, act_bits: int) -> int:
+    """The largest F in [−32, 32] with max_abs·2^F ≤ 2^(A−1) − 1 (no saturation at max_abs)."""
+    if max_abs <= 0:
+        return 32
+    f = math.floor(math.log2((2 ** (act_bits - 1) - 1) / max_abs))
+    while f > -32 and max_abs * 2.0 ** f > 2 ** (act_bits - 1) - 1:   # guard log2 rounding
+        f -= 1
+    return max(-32, min(32, f))
+
+
+def calibrated_frac_bits(model: onnx.ModelProto, examples: Examples, act_bits: int,
+                         percentile: float | None = None) -> dict[str, int]:
+    """Fractional bits per linear-layer input tensor for act_bits-wide activations."""
+    ranges = activation_ranges(model, examples, linear_inputs(model), percentile)
+    return {name: frac_bits_for(r, act_bits) for name, r in ranges.items()}
