@@ -96,7 +96,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    ours = session(add_attention(args.dim, args.heads, rng).SerializeToString(), threads=args.threads)
+    ours = session(add_attention(args.dim, args.heads, rng).SerializeToString(), threads=args.threads, spinning=False)
     base = plain_session(softmax_core(args.dim, args.heads).SerializeToString(), args.threads)
     rows = []
     for t in TOKENS:
