@@ -217,7 +217,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         torch.set_rng_state(state["rng"])
 
     start = time.monotonic() - elapsed_before
-    bar = tqdm(total=cfg.steps, initial=step, desc="finetuning", unit="step", disable=not cfg.progress or rank != 0)
+    bar = tqdm(total=cfg.steps, initial=step, desc="finetuning", unit="step",
+               disable=True if not cfg.progress or rank != 0 else None)  # None: only on a terminal
     order = np.random.default_rng(cfg.seed + 1)
     epoch_batches: list[int] = []
     for _ in range(step):   # replay the batch order so a resumed run sees what an unbroken one would
