@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
 from datetime import date
@@ -33,16 +33,8 @@ from mfconvert.moe import routing_split
 from mfconvert.runtime import session
 from mfconvert.zoo.mnist_vit import accuracy, digit_vit_onnx, mnist_digits
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shift_linear import cpu_name  # noqa: E402
 
 
 def ort_logits(model: onnx.ModelProto | str, x: np.ndarray, threads: int) -> np.ndarray:
