@@ -19,12 +19,12 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-from bench_shift_linear import cpu_name, time_interleaved
+from bench_shift_linear import cpu_name, plain_session, time_interleaved
 from onnx import TensorProto, helper, numpy_helper
 
 from mfconvert.convert import ConvertConfig, MoEMLPConfig, ShiftLinearConfig, convert_onnx
 from mfconvert.passes.moe_mlp import ROUTES_KEY
-from mfconvert.runtime import session_options
+from mfconvert.runtime import session
 
 SHAPES = [(197, 192, 768), (128, 384, 1536)]
 SPLITS = [0.0, 0.5, 0.8, 1.0]
@@ -62,10 +62,9 @@ def route_on_feature0(model):
 
 
 def no_spin_session(model, threads, custom_ops=True):
-    opts = session_options(threads) if custom_ops else ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if not custom_ops:
+        return plain_session(model.SerializeToString(), threads)
+    return session(model.SerializeToString(), threads=threads, spinning=False)
 
 
 def main():
