@@ -89,6 +89,27 @@ class BertSelfAttention(nn.Module):
         return self.dense(ctx.permute(0, 2, 1, 3).contiguous().view(b, t, self.h * self.d))
 
 
+def swap_hf_attention_cores(bert: nn.Module, query_key_mask: bool = False) -> nn.Module:
+    """In place, replace each self-attention core of a Hugging Face BertModel (`bert.encoder.layer`)
+    by AddLinearAttention.core (sign codes, zero thresholds, no conv): the PyTorch model that a
+    graph converted by the add-attention pass stands for. `query_key_mask` asserts that the core
+    receives the [B, 1, T, T] mask transformers 5 builds."""
+    from mfconvert.nn import AddLinearAttention
+
+    for layer in bert.encoder.layer:
+        att = layer.attention
+        new = AddLinearAttention.from_linears(att.self.query, att.self.key, att.self.value, att.output.dense,
+                                              bert.config.num_attention_heads, conv=None)
+        new.binarizer.fitted.fill_(True)
+
+        def self_forward(hidden, attention_mask=None, *args, _new=new, **kwargs):
+            if query_key_mask:
+                assert attention_mask is not None and attention_mask.shape[-2:] == (hidden.shape[1],) * 2
+            return _new.core(_new.q(hidden), _new.k(hidden), _new.v(hidden), attention_mask), None
+        att.self.forward = self_forward
+    return bert
+
+
 def export(model: nn.Module, args: tuple, path, *, dynamo: bool, opset: int, input_names, dynamic_axes=None):
     """torch.onnx.export with either exporter; returns the path."""
     import warnings

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
-from mfconvert.nn import AddLinearAttention
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.runtime import session
+from mfconvert.tests.attention_models import swap_hf_attention_cores
 from mfconvert.zoo.minilm import tokenizer
 
 SENTENCES = ["Binary keys and queries turn attention into additions.", "A short one.",
@@ -41,15 +41,7 @@ def test_six_of_six_attention_blocks_converted(converted, minilm_onnx_path):
 def swap_attention(model):
     """The SentenceEncoder with every BERT self-attention core replaced by AddLinearAttention."""
     model = copy.deepcopy(model)
-    for layer in model.bert.encoder.layer:
-        att = layer.attention
-        new = AddLinearAttention.from_linears(att.self.query, att.self.key, att.self.value, att.output.dense,
-                                              model.bert.config.num_attention_heads, conv=None)
-        new.binarizer.fitted.fill_(True)
-
-        def self_forward(hidden, attention_mask=None, *args, _new=new, **kwargs):
-            return _new.core(_new.q(hidden), _new.k(hidden), _new.v(hidden), attention_mask), None
-        att.self.forward = self_forward
+    swap_hf_attention_cores(model.bert)
     return model
 
 
@@ -62,5 +54,4 @@ def test_runs_in_ort_and_matches_pytorch(converted, minilm_model):
             *(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))).numpy()
     # Sign codes of q/k agree unless a channel is within float noise of 0 (ORT vs PyTorch
     # MatMul/LayerNorm rounding). Measured max |diff| on unit-norm embeddings: 1.0e-7.
-    print("max |ORT - PyTorch|:", np.abs(got - expect).max())
     assert np.abs(got - expect).max() < 1e-5

@@ -15,7 +15,7 @@ from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
 from mfconvert.nn import AddLinearAttention
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.runtime import session
-from mfconvert.tests.attention_models import BertSelfAttention, TinyViT, export
+from mfconvert.tests.attention_models import BertSelfAttention, TinyViT, export, swap_hf_attention_cores
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -200,19 +200,9 @@ def test_stock_transformers_bert_without_mask(tmp_path, impl):
 
 
 def swapped_hf_bert(model: HFBert) -> HFBert:
-    """The HF BertModel the converted graph stands for: each self-attention core replaced by
-    AddLinearAttention.core (sign codes, zero thresholds, no conv), fed the [B, 1, T, T] mask
-    transformers builds (additive for eager, boolean for sdpa)."""
-    for layer in model.bert.encoder.layer:
-        att = layer.attention
-        new = AddLinearAttention.from_linears(att.self.query, att.self.key, att.self.value, att.output.dense,
-                                              model.bert.config.num_attention_heads, conv=None)
-        new.binarizer.fitted.fill_(True)
-
-        def self_forward(hidden, attention_mask=None, *args, _new=new, **kwargs):
-            assert attention_mask is not None and attention_mask.shape[-2:] == (hidden.shape[1],) * 2
-            return _new.core(_new.q(hidden), _new.k(hidden), _new.v(hidden), attention_mask), None
-        att.self.forward = self_forward
+    """The HF BertModel the converted graph stands for, fed the [B, 1, T, T] mask transformers
+    builds (additive for eager, boolean for sdpa)."""
+    swap_hf_attention_cores(model.bert, query_key_mask=True)
     return model
 
 
