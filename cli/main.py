@@ -119,13 +119,15 @@ def convert(
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
     if data is not None and not (finetuning or max_drop is not None or calibrating):
         fail("--data is for --finetune-steps/--finetune-minutes, --max-drop or calibrating --act-bits < 32")
-    if data is not None and calibrating and config_file is None:
+    examples = calibration = None
+    if data is not None:   # read once: calibration, --max-drop and finetuning share it
         try:
             original, _, _ = load_model(str(model))
             examples = load_data(data, original, tokenizer, 128, image_preset)
-            by_input = calibrated_frac_bits(original, Examples(examples.items[:256], examples.pad_values),
-                                            act_bits, act_percentile)
-            cfg.shift_linear = replace(cfg.shift_linear, act_frac_bits_by_input=by_input)
+            calibration = Examples(examples.items[:256], examples.pad_values)
+            if calibrating and config_file is None:
+                by_input = calibrated_frac_bits(original, calibration, act_bits, act_percentile)
+                cfg.shift_linear = replace(cfg.shift_linear, act_frac_bits_by_input=by_input)
         except (ValueError, ConversionError, DataError, OSError) as err:
             fail(str(err).splitlines()[0])
     if finetuning and dry_run:
@@ -148,8 +150,8 @@ def convert(
             result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress)
             budget_lines = []
         else:
-            result, budget_lines = convert_with_budget(model, cfg, out, shapes, force, max_drop, data, tokenizer,
-                                                       image_preset, finetune_loss == "kl")
+            result, budget_lines = convert_with_budget(model, cfg, out, shapes, force, max_drop, calibration,
+                                                       finetune_loss == "kl")
     except (ConversionError, DataError) as err:
         bar.close()
         fail(str(err))
@@ -160,7 +162,6 @@ def convert(
     typer.echo(f"\nwrote {out}" if out else "\ndry run: no model written")
     if finetuning:
         try:
-            examples = load_data(data, result.model, tokenizer, 128, image_preset)
             run_finetune(out, str(model), examples, ft_cfg, out, held_out=0.1, logits=finetune_loss == "kl")
         except (ValueError, ConversionError, OSError) as err:
             fail(str(err).splitlines()[0])
@@ -170,15 +171,12 @@ def convert(
         report_json.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
 
 
-def convert_with_budget(model, cfg, out, shapes, force, max_drop, data, tokenizer, image_preset, logits):
-    """--max-drop: sensitivity-guided conversion on (at most 256 examples of) --data."""
+def convert_with_budget(model, cfg, out, shapes, force, max_drop, examples, logits):
+    """--max-drop: sensitivity-guided conversion on the calibration examples."""
     if not 0 <= max_drop < 1:
         raise ConversionError(f"--max-drop must be in [0, 1), got {max_drop}")
     if out is not None:
         check_output_path(out, str(model), force)
-    original, label, _ = load_model(str(model))
-    examples = load_data(data, original, tokenizer, 128, image_preset)
-    examples = Examples(examples.items[:256], examples.pad_values)
     budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes)
     if out is not None:
         save_model_atomic(budget.result.model, out)
