@@ -1,0 +1,180 @@
+"""Error-compensated rounding of shift-layer weights (GPTQ with a power-of-two grid).
+
+Rounding each weight to its nearest ±2^p on its own leaves a relative error of up to ~40 % per
+weight, and the errors of a row add up in its output. GPTQ (Frantar et al., 2022, after Optimal
+Brain Surgeon) rounds the input columns one at a time and moves each column's rounding error onto
+the columns not yet rounded, in the proportion that best keeps the layer's output on calibration
+data: with H = Σ x xᵀ over the layer's inputs, rounding column i by e_i changes the remaining
+columns F by -e_i · [H_F⁻¹]_{:,i} / [H_F⁻¹]_{ii}. The grid does not matter to the method, so
+the power-of-two codes of docs/ops.md#shiftlinear work as they are; only which codes are chosen
+changes. Layers are rounded in execution order, each on the inputs that the already-rounded
+layers before it produce, as in the paper.
+
+The result also leaves in each layer's latent weight (DeepShift-Q) the compensated value each
+weight had when it was rounded, so finetuning continues from exactly these codes.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from mfconvert.calibrate.data import Examples
+from mfconvert.moe import expert_latent_weights
+from mfconvert.nn import pow2
+from mfconvert.nn.onnx_module import OnnxModule
+from mfconvert.nn.shift_linear import ShiftLinear
+from mfconvert.passes.shift_linear import match_linear
+
+DAMPING = 0.01      # λ = DAMPING · mean(diag H) added to H's diagonal: keeps H⁻¹ well conditioned
+BLOCK = 128         # columns whose updates are applied lazily together (the result is the same)
+
+
+def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, round_column, damping: float = DAMPING,
+                         act_order: bool = True, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rounded [out, in], latent [out, in]) for a weight and its input Hessian H [in, in].
+
+    `round_column(w, i)` rounds column i (float64 [out]) to the grid. `latent` holds the value
+    each weight had, after the compensation it received, when it was rounded. With `act_order`
+    columns are rounded in order of decreasing H_ii (most-used inputs first, while the most
+    columns remain to absorb their error)."""
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    n = w.shape[1]
+    dead = torch.diagonal(h) == 0                  # inputs that were always zero: weight unused
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
+    w, h = w[:, order], h[order][:, order]
+    h += damping * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
+    # Row i of the upper Cholesky factor U of H⁻¹, divided by U_ii, is the update direction of the
+    # remaining columns [H_F⁻¹]_{i,F} / [H_F⁻¹]_{ii} once columns before i are rounded.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rounded, latent = torch.zeros_like(w), torch.zeros_like(w)
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        errors = torch.zeros(w.shape[0], end - start, dtype=torch.float64)
+        for j in range(start, end):
+            column = w[:, j]
+            q = round_column(column, int(order[j]))
+            rounded[:, j], latent[:, j] = q, column
+            err = (column - q) / u[j, j]
+            w[:, j:end] -= err[:, None] * u[j, j:end][None, :]
+            errors[:, j - start] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+    inverse = torch.argsort(order)
+    return rounded[:, inverse], latent[:, inverse]
+
+
+def round_layer(layer: ShiftLinear, hessian: torch.Tensor, damping: float = DAMPING, act_order: bool = True) -> None:
+    """Re-round a DeepShift-Q ShiftLinear's latent weight by compensated rounding, in place."""
+    if layer.mode != "Q":
+        raise ValueError("compensated rounding needs a ShiftLinear in mode 'Q' (latent float weights)")
+
+    def round_column(column: torch.Tensor, _index: int) -> torch.Tensor:
+        w32 = column.to(torch.float32)[:, None]
+        return pow2.round_weight(w32, layer.exponent, layer.weight_bits)[:, 0].to(torch.float64)
+
+    rounded, latent = compensated_rounding(layer.weight, hessian, round_column, damping, act_order)
+    with torch.no_grad():
+        # The float32 latent must round to the chosen code; a value that float32 moves across a
+        # rounding boundary is replaced by the code's own value.
+        latent32 = latent.to(torch.float32)
+        again = pow2.round_weight(latent32, layer.exponent, layer.weight_bits)
+        layer.weight.copy_(torch.where(again == rounded.to(torch.float32), latent32, rounded.to(torch.float32)))
+
+
+def latent_start_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{ShiftLinear node: float weight [out, in]} the student's shift layers start from: the
+    teacher's linear layer of the same node name, and for MoE Shift experts the Mult expert's
+    weights of the same block (the original MLP's)."""
+    graph = gs.import_onnx(teacher)
+    weights = {}
+    for node in graph.nodes:
+        if node.op in ("MatMul", "Gemm") and node.name:
+            match = match_linear(graph, node)
+            if not isinstance(match, str):
+                weights[node.name] = match.weight
+    return {**weights, **expert_latent_weights(student)}
+
+
+class _Collected(Exception):
+    """Raised by the last hooked layer: the rest of the forward pass is not needed."""
+
+
+def shift_layer_groups(module: OnnxModule) -> list[list[ShiftLinear]]:
+    """The module's DeepShift-Q ShiftLinear layers in execution order, grouped by input tensor
+    (Q, K and V projections read the same tensor, so one pass collects their H together)."""
+    groups: dict[str, list[ShiftLinear]] = {}
+    for key, node, _ in module.nodes:
+        layer = module.layers[key] if key in module.layers else None
+        if isinstance(layer, ShiftLinear) and layer.mode == "Q":
+            groups.setdefault(node.input[0], []).append(layer)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarray]],
+                        damping: float = DAMPING, act_order: bool = True, progress=None) -> int:
+    """Re-round every DeepShift-Q ShiftLinear of `module` in place, layer group by layer group,
+    each on the inputs the calibration `batches` give it with the groups before it rounded.
+    Returns the number of layers re-rounded. `progress(done, total)` is called per group."""
+    batches = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in batches]
+    groups = shift_layer_groups(module)
+    was_training = module.training
+    module.train()     # the float emulation of the shift layers: the same codes, much faster
+    try:
+        for done, group in enumerate(groups):
+            hessians = _collect_hessians(module, group, batches)
+            for layer, hessian in zip(group, hessians):
+                round_layer(layer, hessian, damping, act_order)
+            if progress is not None:
+                progress(done + 1, len(groups))
+    finally:
+        module.train(was_training)
+    return sum(len(g) for g in groups)
+
+
+def _collect_hessians(module: OnnxModule, group: list[ShiftLinear], batches) -> list[torch.Tensor]:
+    """H = Σ x xᵀ (float64) of each layer's inputs over the batches; the forward pass stops at
+    the group's last layer."""
+    hessians = [torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) for layer in group]
+
+    def hook_for(index: int):
+        def hook(layer, args):
+            x = args[0].detach().reshape(-1, layer.in_features).to(torch.float32)
+            hessians[index].add_((x.T @ x).to(torch.float64))   # float32 products, float64 sum
+            if index == len(group) - 1:
+                raise _Collected
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(group)]
+    try:
+        for feeds in batches:
+            try:
+                module(**feeds)
+            except _Collected:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def calibration_batches(examples: Examples, n_examples: int, batch_size: int, seed: int = 0) -> list[dict]:
+    """The batches holding the first `n_examples` of a seeded shuffle of the examples."""
+    n_batches = -(-min(n_examples, len(examples)) // batch_size)
+    return list(itertools.islice(examples.batches(batch_size, shuffle=True, seed=seed), n_batches))
+
+
+def round_model(student: onnx.ModelProto, teacher: onnx.ModelProto, examples: Examples, n_examples: int = 256,
+                batch_size: int = 32, seed: int = 0, progress=None) -> onnx.ModelProto:
+    """The converted `student` with its shift layers re-rounded by compensated rounding on
+    `n_examples` of the examples; latent weights start from the `teacher`'s."""
+    module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher))
+    compensate_rounding(module, calibration_batches(examples, n_examples, batch_size, seed), progress=progress)
+    return module.to_onnx()
