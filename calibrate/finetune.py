@@ -4,7 +4,8 @@ original (teacher) on the user's unlabelled data, then is written back as ONNX.
 The teacher runs in ONNX Runtime without gradients, once per batch (its outputs are cached when
 batches repeat across epochs); the student runs as an OnnxModule whose shift layers train with
 DeepShift's straight-through rules, starting from the teacher's float weights (DeepShift-Q keeps
-float weights and rounds them in every forward pass). AdamW with linear warm-up and cosine decay,
+float weights and rounds them in every forward pass), first re-rounded by error-compensated
+rounding on a few hundred examples (calibrate/rounding.py). AdamW with linear warm-up and cosine decay,
 a seeded run, checkpoints to resume from, CUDA when present, and data parallelism over
 torch.distributed processes (torchrun; gloo on CPU, NCCL on GPUs).
 """
@@ -18,19 +19,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mfconvert.calibrate.data import Examples
+from mfconvert.calibrate.rounding import calibration_batches, compensate_rounding, latent_start_weights
 from mfconvert.convert.onnx_model import save_model_atomic
-from mfconvert.moe import expert_latent_weights, router_logits
+from mfconvert.moe import router_logits
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
 from mfconvert.nn.onnx_module import OnnxModule
 from mfconvert.nn.shift_linear import ShiftLinear
-from mfconvert.passes.shift_linear import match_linear
 
 
 @dataclass
@@ -58,6 +58,12 @@ class FinetuneConfig:
     # on V that finetuning trains: None, "tokens" (kernel 9 over the token axis) or
     # "grid:HxW+P" (3×3 over an H×W token grid after P prefix tokens, e.g. "grid:14x14+1").
     attention_conv: str | None = None
+    # Before training, re-round the shift layers by error-compensated rounding (GPTQ with the
+    # power-of-two grid, calibrate/rounding.py) on the first `rounding_examples` examples:
+    # "compensated", or "nearest" to start from the converter's nearest-power codes. Its time
+    # counts towards `minutes`.
+    rounding: str = "compensated"
+    rounding_examples: int = 256
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -72,6 +78,10 @@ class FinetuneConfig:
             raise ValueError(f"--balance-coef must be >= 0 and --expert-latency two positive numbers, "
                              f"got {self.balance_coef}, {self.expert_latency}")
         parse_attention_conv(self.attention_conv)
+        if self.rounding not in ("compensated", "nearest"):
+            raise ValueError(f"--rounding must be compensated or nearest, got {self.rounding!r}")
+        if self.rounding_examples < 1:
+            raise ValueError(f"--rounding-examples must be >= 1, got {self.rounding_examples}")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("--batch-size and --lr must be positive")
 
@@ -82,6 +92,7 @@ class FinetuneResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    rounding_seconds: float = 0.0          # of `seconds`, spent on compensated rounding
     # Of the steps this call ran (a resumed run: since the checkpoint): the losses without the
     # balancing term, and each MoE block's share of tokens sent to Shift.
     distill_losses: list[float] = field(default_factory=list)
@@ -99,19 +110,6 @@ def parse_attention_conv(spec: str | None) -> dict | None:
         raise ValueError(f"--attention-conv must be 'tokens' or 'grid:HxW+P', got {spec!r}")
     h, w, prefix = match.groups()
     return {"kind": "grid", "grid": (int(h), int(w)), "prefix_tokens": int(prefix or 0)}
-
-
-def teacher_linear_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Float weights [out, in] of the teacher's linear layers by node name: the latent weights
-    the student's shift layers (which keep those names) start from."""
-    graph = gs.import_onnx(teacher)
-    weights = {}
-    for node in graph.nodes:
-        if node.op in ("MatMul", "Gemm") and node.name:
-            match = match_linear(graph, node)
-            if not isinstance(match, str):
-                weights[node.name] = match.weight
-    return weights
 
 
 def block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
@@ -187,8 +185,17 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
 
     features = block_outputs(student, teacher) if cfg.feature_weight > 0 else []
     teach = Teacher(teacher, features)
-    start_weights = {**teacher_linear_weights(teacher), **expert_latent_weights(student)}
-    module = OnnxModule(student, latent_weights=start_weights).to(device).train()
+    module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher)).train()
+    resuming = bool(cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint))
+    rounding_seconds = 0.0
+    if cfg.rounding == "compensated" and not resuming:   # a checkpoint already holds the rounded state
+        t0 = time.monotonic()
+        calibration = calibration_batches(data, cfg.rounding_examples, cfg.batch_size, cfg.seed)
+        with tqdm(desc="rounding", unit="group", disable=True if not cfg.progress or rank != 0 else None) as bar:
+            compensate_rounding(module, calibration,
+                                progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+        rounding_seconds = time.monotonic() - t0
+    module = module.to(device)
     conv = parse_attention_conv(cfg.attention_conv)
     for layer in module.attention_layers().values() if conv else ():
         layer.add_conv(**conv)
@@ -207,9 +214,9 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     # epoch visits them in a new order. Rank r takes every world-th batch.
     batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed))
     budget = cfg.minutes * 60 if cfg.minutes else None
-    step, losses, elapsed_before = 0, [], 0.0
+    step, losses, elapsed_before = 0, [], rounding_seconds
     distill_losses, shift_fractions = [], []
-    if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
+    if resuming:
         state = torch.load(cfg.checkpoint, map_location=device, weights_only=False)
         module.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
@@ -266,7 +273,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     trained = module.cpu().to_onnx()
     if output is not None and rank == 0:
         save_model_atomic(trained, output)
-    return FinetuneResult(trained, step, time.monotonic() - start, losses, distill_losses, shift_fractions)
+    return FinetuneResult(trained, step, time.monotonic() - start, losses, rounding_seconds, distill_losses,
+                          shift_fractions)
 
 
 def _epoch(order: np.random.Generator, n_batches: int, rank: int, world: int) -> list[int]:

@@ -92,6 +92,11 @@ def main(
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget in minutes."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    shift_lr: Optional[float] = typer.Option(None, "--shift-lr", help="Peak learning rate of the shift layers' "
+                                             "latent weights [default: --lr]."),
+    rounding: str = typer.Option("compensated", "--rounding", help="Re-round shift weights first: 'compensated' "
+                                 "(GPTQ-style, on --rounding-examples examples) or 'nearest' (keep the student's)."),
+    rounding_examples: int = typer.Option(256, "--rounding-examples"),
     loss: str = typer.Option("mse", "--loss", help="mse (embeddings, hidden states), cosine, or kl (logits)."),
     feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of per-block feature matching."),
     balance_coef: float = typer.Option(BALANCE_COEF, "--balance-coef",
@@ -114,10 +119,11 @@ def main(
     out = str(output or f"{root}.ft{ext or '.onnx'}")
     try:
         cfg = FinetuneConfig(steps=steps if steps is not None or minutes is not None else 200, minutes=minutes,
-                             batch_size=batch_size, lr=lr, loss=loss, feature_weight=feature_weight, seed=seed,
+                             batch_size=batch_size, lr=lr, shift_lr=shift_lr, loss=loss, feature_weight=feature_weight, seed=seed,
                              checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                              balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
-                             attention_conv=attention_conv)
+                             attention_conv=attention_conv, rounding=rounding,
+                             rounding_examples=rounding_examples)
         check_output_path(out, str(student), force)
         if os.path.exists(out) and os.path.samefile(out, str(teacher)):
             raise ConversionError(f"{out}: refusing to overwrite the teacher model")

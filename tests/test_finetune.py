@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+from mfconvert.calibrate.rounding import round_model
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
 from mfconvert.convert.torch_entry import export_onnx
 
@@ -120,6 +121,7 @@ def test_cli_finetune_on_npz_data_and_its_errors(models, tmp_path):
     assert out.exists()
     for args, message in [(["--data", str(tmp_path / "none.npz")], "none.npz: no such file"),
                           (["--data", str(data), "--steps", "0"], "--steps must be >= 1"),
+                          (["--data", str(data), "--rounding", "best"], "--rounding must be compensated or nearest"),
                           (["--data", str(data), "-o", student], "refusing to overwrite the input model")]:
         res = CliRunner().invoke(app, [student, "--teacher", teacher, *args])
         assert res.exit_code == 1 and message in res.output, res.output
@@ -139,3 +141,26 @@ def test_convert_and_finetune_in_one_command(models, tmp_path):
     assert any(n.op_type == "ShiftLinear" for n in onnx.load(out).graph.node)
     res = CliRunner().invoke(app, [teacher, "--dry-run", "--finetune-steps", "10"])
     assert res.exit_code == 1 and "--finetune-steps/--finetune-minutes/--max-drop need --data" in res.output
+
+
+def shift_codes(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node if n.op_type == "ShiftLinear"]
+
+
+def test_finetuning_starts_from_error_compensated_rounding(models, tmp_path):
+    """With a step too small to move any latent weight across a rounding boundary, the codes
+    written are those of compensated rounding on the same examples (or, with rounding="nearest",
+    the student's own)."""
+    teacher, student, examples = models
+    train, _ = examples.split(0.2, seed=0)
+    out, result = run(models, tmp_path, "compensated.onnx", steps=1, lr=1e-12, rounding_examples=128)
+    expected = round_model(onnx.load(student), onnx.load(teacher), train, n_examples=128, batch_size=64)
+    assert result.rounding_seconds > 0
+    for got, want, plain in zip(shift_codes(onnx.load(out)), shift_codes(expected), shift_codes(onnx.load(student))):
+        np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(want, plain)
+    out, result = run(models, tmp_path, "nearest.onnx", steps=1, lr=1e-12, rounding="nearest")
+    assert result.rounding_seconds == 0
+    for got, plain in zip(shift_codes(onnx.load(out)), shift_codes(onnx.load(student))):
+        np.testing.assert_array_equal(got, plain)
