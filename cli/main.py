@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mfconvert.calibrate.activation_stats import calibrated_frac_bits
 from mfconvert.calibrate.data import DataError, Examples
 from mfconvert.calibrate.finetune import FinetuneConfig
+from mfconvert.calibrate.rounding import round_model
 from mfconvert.calibrate.sensitivity import convert_within_budget
 from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
@@ -81,8 +82,11 @@ def convert(
     config_file: Optional[Path] = typer.Option(None, "--config", help="Read the conversion config from JSON (flags above are ignored)."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config as JSON."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the report as JSON."),
-    data: Optional[str] = typer.Option(None, "--data", help="Finetune after converting, on this data "
-                                       "(text file with --tokenizer, .npz/.npy, image folder)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration data (text file with --tokenizer, "
+                                       ".npz/.npy, image folder): shift weights get error-compensated rounding "
+                                       "on it; also the data of --finetune-*, --max-drop and --act-bits < 32."),
+    rounding: str = typer.Option("compensated", "--rounding", help="With --data: 'compensated' (GPTQ-style, "
+                                 "keeps each layer's output on the data) or 'nearest' power of two."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json for text --data."),
     image_preset: str = typer.Option("imagenet", help="Preprocessing preset for an image folder --data."),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Distillation steps with --data."),
@@ -117,8 +121,11 @@ def convert(
     calibrating = act_bits < 32 and shift_linear
     if data is None and (finetuning or max_drop is not None):
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
-    if data is not None and not (finetuning or max_drop is not None or calibrating):
-        fail("--data is for --finetune-steps/--finetune-minutes, --max-drop or calibrating --act-bits < 32")
+    if rounding not in ("compensated", "nearest"):
+        fail(f"--rounding must be compensated or nearest, got {rounding!r}")
+    if data is not None and rounding == "nearest" and not (finetuning or max_drop is not None or calibrating):
+        fail("--data with --rounding nearest is for --finetune-steps/--finetune-minutes, --max-drop "
+             "or calibrating --act-bits < 32")
     examples = calibration = None
     if data is not None:   # read once: calibration, --max-drop and finetuning share it
         try:
@@ -134,7 +141,8 @@ def convert(
         fail("finetuning trains the converted model, which --dry-run does not write")
     if finetuning:
         try:
-            ft_cfg = FinetuneConfig(steps=finetune_steps, minutes=finetune_minutes, loss=finetune_loss)
+            ft_cfg = FinetuneConfig(steps=finetune_steps, minutes=finetune_minutes, loss=finetune_loss,
+                                    rounding=rounding)
         except ValueError as err:
             fail(str(err))
 
@@ -159,6 +167,13 @@ def convert(
     typer.echo(result.report.table())
     for line in budget_lines:
         typer.echo(line)
+    if data is not None and rounding == "compensated" and out and not finetuning:  # finetuning does its own
+        try:
+            rounded = round_model(load_model(out)[0], original, calibration)
+            save_model_atomic(rounded, out)
+        except (ValueError, ConversionError, OSError) as err:
+            fail(str(err).splitlines()[0])
+        typer.echo(f"\nshift weights re-rounded by error-compensated rounding on {len(calibration)} examples")
     typer.echo(f"\nwrote {out}" if out else "\ndry run: no model written")
     if finetuning:
         try:

