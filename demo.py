@@ -4,8 +4,9 @@
 
 Exports the pretrained sentence encoder to ONNX, converts it with mfconvert, runs both in ONNX
 Runtime (2 threads) on held-out English sentences found on this machine, and reports file
-sizes, latency, embedding fidelity and what the conversion changed; then finetunes the shift
-layers for a couple of minutes by distillation on other sentences and reports fidelity again.
+sizes, latency, embedding fidelity and what the conversion changed; then re-rounds the shift
+weights by error-compensated rounding and finetunes them for a couple of minutes (both counted in
+the budget) by distillation on other sentences, and reports fidelity again.
 """
 from __future__ import annotations
 
@@ -69,9 +70,10 @@ def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float
     data = from_text(train, model_dir() / "tokenizer.json", list(INPUT_NAMES))
     out = workdir / "all-MiniLM-L6-v2.mf.ft.onnx"
     import onnx
-    cfg = FinetuneConfig(steps=None, minutes=minutes, lr=5e-5, shift_lr=5e-4, batch_size=32)
+    cfg = FinetuneConfig(steps=None, minutes=minutes, lr=2e-4, shift_lr=1e-4, feature_weight=1.0, batch_size=32)
     result = finetune(onnx.load(converted), onnx.load(original), data, cfg, output=str(out))
-    say(f"[5/5] finetuned {result.steps} steps in {result.seconds:.0f} s on {len(train)} sentences; "
+    say(f"[5/5] error-compensated rounding ({result.rounding_seconds:.0f} s), then finetuned {result.steps} "
+        f"steps in {result.seconds:.0f} s in all on {len(train)} sentences; "
         f"distillation loss {result.losses[0]:.2e} → {np.mean(result.losses[-5:]):.2e}")
     return out
 
