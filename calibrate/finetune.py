@@ -210,9 +210,9 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
               {"params": [p for p in module.parameters() if p.requires_grad and id(p) not in latent],
                "peak_lr": cfg.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Batches are fixed once (a seeded shuffle) so the teacher's outputs can be cached; each
-    # epoch visits them in a new order. Rank r takes every world-th batch.
-    batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed))
+    # Batches are fixed once (a seeded shuffle, then bucketed by length) so the teacher's outputs
+    # can be cached; each epoch visits them in a new order. Rank r takes every world-th batch.
+    batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=True))
     budget = cfg.minutes * 60 if cfg.minutes else None
     step, losses, elapsed_before = 0, [], rounding_seconds
     distill_losses, shift_fractions = [], []

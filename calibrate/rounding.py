@@ -15,7 +15,6 @@ weight had when it was rounded, so finetuning continues from exactly these codes
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 
 import numpy as np
@@ -166,9 +165,12 @@ def _collect_hessians(module: OnnxModule, group: list[ShiftLinear], batches) -> 
 
 
 def calibration_batches(examples: Examples, n_examples: int, batch_size: int, seed: int = 0) -> list[dict]:
-    """The batches holding the first `n_examples` of a seeded shuffle of the examples."""
-    n_batches = -(-min(n_examples, len(examples)) // batch_size)
-    return list(itertools.islice(examples.batches(batch_size, shuffle=True, seed=seed), n_batches))
+    """Batches of `n_examples` examples: the first of a seeded shuffle, bucketed by length (pad
+    tokens would otherwise weigh in H as much as real ones)."""
+    n = min(n_examples, len(examples))
+    chosen = Examples([examples.items[i] for i in np.random.default_rng(seed).permutation(len(examples))[:n]],
+                      examples.pad_values)
+    return list(chosen.batches(batch_size, by_length=True))
 
 
 def round_model(student: onnx.ModelProto, teacher: onnx.ModelProto, examples: Examples, n_examples: int = 256,
