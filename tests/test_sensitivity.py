@@ -58,5 +58,5 @@ def test_cli_max_drop_reports_kept_layers(mlp, tmp_path):
     assert res.exit_code == 0, res.output
     assert "--max-drop: measured drop" in res.output and "kept float:" in res.output
     assert onnx.load(out)
-    res = CliRunner().invoke(app, [path, "--data", str(data)])
-    assert res.exit_code == 1 and "--data is for" in res.output
+    res = CliRunner().invoke(app, [path, "--dry-run", "--data", str(data), "--rounding", "nearest"])
+    assert res.exit_code == 1 and "--data with --rounding nearest is for" in res.output
