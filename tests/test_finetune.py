@@ -6,35 +6,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
-from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.calibrate.rounding import round_model
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
-from mfconvert.convert.torch_entry import export_onnx
+from tests.digits_mlp import trained_digits_mlp
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(teacher path, student path, examples): a trained-ish MLP on digits and its 3-bit shift copy."""
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(digits.target)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10))
-    opt = torch.optim.Adam(mlp.parameters(), 1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(mlp(x), y).backward()
-        opt.step()
     tmp = tmp_path_factory.mktemp("ft")
-    teacher = str(tmp / "teacher.onnx")
-    export_onnx(mlp, (x[:2],), teacher, input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}})
-    student = str(tmp / "student.onnx")
+    teacher, student = str(tmp / "teacher.onnx"), str(tmp / "student.onnx")
+    _, examples = trained_digits_mlp(torch.nn.GELU(), teacher)
     convert_onnx(teacher, ConvertConfig(shift_linear=ShiftLinearConfig(weight_bits=3)), output=student)
-    examples = Examples([{"x": row} for row in x.numpy()])
     return teacher, student, examples
 
 

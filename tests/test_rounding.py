@@ -6,15 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.rounding import DAMPING, compensated_rounding, round_layer, round_model
 from mfconvert.convert import ConvertConfig, convert_onnx
-from mfconvert.convert.torch_entry import export_onnx
 from mfconvert.nn import pow2
 from mfconvert.nn.shift_linear import ShiftLinear
+from tests.digits_mlp import trained_digits_mlp
 
 
 def nearest(weight: np.ndarray, exponent: torch.Tensor, bits: int = 5) -> np.ndarray:
@@ -104,21 +103,11 @@ def test_round_layer_needs_latent_weights():
 @pytest.fixture(scope="module")
 def digits_mlp(tmp_path_factory):
     """(torch MLP, teacher path, student path, examples) on scikit-learn's real 8×8 digits."""
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(digits.target)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = torch.optim.Adam(mlp.parameters(), 1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(mlp(x), y).backward()
-        opt.step()
     tmp = tmp_path_factory.mktemp("rounding")
     teacher, student = str(tmp / "teacher.onnx"), str(tmp / "student.onnx")
-    export_onnx(mlp, (x[:2],), teacher, input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}})
+    mlp, examples = trained_digits_mlp(torch.nn.ReLU(), teacher)
     convert_onnx(teacher, ConvertConfig(add_attention=None), output=student)
-    return mlp, teacher, student, Examples([{"x": row} for row in x.numpy()])
+    return mlp, teacher, student, examples
 
 
 def test_layers_are_rounded_on_the_rounded_layers_outputs(digits_mlp):
