@@ -5,8 +5,8 @@ The teacher runs in ONNX Runtime without gradients, once per batch (its outputs 
 batches repeat across epochs); the student runs as an OnnxModule whose shift layers train with
 DeepShift's straight-through rules, starting from the teacher's float weights (DeepShift-Q keeps
 float weights and rounds them in every forward pass), first re-rounded by error-compensated
-rounding on a few hundred examples (calibrate/rounding.py). AdamW with linear warm-up and cosine decay,
-a seeded run, checkpoints to resume from, CUDA when present, and data parallelism over
+rounding on a few hundred examples (calibrate/rounding.py). AdamW with linear warm-up and cosine
+decay, a seeded run, checkpoints to resume from, CUDA when present, and data parallelism over
 torch.distributed processes (torchrun; gloo on CPU, NCCL on GPUs).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mfconvert.calibrate.data import Examples
-from mfconvert.calibrate.rounding import calibration_batches, compensate_rounding, latent_start_weights
+from mfconvert.calibrate.rounding import calibration_batches, check_rounding, compensate_rounding, latent_start_weights
 from mfconvert.convert.onnx_model import save_model_atomic
 from mfconvert.moe import router_logits
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
@@ -78,8 +78,7 @@ class FinetuneConfig:
             raise ValueError(f"--balance-coef must be >= 0 and --expert-latency two positive numbers, "
                              f"got {self.balance_coef}, {self.expert_latency}")
         parse_attention_conv(self.attention_conv)
-        if self.rounding not in ("compensated", "nearest"):
-            raise ValueError(f"--rounding must be compensated or nearest, got {self.rounding!r}")
+        check_rounding(self.rounding)
         if self.rounding_examples < 1:
             raise ValueError(f"--rounding-examples must be >= 1, got {self.rounding_examples}")
         if self.batch_size < 1 or self.lr <= 0:

@@ -29,8 +29,14 @@ from mfconvert.nn.onnx_module import OnnxModule
 from mfconvert.nn.shift_linear import ShiftLinear
 from mfconvert.passes.shift_linear import match_linear
 
+ROUNDINGS = ("compensated", "nearest")   # the --rounding choices: this module's method, or none
 DAMPING = 0.01      # λ = DAMPING · mean(diag H) added to H's diagonal: keeps H⁻¹ well conditioned
 BLOCK = 128         # columns whose updates are applied lazily together (the result is the same)
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"--rounding must be compensated or nearest, got {rounding!r}")
 
 
 def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, round_column, damping: float = DAMPING,
@@ -118,10 +124,10 @@ def shift_layer_groups(module: OnnxModule) -> list[list[ShiftLinear]]:
 
 @torch.no_grad()
 def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarray]],
-                        damping: float = DAMPING, act_order: bool = True, progress=None) -> int:
+                        damping: float = DAMPING, act_order: bool = True, progress=None) -> None:
     """Re-round every DeepShift-Q ShiftLinear of `module` in place, layer group by layer group,
     each on the inputs the calibration `batches` give it with the groups before it rounded.
-    Returns the number of layers re-rounded. `progress(done, total)` is called per group."""
+    `progress(done, total)` is called per group."""
     batches = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in batches]
     groups = shift_layer_groups(module)
     was_training = module.training
@@ -135,7 +141,6 @@ def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarr
                 progress(done + 1, len(groups))
     finally:
         module.train(was_training)
-    return sum(len(g) for g in groups)
 
 
 def _collect_hessians(module: OnnxModule, group: list[ShiftLinear], batches) -> list[torch.Tensor]:

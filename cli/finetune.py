@@ -119,7 +119,8 @@ def main(
     out = str(output or f"{root}.ft{ext or '.onnx'}")
     try:
         cfg = FinetuneConfig(steps=steps if steps is not None or minutes is not None else 200, minutes=minutes,
-                             batch_size=batch_size, lr=lr, shift_lr=shift_lr, loss=loss, feature_weight=feature_weight, seed=seed,
+                             batch_size=batch_size, lr=lr, shift_lr=shift_lr, loss=loss,
+                             feature_weight=feature_weight, seed=seed,
                              checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                              balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
                              attention_conv=attention_conv, rounding=rounding,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from mfconvert.calibrate.activation_stats import calibrated_frac_bits
 from mfconvert.calibrate.data import DataError, Examples
 from mfconvert.calibrate.finetune import FinetuneConfig
-from mfconvert.calibrate.rounding import round_model
+from mfconvert.calibrate.rounding import check_rounding, round_model
 from mfconvert.calibrate.sensitivity import convert_within_budget
 from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
@@ -121,8 +121,10 @@ def convert(
     calibrating = act_bits < 32 and shift_linear
     if data is None and (finetuning or max_drop is not None):
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
-    if rounding not in ("compensated", "nearest"):
-        fail(f"--rounding must be compensated or nearest, got {rounding!r}")
+    try:
+        check_rounding(rounding)
+    except ValueError as err:
+        fail(str(err))
     if data is not None and rounding == "nearest" and not (finetuning or max_drop is not None or calibrating):
         fail("--data with --rounding nearest is for --finetune-steps/--finetune-minutes, --max-drop "
              "or calibrating --act-bits < 32")
@@ -169,7 +171,7 @@ def convert(
         typer.echo(line)
     if data is not None and rounding == "compensated" and out and not finetuning:  # finetuning does its own
         try:
-            rounded = round_model(load_model(out)[0], original, calibration)
+            rounded = round_model(result.model, original, calibration)
             save_model_atomic(rounded, out)
         except (ValueError, ConversionError, OSError) as err:
             fail(str(err).splitlines()[0])
