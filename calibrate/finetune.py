@@ -33,6 +33,9 @@ from mfconvert.nn.onnx_module import OnnxModule
 from mfconvert.nn.shift_linear import ShiftLinear
 
 
+TEACHER_CACHE_BYTES = 4 << 30
+
+
 @dataclass
 class FinetuneConfig:
     steps: int | None = 200
@@ -118,9 +121,12 @@ def block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[st
 
 
 class Teacher:
-    """The original model in ORT: outputs (and block features) per batch, cached by batch id."""
+    """The original model in ORT: outputs (and block features) per batch, cached by batch id
+    until the cache holds `cache_bytes` (block features of 50,000 sentences would fill the RAM;
+    past the budget the teacher simply runs again)."""
 
-    def __init__(self, model: onnx.ModelProto, features: list[str], threads: int | None = None):
+    def __init__(self, model: onnx.ModelProto, features: list[str], threads: int | None = None,
+                 cache_bytes: int = TEACHER_CACHE_BYTES):
         from mfconvert.runtime import session
 
         model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -130,14 +136,18 @@ class Teacher:
         self.features = features
         self.session = session(model.SerializeToString(), threads=threads, spinning=False)
         self.cache: dict[int, tuple[list[np.ndarray], dict[str, np.ndarray]]] = {}
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
 
     def __call__(self, batch_id: int, feeds: dict[str, np.ndarray]):
-        if batch_id not in self.cache:
-            values = self.session.run(self.output_names + [f for f in self.features if f not in self.output_names], feeds)
-            outs = values[: len(self.output_names)]
-            feats = dict(zip(self.features, values[len(self.output_names):]))
-            self.cache[batch_id] = (outs, feats)
-        return self.cache[batch_id]
+        if batch_id in self.cache:
+            return self.cache[batch_id]
+        values = self.session.run(self.output_names + [f for f in self.features if f not in self.output_names], feeds)
+        result = (values[: len(self.output_names)], dict(zip(self.features, values[len(self.output_names):])))
+        size = sum(v.nbytes for v in values)
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[batch_id] = result
+            self.cached_bytes += size
+        return result
 
 
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Real English prose for calibrating and evaluating text models, found on this machine.
 
 The source is the docstrings of the Python standard library (and, only if more sentences are
-asked for than it holds, of site-packages, read just far enough), read with ``ast`` from the source files without
-importing anything. Docstrings are split into paragraphs; code-like paragraphs (doctests,
+asked for than it holds, of site-packages, read just far enough), read with ``ast`` from the
+source files without importing anything. Docstrings are split into paragraphs; code-like paragraphs (doctests,
 indented blocks, parameter lists, section headers, bullet lists) are dropped, the rest is split
 into sentences, and only clean sentences of 6-40 words are kept, deduplicated.
 
@@ -173,12 +173,17 @@ def pool(min_size: int = 0) -> tuple[str, ...]:
 def sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct natural-language sentences, deterministic for a given ``seed``.
 
-    Within the stdlib pool a smaller ``n`` gives a prefix of a larger one (same seed)."""
+    The standard library's sentences come first, shuffled; site-packages sentences, shuffled
+    separately, follow only when ``n`` is larger. So a smaller ``n`` always gives a prefix of a
+    larger one (same seed), and the first few thousand are stdlib prose whatever ``n`` is."""
     if n < 0:
         raise ValueError("n must be >= 0")
-    shuffled = list(pool(n))
-    random.Random(seed).shuffle(shuffled)
-    return shuffled[:n]
+    everything = pool(n)
+    stdlib = list(everything[: len(_stdlib_pool())])
+    extra = list(everything[len(stdlib):])
+    random.Random(seed).shuffle(stdlib)
+    random.Random(seed + 1).shuffle(extra)
+    return (stdlib + extra)[:n]
 
 
 def split(sents: list[str], held_out_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -193,7 +198,8 @@ def split(sents: list[str], held_out_fraction: float, seed: int = 0) -> tuple[li
 
 def corpus(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint (train, eval) sentence lists. The eval list depends only on ``n_eval`` and
-    ``seed``, so asking for more calibration data never changes the evaluation set."""
+    ``seed`` (stdlib sentences), so asking for more training data, even beyond the stdlib's,
+    never changes the evaluation set."""
     both = sentences(n_eval + n_train, seed=seed)
     return both[n_eval:], both[:n_eval]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
-from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+from mfconvert.calibrate.finetune import FinetuneConfig, Teacher, finetune
 from mfconvert.calibrate.rounding import round_model
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
 from tests.digits_mlp import trained_digits_mlp
@@ -150,3 +150,15 @@ def test_finetuning_starts_from_error_compensated_rounding(models, tmp_path):
     assert result.rounding_seconds == 0
     for got, plain in zip(shift_codes(onnx.load(out)), shift_codes(onnx.load(student))):
         np.testing.assert_array_equal(got, plain)
+
+
+def test_teacher_cache_stops_at_its_budget(models):
+    teacher, _, examples = models
+    batches = list(examples.batches(64))
+    reference = [Teacher(onnx.load(teacher), [])(i, b)[0][0] for i, b in enumerate(batches)]
+    one_batch = reference[0].nbytes
+    teach = Teacher(onnx.load(teacher), [], cache_bytes=2 * one_batch)
+    for _ in range(2):   # the second pass reads batches 0 and 1 from the cache, runs the rest again
+        for i, b in enumerate(batches):
+            np.testing.assert_array_equal(teach(i, b)[0][0], reference[i])
+    assert sorted(teach.cache) == [0, 1] and teach.cached_bytes == 2 * one_batch

@@ -55,9 +55,13 @@ def test_split():
 
 
 def test_beyond_stdlib_uses_site_packages():
-    n = len(text.pool()) + 50
-    more = text.sentences(n, seed=0)
-    assert len(more) == n and len(set(more)) == n
+    n_stdlib = len(text.pool())
+    more = text.sentences(n_stdlib + 50, seed=0)
+    assert len(more) == n_stdlib + 50 and len(set(more)) == n_stdlib + 50
+    # The stdlib sentences keep their order; the site-packages ones only follow them.
+    assert more[:n_stdlib] == text.sentences(n_stdlib, seed=0)
+    train, ev = text.corpus(n_stdlib, 200, seed=0)
+    assert ev == text.corpus(500, 200, seed=0)[1] and not set(train) & set(ev)
 
 
 def test_too_many_requested(monkeypatch):
