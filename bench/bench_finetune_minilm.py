@@ -4,6 +4,7 @@ held-out sentences the finetune never saw (embeddings from ORT).
 
     .venv/bin/python bench/bench_finetune_minilm.py [--train 6000] [--minutes 10] [--lr 3e-4] [--shift-lr 1e-4]
     .venv/bin/python bench/bench_finetune_minilm.py --full --minutes 30 --lr 1e-4 --attention-conv tokens
+    .venv/bin/python bench/bench_finetune_minilm.py --shift-terms 2   (w = ±2^p1 ± 2^p2)
 
 Train and held-out sentences come from calibrate.text.corpus (stdlib docstrings; disjoint, the
 256 held-out ones fixed by the seed). Prints the figures before and after finetuning.
@@ -22,7 +23,7 @@ from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.calibrate.rounding import round_model
 from mfconvert.calibrate.text import corpus
-from mfconvert.convert import ConvertConfig, MoEMLPConfig, convert_onnx
+from mfconvert.convert import ConvertConfig, MoEMLPConfig, ShiftLinearConfig, convert_onnx
 from mfconvert.moe import routes, routing_split, split_table
 from mfconvert.zoo.minilm import INPUT_NAMES, minilm_onnx, model_dir
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--loss", default="mse", choices=("mse", "cosine"))
     ap.add_argument("--rounding", default="compensated", choices=("compensated", "nearest"))
     ap.add_argument("--rounding-examples", type=int, default=512)
+    ap.add_argument("--shift-terms", type=int, default=1, help="powers of two per shift-linear weight")
     ap.add_argument("--full", action="store_true", help="also add attention and --moe-mlp")
     ap.add_argument("--attention-conv", default=None, help="with --full: 'tokens' trains a conv on V")
     args = ap.parse_args()
@@ -46,8 +48,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = str(minilm_onnx(tmp))
         student = f"{tmp}/student.onnx"
-        convert_onnx(teacher, ConvertConfig(moe_mlp=MoEMLPConfig()) if args.full else ConvertConfig(add_attention=None),
-                     output=student)
+        shift = ShiftLinearConfig(terms=args.shift_terms)
+        convert_onnx(teacher, ConvertConfig(shift_linear=shift, moe_mlp=MoEMLPConfig()) if args.full
+                     else ConvertConfig(shift_linear=shift, add_attention=None), output=student)
         train, held_out = corpus(args.train, args.held_out, seed=0)
         tokenizer_json = model_dir() / "tokenizer.json"
         data = from_text(train, tokenizer_json, list(INPUT_NAMES))
@@ -69,7 +72,7 @@ def main() -> None:
           f"{time.monotonic() - t0:.0f} s ({result.rounding_seconds:.0f} s of it compensated rounding); "
           f"loss {np.mean(result.losses[:5]):.2e} → {np.mean(result.losses[-20:]):.2e}")
     print("| | mean cosine | NN agreement | SQNR dB |\n|---|---:|---:|---:|")
-    rows = (("nearest powers of two, no finetuning", before),
+    rows = ((f"nearest powers of two ({args.shift_terms} per weight), no finetuning", before),
             ("error-compensated rounding, no finetuning", rounded_only),
             (f"finetuned {args.minutes:g} min (rounding included)", after))
     for name, f in rows:

@@ -1,7 +1,7 @@
 """Benchmark the ShiftLinear kernel against ONNX Runtime's fp32 MatMul+Add and its dynamic
 int8 quantisation (per channel) of the same layer.
 
-    .venv/bin/python bench/bench_shift_linear.py [--threads 2] [--repeats 50]
+    .venv/bin/python bench/bench_shift_linear.py [--threads 2] [--repeats 50] [--terms 1]
 
 For each (tokens, in, out) it builds three single-layer models with the same random weights
 (normal, std 0.05) and bias, runs them interleaved (warm-up, then `repeats` samples, each the
@@ -47,16 +47,16 @@ def fp32_model(w, b):
     return _model(nodes, inits, in_f, out_f)
 
 
-def shift_model(w, b, weight_bits=5):
+def shift_model(w, b, weight_bits=5, terms=1):
     out_f, in_f = w.shape
     wt = torch.from_numpy(w)
     e = pow2.channel_exponents(wt)
-    codes = pow2.round_to_codes(wt, e, weight_bits).numpy()
+    codes = pow2.round_to_term_codes(wt, e, weight_bits, terms).numpy()
     inits = [numpy_helper.from_array(pow2.pack_codes(codes, weight_bits), "W_codes"),
              numpy_helper.from_array(e.numpy(), "W_exponent"), numpy_helper.from_array(b, "B")]
     node = helper.make_node("ShiftLinear", ["X", "W_codes", "W_exponent", "B"], ["Y"],
                             domain="ai.mfconvert", in_features=in_f, out_features=out_f,
-                            weight_bits=weight_bits)
+                            weight_bits=weight_bits, terms=terms)
     return _model([node], inits, in_f, out_f, [helper.make_opsetid("ai.mfconvert", 1)])
 
 
@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--terms", type=int, default=1, help="powers of two per weight (docs/ops.md)")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's pre-processing hint
 
@@ -125,7 +126,8 @@ def main():
             onnx.save(fp32, fp32_path)
             quantize_dynamic(fp32_path, int8_path, per_channel=True, weight_type=QuantType.QInt8)
             sessions = {
-                "shift": session(shift_model(w, b).SerializeToString(), threads=args.threads, spinning=False),
+                "shift": session(shift_model(w, b, terms=args.terms).SerializeToString(), threads=args.threads,
+                                 spinning=False),
                 "fp32": plain_session(fp32.SerializeToString(), args.threads),
                 "int8": plain_session(int8_path, args.threads),
             }
@@ -135,7 +137,7 @@ def main():
             macs = tokens * in_f * out_f
             rows.append((tokens, in_f, out_f, t, macs))
 
-    print(f"ShiftLinear (weight_bits=5, Q16.16) vs ONNX Runtime {ort.__version__} on {cpu_name()}, "
+    print(f"ShiftLinear (weight_bits=5, terms={args.terms}, Q16.16) vs ONNX Runtime {ort.__version__} on {cpu_name()}, "
           f"{args.threads} threads, median of {args.repeats} interleaved samples\n")
     print("| tokens × in × out | ShiftLinear µs | fp32 MatMul+Add µs | int8 dynamic µs "
           "| speed vs fp32 (t_fp32/t_ours) | speed vs int8 (t_int8/t_ours) "

@@ -76,21 +76,23 @@ def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, round_colu
 
 
 def round_layer(layer: ShiftLinear, hessian: torch.Tensor, damping: float = DAMPING, act_order: bool = True) -> None:
-    """Re-round a DeepShift-Q ShiftLinear's latent weight by compensated rounding, in place."""
+    """Re-round a DeepShift-Q ShiftLinear's latent weight by compensated rounding, in place.
+    With terms > 1 the grid is that of the greedy sums of `terms` powers of two."""
     if layer.mode != "Q":
         raise ValueError("compensated rounding needs a ShiftLinear in mode 'Q' (latent float weights)")
 
-    def round_column(column: torch.Tensor, _index: int) -> torch.Tensor:
-        w32 = column.to(torch.float32)[:, None]
-        return pow2.round_weight(w32, layer.exponent, layer.weight_bits)[:, 0].to(torch.float64)
+    def quantize(w32: torch.Tensor) -> torch.Tensor:
+        parts = pow2.residual_terms(w32, layer.exponent, layer.weight_bits, layer.terms)
+        return pow2.round_weight(parts, layer.exponent, layer.weight_bits).sum(0)
 
-    rounded, latent = compensated_rounding(layer.weight, hessian, round_column, damping, act_order)
-    with torch.no_grad():
-        # The float32 latent must round to the chosen code; a value that float32 moves across a
-        # rounding boundary is replaced by the code's own value.
-        latent32 = latent.to(torch.float32)
-        again = pow2.round_weight(latent32, layer.exponent, layer.weight_bits)
-        layer.weight.copy_(torch.where(again == rounded.to(torch.float32), latent32, rounded.to(torch.float32)))
+    def round_column(column: torch.Tensor, _index: int) -> torch.Tensor:
+        return quantize(column.to(torch.float32)[:, None])[:, 0].to(torch.float64)
+
+    rounded, latent = compensated_rounding(layer.float_weight(), hessian, round_column, damping, act_order)
+    # The float32 latent must round to the chosen value; a value that float32 moves across a
+    # rounding boundary is replaced by the chosen value itself.
+    latent32, rounded32 = latent.to(torch.float32), rounded.to(torch.float32)
+    layer.set_latent_weight(torch.where(quantize(latent32) == rounded32, latent32, rounded32))
 
 
 def latent_start_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -37,8 +37,9 @@ def fail(message: str) -> None:
 
 def as_flags(message: str) -> str:
     """Config errors name fields (weight_bits); on the command line say the flag (--weight-bits)."""
-    return re.sub(r"\b(weight_bits|weight_scale|act_bits|act_frac_bits|min_params)\b",
-                  lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return re.sub(r"\b(weight_bits|weight_scale|act_bits|act_frac_bits|min_params|terms)\b",
+                  lambda m: "--shift-terms" if m.group(1) == "terms" else "--" + m.group(1).replace("_", "-"),
+                  message)
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
@@ -68,6 +69,8 @@ def convert(
     moe_mlp: bool = typer.Option(False, "--moe-mlp", help="MLP blocks → router + float expert + ShiftLinear "
                                  "expert (same format flags); other linears follow --shift-linear."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
+    shift_terms: int = typer.Option(1, "--shift-terms", help="Powers of two per shift-linear weight: 1 (DeepShift, "
+                                    "w = ±2^p) or up to 4 (w = ±2^p1 ± 2^p2 …; each term costs one more add)."),
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
     act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations "
@@ -104,7 +107,7 @@ def convert(
             cfg = ConvertConfig.from_dict(json.loads(config_file.read_text()))
         else:
             cfg = ConvertConfig(shift_linear=ShiftLinearConfig(
-                weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
+                weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits, terms=shift_terms,
                 weight_scale=weight_scale, include=include, exclude=exclude, min_params=min_params)
                 if shift_linear else None,
                 moe_mlp=MoEMLPConfig(weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,

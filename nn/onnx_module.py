@@ -102,7 +102,9 @@ class OnnxModule(nn.Module):
             return self._attention_layer(node, attrs, consts)
         bits = attrs.get("weight_bits", 5)
         n_in, n_out = attrs["in_features"], attrs["out_features"]
-        codes = pow2.unpack_codes(consts[node.input[1]], n_in * n_out, bits).reshape(n_out, n_in)
+        terms = attrs.get("terms", 1)
+        codes = pow2.unpack_codes(consts[node.input[1]], terms * n_in * n_out, bits).reshape(terms, n_out, n_in)
+        codes = codes if terms > 1 else codes[0]
         exponent = torch.from_numpy(consts[node.input[2]].astype(np.int8))
         bias = torch.from_numpy(consts[node.input[3]].copy()) if len(node.input) > 3 and node.input[3] else None
         layer = ShiftLinear.from_codes(torch.from_numpy(codes), exponent, bias, weight_bits=bits,
@@ -110,8 +112,7 @@ class OnnxModule(nn.Module):
                                        mode=shift_mode)
         if node.name in latent and shift_mode == "Q":
             # DeepShift-Q keeps float weights: start from the original ones (same codes, finer state).
-            with torch.no_grad():
-                layer.weight.copy_(torch.from_numpy(np.asarray(latent[node.name], dtype=np.float32)))
+            layer.set_latent_weight(torch.from_numpy(np.asarray(latent[node.name], dtype=np.float32)))
         return layer
 
     def _attention_layer(self, node: onnx.NodeProto, attrs: dict, consts: dict) -> AddLinearAttention:

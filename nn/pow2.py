@@ -13,6 +13,7 @@ import torch
 
 WEIGHT_SCALES = ("channel", "tensor", "none")
 EXPONENT_LIMIT = 100
+MAX_TERMS = 4
 
 
 def zero_shift(weight_bits: int) -> int:
@@ -20,7 +21,9 @@ def zero_shift(weight_bits: int) -> int:
     return (1 << (weight_bits - 1)) - 1
 
 
-def check_format(weight_bits: int, act_bits: int = 32, act_frac_bits: int = 16) -> None:
+def check_format(weight_bits: int, act_bits: int = 32, act_frac_bits: int = 16, terms: int = 1) -> None:
+    if not 1 <= terms <= MAX_TERMS:
+        raise ValueError(f"terms must be in [1, {MAX_TERMS}], got {terms}")
     if not 2 <= weight_bits <= 5:
         raise ValueError(f"weight_bits must be in [2, 5], got {weight_bits}")
     if not 2 <= act_bits <= 32:
@@ -88,8 +91,29 @@ def round_weight(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int)
     return torch.copysign(power_of_two(p), weight.detach().to(torch.float32)) * ~is_zero
 
 
+def residual_terms(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int, terms: int) -> torch.Tensor:
+    """Weights [out, in] split into `terms` float32 parts [terms, out, in] for w ≈ Σ_t ±2^p_t:
+    part 0 is w, part t+1 is what rounding part t left over (part t minus its rounded value).
+    Rounding each part on its own (round_to_codes) gives the greedy T-term codes of docs/ops.md."""
+    parts = [weight.detach().to(torch.float32)]
+    for _ in range(terms - 1):
+        parts.append(parts[-1] - round_weight(parts[-1], exponent, weight_bits))
+    return torch.stack(parts)
+
+
+def round_to_term_codes(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int, terms: int) -> torch.Tensor:
+    """Greedy T-term codes [terms, out, in] (uint8) of float weights [out, in]: each term rounds
+    what the terms before it left over (docs/ops.md#two-or-more-terms)."""
+    check_format(weight_bits, terms=terms)
+    parts = residual_terms(weight, exponent, weight_bits, terms)
+    return torch.stack([round_to_codes(part, exponent, weight_bits) for part in parts])
+
+
 def decode_codes(codes: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    """The float32 weights that codes stand for: (-1)^s 2^(e-m), or 0."""
+    """The float32 weights that codes stand for: (-1)^s 2^(e-m), or 0. Codes [terms, out, in]
+    of a multi-term layer decode to the sum of their terms."""
+    if codes.dim() == 3:
+        return sum(decode_codes(c, exponent, weight_bits) for c in codes)
     z = zero_shift(weight_bits)
     c = codes.to(torch.int32)
     m = c & z

@@ -88,8 +88,8 @@ def _bias_add(graph: gs.Graph, y: gs.Tensor, out_features: int, opset: int):
 def shift_linear_node(name: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
                       bias: np.ndarray | None, cfg) -> tuple[gs.Node, int]:
     """The ShiftLinear node computing y from x with `weight` [out, in] rounded to codes in the
-    format of `cfg` (weight_bits, act_bits, act_frac_bits, weight_scale), and the bytes its
-    constants take."""
+    format of `cfg` (weight_bits, act_bits, act_frac_bits, weight_scale, and terms where the
+    config has them), and the bytes its constants take."""
     if not np.isfinite(weight).all():
         raise PassError(f"node '{name}': weight has NaN or Inf values")
     if bias is not None and not np.isfinite(bias).all():
@@ -101,7 +101,9 @@ def shift_linear_node(name: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
     if bad.min() < -126 or bad.max() > 127:
         raise PassError(f"node '{name}': weight exponents with act_frac_bits={cfg.act_frac_bits} leave "
                         "the float32 range of the final rescale")
-    codes = pow2.round_to_codes(w, exponent, cfg.weight_bits)
+    terms = getattr(cfg, "terms", 1)
+    codes = pow2.round_to_term_codes(w, exponent, cfg.weight_bits, terms) if terms > 1 else \
+        pow2.round_to_codes(w, exponent, cfg.weight_bits)
     inputs = [x,
               gs.Constant(f"{name}.codes", pow2.pack_codes(codes.numpy(), cfg.weight_bits)),
               gs.Constant(f"{name}.exponent", exponent.numpy().astype(np.int8))]
@@ -109,6 +111,6 @@ def shift_linear_node(name: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
         inputs.append(gs.Constant(f"{name}.bias", np.asarray(bias, dtype=np.float32)))
     node = gs.Node(op="ShiftLinear", name=name, domain=DOMAIN, inputs=inputs, outputs=[y], attrs={
         "in_features": in_features, "out_features": out_features, "weight_bits": cfg.weight_bits,
-        "act_bits": cfg.act_bits, "act_frac_bits": cfg.act_frac_bits})
+        "act_bits": cfg.act_bits, "act_frac_bits": cfg.act_frac_bits, **({"terms": terms} if terms > 1 else {})})
     nbytes = sum(t.values.nbytes for t in inputs[1:])
     return node, nbytes

@@ -22,6 +22,9 @@ class ShiftLinearConfig:
     act_bits: int = 32
     act_frac_bits: int = 16
     weight_scale: str = "channel"
+    # Powers of two per weight: 1 is DeepShift's w = ±2^p; 2 gives w = ±2^p1 ± 2^p2 (greedy), at
+    # twice the additions and code bytes (docs/ops.md#two-or-more-terms).
+    terms: int = 1
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     min_params: int = 1024
@@ -30,7 +33,7 @@ class ShiftLinearConfig:
     act_frac_bits_by_input: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        pow2.check_format(self.weight_bits, self.act_bits, self.act_frac_bits)
+        pow2.check_format(self.weight_bits, self.act_bits, self.act_frac_bits, self.terms)
         for frac_bits in self.act_frac_bits_by_input.values():
             pow2.check_format(self.weight_bits, self.act_bits, frac_bits)
         if self.weight_scale not in pow2.WEIGHT_SCALES:
@@ -41,7 +44,7 @@ class ShiftLinearConfig:
         compile_patterns(self.exclude, "--exclude")
 
 
-@register(NAME, ShiftLinearConfig, "MatMul/Gemm with constant weights → ShiftLinear (w = ±2^p)")
+@register(NAME, ShiftLinearConfig, "MatMul/Gemm with constant weights → ShiftLinear (w = ±2^p, or a sum of terms)")
 def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
     result = PassResult(NAME)
     candidates = [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and (n.domain or "") in ("", "ai.onnx")
@@ -70,6 +73,7 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
         fused = " + bias Add" if len(match.nodes) > 1 else ""
         result.changes.append(LayerChange(
             NAME, label, "ShiftLinear", in_features, out_features, before, nbytes,
-            activation=match.activation.name, detail=f"{node.op}{fused}, {cfg.weight_bits}-bit codes"))
+            activation=match.activation.name, detail=f"{node.op}{fused}, {cfg.weight_bits}-bit codes"
+                   + (f" × {cfg.terms} terms" if cfg.terms > 1 else "")))
     graph.cleanup().toposort()
     return result

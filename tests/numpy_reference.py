@@ -48,3 +48,17 @@ def shift_linear(x: np.ndarray, sign: np.ndarray, m: np.ndarray, exponent: np.nd
     if bias is not None:
         y = y + bias.astype(np.float32)
     return y.reshape(*x.shape[:-1], len(exponent))
+
+
+def round_weight_terms(w: np.ndarray, exponent: np.ndarray, bits: int, terms: int):
+    """Greedy T-term rounding: [(sign, m)] per term, each term rounding (in float32) what the
+    terms before it left over."""
+    z = 2 ** (bits - 1) - 1
+    rest = w.astype(np.float32)
+    out = []
+    for _ in range(terms):
+        sign, m = round_weight_pow2(rest, exponent, bits)
+        value = np.where(m == z, 0.0, (1 - 2 * sign) * 2.0 ** (exponent.astype(np.float64)[:, None] - m))
+        rest = (rest - value.astype(np.float32)).astype(np.float32)
+        out.append((sign, m))
+    return out

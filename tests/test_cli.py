@@ -45,6 +45,14 @@ def test_default_output_beside_input_and_report(mlp_path):
     assert runner.invoke(app, [str(mlp_path), "--force"]).exit_code == 0
 
 
+def test_shift_terms(mlp_path, tmp_path):
+    out = tmp_path / "two.onnx"
+    res = runner.invoke(app, [str(mlp_path), "-o", str(out), "--shift-terms", "2"])
+    assert res.exit_code == 0 and "32.00 KiB→10.12 KiB" in res.output   # 2 terms × 5 bits + exponents
+    nodes = [n for n in onnx.load(out).graph.node if n.op_type == "ShiftLinear"]
+    assert [helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "terms"] == [2, 2]
+
+
 def test_never_overwrites_the_input(mlp_path):
     before = mlp_path.read_bytes()
     res = runner.invoke(app, [str(mlp_path), "-o", str(mlp_path), "--force"])
@@ -63,6 +71,7 @@ def test_exclude_and_no_shift_linear(mlp_path, tmp_path):
     (["--weight-bits", "9"], "--weight-bits must be in [2, 5], got 9"),
     (["--exclude", "("], "--exclude '(' is not a valid regular expression"),
     (["--input-shape", "x=a,b"], "--input-shape 'x=a,b': expected NAME=D0,D1"),
+    (["--shift-terms", "5"], "--shift-terms must be in [1, 4], got 5"),
     (["--min-params", "100000"], "nothing to convert (2 candidates skipped: fc1: tiny layer"),
 ])
 def test_bad_flags_are_one_line_errors(mlp_path, args, message):

@@ -51,8 +51,9 @@ def isa(request, monkeypatch):
 # The reference: docs/ops.md#arithmetic in NumPy, int64 accumulation wrapped to int32.
 
 def reference(x, codes, exponent, bias, weight_bits, act_bits, act_frac_bits):
-    """codes: unpacked uint8 [out, in]; returns float32 [..., out]."""
-    out_f, in_f = codes.shape
+    """codes: unpacked uint8 [out, in], or [terms, out, in] (terms add up); returns float32 [..., out]."""
+    codes = codes.reshape(-1, *codes.shape[-2:])
+    out_f, in_f = codes.shape[1:]
     xf = np.asarray(x, dtype=np.float32).reshape(-1, in_f)
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = np.floor(xf * np.float32(2.0 ** act_frac_bits))  # float32 product, then floor
@@ -64,7 +65,7 @@ def reference(x, codes, exponent, bias, weight_bits, act_bits, act_frac_bits):
     shift = (codes & z).astype(np.int64)
     acc = np.zeros((xf.shape[0], out_f), dtype=np.int64)
     for m in range(z):  # shift m: t = +-(x_q >> m); the zero code (m == z) adds nothing
-        w = np.where(shift == m, 1 - 2 * sign, 0).astype(np.int64)  # [out, in] in {-1, 0, 1}
+        w = np.where(shift == m, 1 - 2 * sign, 0).astype(np.int64).sum(0)  # [out, in]: Σ_terms ±1
         if w.any():
             acc += (xq >> m) @ w.T
     acc32 = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)  # int32 wrap-around
@@ -110,12 +111,14 @@ def make_model(in_f, out_f, packed, exponent, bias, *, weight_bits=5, act_bits=3
     return model.SerializeToString()
 
 
-def random_codes(rng, out_f, in_f, weight_bits, zero_frac=0.15):
-    """Uniform codes of every shift and sign, some zero codes (sign bit set on some of them)."""
+def random_codes(rng, out_f, in_f, weight_bits, zero_frac=0.15, terms=1):
+    """Uniform codes of every shift and sign, some zero codes (sign bit set on some of them);
+    [out, in], or [terms, out, in] for terms > 1."""
     z = (1 << (weight_bits - 1)) - 1
-    m = rng.integers(0, z, size=(out_f, in_f))
-    s = rng.integers(0, 2, size=(out_f, in_f))
-    zero = rng.random((out_f, in_f)) < zero_frac
+    shape = (out_f, in_f) if terms == 1 else (terms, out_f, in_f)
+    m = rng.integers(0, z, size=shape)
+    s = rng.integers(0, 2, size=shape)
+    zero = rng.random(shape) < zero_frac
     m = np.where(zero, z, m)
     return ((s << (weight_bits - 1)) | m).astype(np.uint8)
 
@@ -144,16 +147,17 @@ def run(model_bytes, x, **feeds):
 
 
 def check(rng, in_f, out_f, rows_shape, weight_bits=5, act=(32, 16), with_bias=True,
-          exp_range=(-8, 8), special=True, weights_as_inputs=False):
+          exp_range=(-8, 8), special=True, weights_as_inputs=False, terms=1):
     act_bits, act_frac_bits = act
-    codes = random_codes(rng, out_f, in_f, weight_bits)
+    codes = random_codes(rng, out_f, in_f, weight_bits, terms=terms)
     packed = pow2.pack_codes(codes, weight_bits)
     exponent = rng.integers(exp_range[0], exp_range[1] + 1, size=out_f).astype(np.int8)
     bias = (rng.standard_normal(out_f) * 4).astype(np.float32) if with_bias else None
     x = random_x(rng, (*rows_shape, in_f), act_bits, act_frac_bits, special)
     model = make_model(in_f, out_f, packed, exponent, bias, weight_bits=weight_bits,
                        act_bits=act_bits, act_frac_bits=act_frac_bits,
-                       x_shape=[*rows_shape, in_f], weights_as_inputs=weights_as_inputs)
+                       x_shape=[*rows_shape, in_f], weights_as_inputs=weights_as_inputs,
+                       attrs={"terms": terms} if terms > 1 else None)
     feeds = {}
     if weights_as_inputs:
         feeds = {"W_codes": packed, "W_exponent": exponent}
@@ -225,6 +229,14 @@ def test_wraparound_and_extreme_exponents(isa):
     ref = reference(x, codes, exponent, None, 5, 32, 0)
     assert np.array_equal(y, ref, equal_nan=True)
     assert np.isinf(ref).any() and (np.isfinite(ref) & (ref != 0)).any()
+
+
+@pytest.mark.parametrize("terms", [2, 3])
+@pytest.mark.parametrize("rows,in_f,out_f", [(1, 5, 3), (17, 64, 70), (29, 65, 7), (64, 130, 64)])
+def test_terms_add_up(isa, terms, rows, in_f, out_f):
+    """A layer of T terms gives exactly the sum of its terms' integer accumulators."""
+    check(np.random.default_rng(rows + in_f + terms), in_f, out_f, (rows,), terms=terms)
+    check(np.random.default_rng(rows + in_f + terms), in_f, out_f, (2, rows), terms=terms, weights_as_inputs=True)
 
 
 def test_weights_from_pow2_rounding(isa):
@@ -327,6 +339,11 @@ def test_error_wrong_code_length(layer, as_inputs):
     _expect_error(model, np.zeros((2, 10), np.float32), "W_codes", **feeds)
 
 
+def test_error_code_length_of_one_term_with_two(layer):
+    model = make_model(10, 6, layer["packed"], layer["exponent"], layer["bias"], attrs={"terms": 2})
+    _expect_error(model, np.zeros((2, 10), np.float32), "ceil(terms * out_features")
+
+
 @pytest.mark.parametrize("as_inputs", [False, True])
 def test_error_wrong_exponent_and_bias_shape(layer, as_inputs):
     exponent = np.zeros(5, np.int8)
@@ -351,7 +368,7 @@ def test_error_exponent_out_of_range(layer, as_inputs):
 @pytest.mark.parametrize("attr,value", [("weight_bits", 6), ("weight_bits", 1), ("act_bits", 33),
                                         ("act_bits", 1), ("act_frac_bits", 33),
                                         ("act_frac_bits", -33), ("in_features", 0),
-                                        ("out_features", None)])
+                                        ("out_features", None), ("terms", 0), ("terms", 5)])
 def test_error_attributes(layer, attr, value):
     model = make_model(10, 6, layer["packed"], layer["exponent"], layer["bias"],
                        attrs={attr: value})

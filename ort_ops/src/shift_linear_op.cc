@@ -51,12 +51,12 @@ std::string CheckVector(const Ort::ConstValue& v, const char* name, ONNXTensorEl
 std::string CheckAndPack(const ShiftLinearAttrs& a, Isa isa, const Ort::ConstValue& codes,
                          const Ort::ConstValue& exponent, const Ort::ConstValue& bias,
                          PackedShiftLinear* out) {
-  const int64_t n_codes = (a.in_features * a.out_features * a.weight_bits + 7) / 8;
+  const int64_t n_codes = (a.terms * a.in_features * a.out_features * a.weight_bits + 7) / 8;
   std::string err = CheckVector(codes, "W_codes", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, n_codes);
   if (!err.empty()) {
-    return err + " (ceil(out_features * in_features * weight_bits / 8) = ceil(" +
-           std::to_string(a.out_features) + " * " + std::to_string(a.in_features) + " * " +
-           std::to_string(a.weight_bits) + " / 8))";
+    return err + " (ceil(terms * out_features * in_features * weight_bits / 8) = ceil(" +
+           std::to_string(a.terms) + " * " + std::to_string(a.out_features) + " * " +
+           std::to_string(a.in_features) + " * " + std::to_string(a.weight_bits) + " / 8))";
   }
   err = CheckVector(exponent, "W_exponent", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, a.out_features);
   if (!err.empty()) return err;
@@ -93,6 +93,7 @@ ShiftLinearKernel::ShiftLinearKernel(const OrtApi& api, const OrtKernelInfo* inf
   narrow("weight_bits", 5, &attrs_.weight_bits);
   narrow("act_bits", 32, &attrs_.act_bits);
   narrow("act_frac_bits", 16, &attrs_.act_frac_bits);
+  narrow("terms", 1, &attrs_.terms);
   std::string err = CheckAttrs(attrs_);
   if (!err.empty()) Fail(err);
   if (!SelectIsa(&isa_, &err)) Fail(err);
@@ -148,6 +149,11 @@ void ShiftLinearKernel::Compute(OrtKernelContext* context) {
   Ort::UnownedValue y = ctx.GetOutput(0, shape);
   if (rows == 0) return;
   const float* xd = x.GetTensorData<float>();
+  std::vector<float> wide;  // with terms > 1 the packed weights read X repeated along each row
+  if (attrs_.terms > 1) {
+    WidenRows(xd, rows, attrs_.in_features, attrs_.terms, &wide);
+    xd = wide.data();
+  }
   float* yd = y.GetTensorMutableData<float>();
   const Parallel par(context);
   switch (isa_) {

@@ -43,18 +43,34 @@ std::string CheckAttrs(const ShiftLinearAttrs& a) {
     return "attribute act_bits=" + std::to_string(a.act_bits) + " is outside [2, 32]";
   if (a.act_frac_bits < -32 || a.act_frac_bits > 32)
     return "attribute act_frac_bits=" + std::to_string(a.act_frac_bits) + " is outside [-32, 32]";
+  if (a.terms < 1 || a.terms > kMaxTerms)
+    return "attribute terms=" + std::to_string(a.terms) + " is outside [1, " + std::to_string(kMaxTerms) + "]";
+  if (a.terms * a.in_features > kMaxFeatures)
+    return "terms * in_features = " + std::to_string(a.terms * a.in_features) + " is above " +
+           std::to_string(kMaxFeatures);
   return {};
+}
+
+void WidenRows(const float* x, int64_t rows, int64_t in, int terms, std::vector<float>* wide) {
+  wide->resize(static_cast<size_t>(rows * terms * in));
+  float* w = wide->data();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int t = 0; t < terms; ++t, w += in) std::memcpy(w, x + r * in, static_cast<size_t>(in) * sizeof(float));
+  }
 }
 
 std::string PackShiftLinear(const ShiftLinearAttrs& attrs, Isa isa, const uint8_t* w_codes,
                             const int8_t* w_exponent, const float* bias, PackedShiftLinear* out) {
-  const int64_t in = attrs.in_features, outf = attrs.out_features;
+  const int64_t terms = attrs.terms, one = attrs.in_features;
+  const int64_t in = terms * one, outf = attrs.out_features;  // in: the widened input
   const int bits = attrs.weight_bits;
   const unsigned zero_shift = (1u << (bits - 1)) - 1;
   const int64_t n_bytes = (in * outf * bits + 7) / 8;
 
   PackedShiftLinear& p = *out;
   p.attrs = attrs;
+  p.attrs.in_features = in;
+  p.attrs.terms = 1;
   p.isa = isa;
   p.quant = ActQuant::Make(attrs.act_bits, attrs.act_frac_bits);
   p.tiles = (outf + kTileOut - 1) / kTileOut;
@@ -75,13 +91,14 @@ std::string PackShiftLinear(const ShiftLinearAttrs& attrs, Isa isa, const uint8_
     if (bias != nullptr) p.bias[o] = bias[o];
   }
 
-  // Normalised codes [out][in].
+  // Normalised codes [out][in]: stream code (t * out + o) * one + i goes to column t * one + i.
   std::vector<uint8_t> codes(static_cast<size_t>(in * outf));
   for (int64_t j = 0; j < in * outf; ++j) {
     const unsigned c = CodeAt(w_codes, n_bytes, j, bits);
     const unsigned m = c & zero_shift;
     const unsigned s = c >> (bits - 1);
-    codes[j] = m == zero_shift ? kZeroCode : static_cast<uint8_t>(s << 4 | m);
+    const int64_t t = j / (outf * one), o = j / one % outf, i = j % one;
+    codes[o * in + t * one + i] = m == zero_shift ? kZeroCode : static_cast<uint8_t>(s << 4 | m);
   }
   for (int64_t o = 0; o < outf; ++o) {
     int32_t neg = 0;

@@ -18,7 +18,10 @@ struct ShiftLinearAttrs {
   int weight_bits = 5;
   int act_bits = 32;
   int act_frac_bits = 16;
+  int terms = 1;  // powers of two per weight; codes [terms][out][in]
 };
+
+inline constexpr int kMaxTerms = 4;
 
 // Step 1 of the arithmetic: x_q = sat_A(floor(x * 2^F)), NaN -> 0.
 struct ActQuant {
@@ -51,6 +54,9 @@ struct TileEntry {
 // Output-vectorised lookup-table kernel (AVX-512): codes as bytes in [group][i][kLutOut].
 inline constexpr int kLutOut = 64;
 
+// A layer of T terms is packed as one term over the input repeated T times: its attrs say
+// in_features = T * in (column t * in + i holds term t of input i) and terms = 1, and the kernels
+// read X widened the same way (WidenRows), so every kernel serves every T unchanged.
 struct PackedShiftLinear {
   ShiftLinearAttrs attrs;
   ActQuant quant{};
@@ -68,6 +74,9 @@ struct PackedShiftLinear {
 
 // Checks the attribute ranges; returns an empty string or what is wrong.
 std::string CheckAttrs(const ShiftLinearAttrs& a);
+
+// X [rows][in] repeated `terms` times along each row, into `wide` [rows][terms * in].
+void WidenRows(const float* x, int64_t rows, int64_t in, int terms, std::vector<float>* wide);
 
 // Decodes and lays out the weights. Returns an empty string, or what is wrong with the inputs
 // (lengths are checked by the caller; this checks e_o - F).
