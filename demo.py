@@ -1,12 +1,15 @@
 """End-to-end demo on a real model: all-MiniLM-L6-v2 -> multiplication-free ONNX.
 
     python -m mfconvert.demo [--workdir out/demo] [--sentences 256] [--batch-size 32] [--finetune-minutes 2]
+                             [--no-two-terms]
 
 Exports the pretrained sentence encoder to ONNX, converts it with mfconvert, runs both in ONNX
 Runtime (2 threads) on held-out English sentences found on this machine, and reports file
 sizes, latency, embedding fidelity and what the conversion changed; then re-rounds the shift
 weights by error-compensated rounding and finetunes them for a couple of minutes (both counted in
-the budget) by distillation on other sentences, and reports fidelity again.
+the budget) by distillation on other sentences, and reports fidelity again. Last, the same model
+with two powers of two per weight (--shift-terms 2), calibrated by compensated rounding only: the
+accuracy that twice the additions buy.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import numpy as np
 from mfconvert.calibrate.data import from_text
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.calibrate.text import corpus
-from mfconvert.convert import ConvertConfig, convert_onnx
+from mfconvert.calibrate.rounding import round_model
+from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
+from mfconvert.convert.onnx_model import save_model_atomic
 from mfconvert.metrics import cosine_per_row, mean_cosine, nearest_neighbour_agreement, sqnr_db
 from mfconvert.runtime import session
 from mfconvert.zoo.minilm import INPUT_NAMES, minilm_onnx, model_dir, tokenizer
@@ -63,30 +68,50 @@ def fidelity_lines(ref: np.ndarray, test: np.ndarray) -> tuple[dict, list[str]]:
         f"  SQNR                         {figures['sqnr_db']:.1f} dB"]
 
 
-def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float, n_held_out: int, say) -> Path:
-    """Distil the original into the converted model on 2,000 training sentences (disjoint from
-    the `n_held_out` evaluation ones) for `minutes`; returns the finetuned model's path."""
+def _training_data(n_held_out: int):
+    """2,000 training sentences, disjoint from the `n_held_out` evaluation ones, tokenised."""
     train, _ = corpus(2000, n_held_out, seed=0)
-    data = from_text(train, model_dir() / "tokenizer.json", list(INPUT_NAMES))
+    return from_text(train, model_dir() / "tokenizer.json", list(INPUT_NAMES))
+
+
+def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float, n_held_out: int, say) -> Path:
+    """Distil the original into the converted model on the training sentences for `minutes`;
+    returns the finetuned model's path."""
+    data = _training_data(n_held_out)
     out = workdir / "all-MiniLM-L6-v2.mf.ft.onnx"
     import onnx
     cfg = FinetuneConfig(steps=None, minutes=minutes, lr=2e-4, shift_lr=1e-4, feature_weight=1.0, batch_size=32)
     result = finetune(onnx.load(converted), onnx.load(original), data, cfg, output=str(out))
-    say(f"[5/5] error-compensated rounding ({result.rounding_seconds:.0f} s), then finetuned {result.steps} "
-        f"steps in {result.seconds:.0f} s in all on {len(train)} sentences; "
+    say(f"[5/6] error-compensated rounding ({result.rounding_seconds:.0f} s), then finetuned {result.steps} "
+        f"steps in {result.seconds:.0f} s in all on {len(data)} sentences; "
         f"distillation loss {result.losses[0]:.2e} → {np.mean(result.losses[-5:]):.2e}")
     return out
 
 
+def two_terms_step(original: Path, workdir: Path, n_held_out: int, say) -> Path:
+    """Shift linears with two powers of two per weight, compensated rounding on 256 training
+    sentences (no finetuning); returns the model's path."""
+    import onnx
+    t0 = time.perf_counter()
+    cfg = ConvertConfig(shift_linear=ShiftLinearConfig(terms=2), add_attention=None)
+    converted = convert_onnx(str(original), cfg).model
+    rounded = round_model(converted, onnx.load(original), _training_data(n_held_out), n_examples=256)
+    out = workdir / "all-MiniLM-L6-v2.mf2.onnx"
+    save_model_atomic(rounded, str(out))
+    say(f"[6/6] two powers of two per weight (--shift-terms 2), error-compensated rounding on 256 "
+        f"sentences, no finetuning -> {out}  ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
 def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune_minutes: float = 2.0,
-        out=sys.stdout) -> dict:
+        two_terms: bool = True, out=sys.stdout) -> dict:
     """Run the demo, print the report to ``out`` and return the numbers."""
     workdir.mkdir(parents=True, exist_ok=True)
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
 
     t0 = time.perf_counter()
     original = minilm_onnx(workdir)
-    say(f"[1/5] exported all-MiniLM-L6-v2 -> {original}  ({time.perf_counter() - t0:.1f} s)")
+    say(f"[1/6] exported all-MiniLM-L6-v2 -> {original}  ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
     converted = workdir / "all-MiniLM-L6-v2.mf.onnx"
@@ -94,11 +119,11 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune
     # are finetuned (`mfconvert finetune`); power-of-two weights are usable as converted.
     result = convert_onnx(str(original), ConvertConfig(add_attention=None), output=str(converted), force=True,
                           input_shapes={"input_ids": [1, 128], "attention_mask": [1, 128]})
-    say(f"[2/5] converted the linear layers to ShiftLinear -> {converted}  ({time.perf_counter() - t0:.1f} s)")
+    say(f"[2/6] converted the linear layers to ShiftLinear -> {converted}  ({time.perf_counter() - t0:.1f} s)")
 
     _, held_out = corpus(0, n_sentences, seed=0)
     batches = _batches(held_out, batch_size)
-    say(f"[3/5] {len(held_out)} held-out sentences (stdlib docstrings), {len(batches)} batches "
+    say(f"[3/6] {len(held_out)} held-out sentences (stdlib docstrings), {len(batches)} batches "
         f"of <= {batch_size}, e.g. {held_out[0]!r}")
 
     sess_ref = session(str(original), threads=THREADS)
@@ -107,7 +132,7 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune
     test = _embed(sess_mf, batches)
     t_ref, t_mf = _latencies([sess_ref, sess_mf], batches, repeats)
     med_ref, med_mf = statistics.median(t_ref), statistics.median(t_mf)
-    say(f"[4/5] timed {repeats} x {len(batches)} batches per model, {THREADS} ORT threads")
+    say(f"[4/6] timed {repeats} x {len(batches)} batches per model, {THREADS} ORT threads")
 
     figures, lines = fidelity_lines(ref, test)
     numbers = {
@@ -137,6 +162,18 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune
         say(f"fidelity after finetuning, same {len(held_out)} held-out sentences:")
         for line in lines:
             say(line)
+    if two_terms:
+        say("")
+        path = two_terms_step(original, workdir, n_sentences, say)
+        sess_two = session(str(path), threads=THREADS)
+        figures, lines = fidelity_lines(ref, _embed(sess_two, batches))
+        t_ref, t_two = _latencies([sess_ref, sess_two], batches, repeats)
+        figures["latency_ratio"] = statistics.median(t_two) / statistics.median(t_ref)
+        numbers["two_terms"] = figures
+        say(f"fidelity with two terms, same {len(held_out)} held-out sentences "
+            f"(latency {figures['latency_ratio']:.2f}× the original's, size {_mib(path) / _mib(original):.3f}×):")
+        for line in lines:
+            say(line)
     return numbers
 
 
@@ -150,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the batches")
     parser.add_argument("--finetune-minutes", type=float, default=2.0,
                         help="distillation time budget for the shift layers (0: skip)")
+    parser.add_argument("--no-two-terms", action="store_true", help="skip the two-terms step")
     args = parser.parse_args(argv)
     if args.sentences < 2 or args.batch_size < 1 or args.repeats < 1:
         parser.error("--sentences must be >= 2, --batch-size and --repeats >= 1")
-    run(args.workdir, args.sentences, args.batch_size, args.repeats, args.finetune_minutes)
+    run(args.workdir, args.sentences, args.batch_size, args.repeats, args.finetune_minutes, not args.no_two_terms)
     return 0
 
 
