@@ -60,6 +60,9 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
     if before:
         typer.echo(f"held-out before: {format_figures(before)}")
         typer.echo(f"held-out after:  {format_figures(after)}")
+        if after.get("sqnr_db", 0.0) < before.get("sqnr_db", 0.0):
+            typer.echo(f"note: finetuning lowered the held-out SQNR ({before['sqnr_db']:.1f} → {after['sqnr_db']:.1f} dB); "
+                       "a model that starts this close may need a lower --lr and --shift-lr")
     figures = {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after}
     if routes(result.model):
         # The routing the trained routers make, in ORT on the held-out data (else the training data).
