@@ -104,7 +104,11 @@ def test_cli_finetune_on_npz_data_and_its_errors(models, tmp_path):
                                    "--lr", "3e-3", "--loss", "kl", "--batch-size", "64", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "held-out before: mean_cosine=" in res.output and "top1_agreement" in res.output
-    assert out.exists()
+    assert out.exists() and "note: finetuning lowered" not in res.output
+    # A learning rate far too high makes it worse, and the command says so.
+    res = CliRunner().invoke(app, [student, "--teacher", teacher, "--data", str(data), "--steps", "5",
+                                   "--lr", "1.0", "--loss", "kl", "-o", str(tmp_path / "worse.onnx")])
+    assert res.exit_code == 0 and "note: finetuning lowered the held-out SQNR" in res.output, res.output
     for args, message in [(["--data", str(tmp_path / "none.npz")], "none.npz: no such file"),
                           (["--data", str(data), "--steps", "0"], "--steps must be >= 1"),
                           (["--data", str(data), "--rounding", "best"], "--rounding must be compensated or nearest"),
