@@ -11,6 +11,7 @@ torch.distributed processes (torchrun; gloo on CPU, NCCL on GPUs).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mfconvert.calibrate.data import Examples
+from mfconvert.calibrate.evaluate import model_outputs
 from mfconvert.calibrate.rounding import calibration_batches, check_rounding, compensate_rounding, latent_start_weights
 from mfconvert.convert.onnx_model import save_model_atomic
+from mfconvert.metrics import sqnr_db
 from mfconvert.moe import router_logits
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
 from mfconvert.nn.onnx_module import OnnxModule
@@ -67,6 +70,9 @@ class FinetuneConfig:
     # counts towards `minutes`.
     rounding: str = "compensated"
     rounding_examples: int = 256
+    # With validation data: return whichever scores the highest output SQNR on it of the student
+    # as given, the student after rounding (where training starts) and the trained student.
+    keep_best: bool = True
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -99,6 +105,10 @@ class FinetuneResult:
     # balancing term, and each MoE block's share of tokens sent to Shift.
     distill_losses: list[float] = field(default_factory=list)
     shift_fractions: list[dict[str, float]] = field(default_factory=list)
+    # With validation data and keep_best: output SQNR (dB) on it of the "given" student, the
+    # "rounded" one and the "trained" one, and which of them `model` is.
+    validation_sqnr: dict[str, float] = field(default_factory=dict)
+    kept: str = "trained"
 
 
 def parse_attention_conv(spec: str | None) -> dict | None:
@@ -183,8 +193,13 @@ def _distributed() -> tuple[int, int]:
 
 
 def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
-             config: FinetuneConfig | None = None, output: str | None = None) -> FinetuneResult:
-    """Distil `teacher` into `student` on `data`; write the trained student to `output`."""
+             config: FinetuneConfig | None = None, output: str | None = None,
+             validation: Examples | None = None) -> FinetuneResult:
+    """Distil `teacher` into `student` on `data`; write the trained student to `output`.
+    With `validation` (held-out examples) and `keep_best`, the result is whichever of the given
+    student, the rounded student and the trained one has the highest output SQNR on them, so
+    finetuning never hands back a model that does worse there than the one it was given (a
+    resumed run has no rounded start to go back to and skips the check)."""
     cfg = config or FinetuneConfig()
     rank, world = _distributed()
     torch.manual_seed(cfg.seed)
@@ -210,6 +225,14 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         layer.add_conv(**conv)
     logits_of = router_logits(student)                # {MoE block: router logits tensor}
     latency = torch.tensor(cfg.expert_latency, dtype=torch.float32)
+    checking = validation is not None and len(validation) > 0 and cfg.keep_best and not resuming
+    scoring_seconds = 0.0
+    if checking:   # the starting point, scored in ORT like the result will be; counted in the budget
+        t0 = time.monotonic()
+        reference = model_outputs(teacher, validation, cfg.batch_size)
+        candidates = {"given": student, "rounded": _snapshot(module)}
+        scores = {name: sqnr_db(reference, model_outputs(m, validation, cfg.batch_size)) for name, m in candidates.items()}
+        scoring_seconds = time.monotonic() - t0
     model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
     # Latent shift weights move only when they cross a rounding boundary, so they may want a
     # larger step than the float parameters (norms, biases) around them.
@@ -223,7 +246,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     # can be cached; each epoch visits them in a new order. Rank r takes every world-th batch.
     batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=True))
     budget = cfg.minutes * 60 if cfg.minutes else None
-    step, losses, elapsed_before = 0, [], rounding_seconds
+    step, losses, elapsed_before = 0, [], rounding_seconds + scoring_seconds
     distill_losses, shift_fractions = [], []
     if resuming:
         state = torch.load(cfg.checkpoint, map_location=device, weights_only=False)
@@ -280,10 +303,22 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     if rank == 0 and cfg.checkpoint:
         _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
     trained = module.cpu().to_onnx()
+    scores_out, kept = {}, "trained"
+    if checking:
+        candidates["trained"] = trained
+        scores_out = {**scores, "trained": sqnr_db(reference, model_outputs(trained, validation, cfg.batch_size))}
+        kept = max(("trained", "rounded", "given"), key=lambda name: scores_out[name])  # ties: the later step
+        trained = candidates[kept]
     if output is not None and rank == 0:
         save_model_atomic(trained, output)
     return FinetuneResult(trained, step, time.monotonic() - start, losses, rounding_seconds, distill_losses,
-                          shift_fractions)
+                          shift_fractions, scores_out, kept)
+
+
+def _snapshot(module: OnnxModule) -> onnx.ModelProto:
+    """The module as ONNX now, without moving it off its device."""
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return (module if on_cpu else copy.deepcopy(module).cpu()).to_onnx()
 
 
 def _epoch(order: np.random.Generator, n_batches: int, rank: int, world: int) -> list[int]:

@@ -53,17 +53,20 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
     reference = model_outputs(teacher_path, evaluation) if len(evaluation) else None
     before = fidelity(reference, model_outputs(student_path, evaluation), logits) if reference is not None else {}
     typer.echo(f"training on {len(train)} examples, {len(evaluation)} held out")
-    result = finetune(student, teacher, train, cfg, output=output)
+    result = finetune(student, teacher, train, cfg, output=output, validation=evaluation)
     after = fidelity(reference, model_outputs(output, evaluation), logits) if reference is not None else {}
     typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; "
                f"loss {result.losses[0]:.3e} → {result.losses[-1]:.3e}")
+    if result.kept != "trained":
+        kept = {"given": "the student as given", "rounded": "the student after rounding, before training"}
+        scores = ", ".join(f"{name} {v:.1f} dB" for name, v in result.validation_sqnr.items())
+        typer.echo(f"held-out SQNR: {scores}; wrote {kept[result.kept]} (--keep-last writes the trained one); "
+                   "a lower --lr / --shift-lr may let training help")
     if before:
         typer.echo(f"held-out before: {format_figures(before)}")
         typer.echo(f"held-out after:  {format_figures(after)}")
-        if after.get("sqnr_db", 0.0) < before.get("sqnr_db", 0.0):
-            typer.echo(f"note: finetuning lowered the held-out SQNR ({before['sqnr_db']:.1f} → {after['sqnr_db']:.1f} dB); "
-                       "a model that starts this close may need a lower --lr and --shift-lr")
-    figures = {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after}
+    figures = {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after,
+               "kept": result.kept}
     if routes(result.model):
         # The routing the trained routers make, in ORT on the held-out data (else the training data).
         splits = routing_split(result.model, (evaluation if len(evaluation) else train).batches(cfg.batch_size))
@@ -98,7 +101,7 @@ def main(
     shift_lr: Optional[float] = typer.Option(None, "--shift-lr", help="Peak learning rate of the shift layers' "
                                              "latent weights [default: --lr]."),
     rounding: str = typer.Option("compensated", "--rounding", help="Re-round shift weights first: 'compensated' "
-                                 "(GPTQ-style, on --rounding-examples examples) or 'nearest' (keep the student's)."),
+                                 "(GPTQ-style, on --rounding-examples examples) or 'nearest' (the teacher's weights to the nearest power)."),
     rounding_examples: int = typer.Option(256, "--rounding-examples"),
     loss: str = typer.Option("mse", "--loss", help="mse (embeddings, hidden states), cosine, or kl (logits)."),
     feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of per-block feature matching."),
@@ -110,6 +113,8 @@ def main(
                                                  help="Train a depthwise conv on V in add attention: "
                                                       "'tokens' or 'grid:HxW+P'."),
     held_out: float = typer.Option(0.1, "--held-out", help="Fraction of the data kept for evaluation."),
+    keep_best: bool = typer.Option(True, "--keep-best/--keep-last", help="Write whichever of STUDENT, STUDENT "
+                                   "after rounding, and the trained one scores best on the held-out data."),
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save training state here."),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
@@ -127,7 +132,7 @@ def main(
                              checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                              balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
                              attention_conv=attention_conv, rounding=rounding,
-                             rounding_examples=rounding_examples)
+                             rounding_examples=rounding_examples, keep_best=keep_best)
         check_output_path(out, str(student), force)
         if os.path.exists(out) and os.path.samefile(out, str(teacher)):
             raise ConversionError(f"{out}: refusing to overwrite the teacher model")
