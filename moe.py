@@ -59,9 +59,12 @@ def expert_latent_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             if weight in inits}
 
 
-def routing_split(model, feeds: dict | Iterable[dict], threads: int | None = None) -> dict[str, RoutingSplit]:
+def routing_split(model, feeds: dict | Iterable[dict], threads: int | None = None,
+                  mask_input: str = "attention_mask") -> dict[str, RoutingSplit]:
     """Run `model` (path or ModelProto) on one feed dict or an iterable of them and count the
-    tokens each MoE block routed to each expert."""
+    tokens each MoE block routed to each expert. Where a feed has `mask_input` with one entry
+    per routed token (text models' attention mask), padding tokens (mask 0) are not counted:
+    they exist only because of batching."""
     from mfconvert.runtime import session
 
     model = onnx.load(model) if not isinstance(model, onnx.ModelProto) else model
@@ -76,8 +79,12 @@ def routing_split(model, feeds: dict | Iterable[dict], threads: int | None = Non
     names = list(blocks.values())
     splits = {block: RoutingSplit() for block in blocks}
     for feed in [feeds] if isinstance(feeds, dict) else feeds:
+        mask = np.asarray(feed[mask_input]).reshape(-1) != 0 if mask_input in feed else None
         for block, route in zip(blocks, sess.run(names, feed)):
-            counts = np.bincount(np.asarray(route).reshape(-1), minlength=2)
+            route = np.asarray(route).reshape(-1)
+            if mask is not None and mask.size == route.size:
+                route = route[mask]
+            counts = np.bincount(route, minlength=2)
             splits[block].mult += int(counts[0])
             splits[block].shift += int(counts[1])
     return splits
