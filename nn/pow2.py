@@ -69,8 +69,8 @@ def _shift_and_zero(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: i
 
 
 def round_to_codes(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    """Round float weights [out, in] to B-bit codes (uint8, sign in the top bit) per docs/ops.md.
-    Weights are rounded from their float32 values."""
+    """Round float weights [out, in] (or [terms, out, in], each term on its own) to B-bit codes
+    (uint8, sign in the top bit) per docs/ops.md. Weights are rounded from their float32 values."""
     check_format(weight_bits)
     if not torch.isfinite(weight).all():
         raise ValueError("weight has NaN or Inf values")
@@ -105,8 +105,7 @@ def round_to_term_codes(weight: torch.Tensor, exponent: torch.Tensor, weight_bit
     """Greedy T-term codes [terms, out, in] (uint8) of float weights [out, in]: each term rounds
     what the terms before it left over (docs/ops.md#two-or-more-terms)."""
     check_format(weight_bits, terms=terms)
-    parts = residual_terms(weight, exponent, weight_bits, terms)
-    return torch.stack([round_to_codes(part, exponent, weight_bits) for part in parts])
+    return round_to_codes(residual_terms(weight, exponent, weight_bits, terms), exponent, weight_bits)
 
 
 def decode_codes(codes: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> torch.Tensor:

@@ -102,8 +102,7 @@ def shift_linear_node(name: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
         raise PassError(f"node '{name}': weight exponents with act_frac_bits={cfg.act_frac_bits} leave "
                         "the float32 range of the final rescale")
     terms = getattr(cfg, "terms", 1)
-    codes = pow2.round_to_term_codes(w, exponent, cfg.weight_bits, terms) if terms > 1 else \
-        pow2.round_to_codes(w, exponent, cfg.weight_bits)
+    codes = pow2.round_to_term_codes(w, exponent, cfg.weight_bits, terms)   # [terms, out, in], packed flat
     inputs = [x,
               gs.Constant(f"{name}.codes", pow2.pack_codes(codes.numpy(), cfg.weight_bits)),
               gs.Constant(f"{name}.exponent", exponent.numpy().astype(np.int8))]
