@@ -2,9 +2,10 @@
 
 The source is the docstrings of the Python standard library (and, only if more sentences are
 asked for than it holds, of site-packages, read just far enough), read with ``ast`` from the
-source files without importing anything. Docstrings are split into paragraphs; code-like paragraphs (doctests,
-indented blocks, parameter lists, section headers, bullet lists) are dropped, the rest is split
-into sentences, and only clean sentences of 6-40 words are kept, deduplicated.
+source files without importing anything. Docstrings are split into paragraphs; code-like
+paragraphs (doctests, indented blocks, parameter lists, section headers, bullet lists) are
+dropped, the rest is split into sentences, and only clean sentences of 6-40 words are kept,
+deduplicated.
 
 Everything is deterministic: files are walked in sorted order and sampling uses
 ``random.Random(seed)``, so the same machine gives the same sentences on every run.
