@@ -74,10 +74,9 @@ def _training_data(n_held_out: int):
     return from_text(train, model_dir() / "tokenizer.json", list(INPUT_NAMES))
 
 
-def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float, n_held_out: int, say) -> Path:
-    """Distil the original into the converted model on the training sentences for `minutes`;
-    returns the finetuned model's path."""
-    data = _training_data(n_held_out)
+def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float, data, say) -> Path:
+    """Distil the original into the converted model on the training sentences `data` for
+    `minutes`; returns the finetuned model's path."""
     out = workdir / "all-MiniLM-L6-v2.mf.ft.onnx"
     import onnx
     cfg = FinetuneConfig(steps=None, minutes=minutes, lr=2e-4, shift_lr=1e-4, feature_weight=1.0, batch_size=32)
@@ -88,14 +87,14 @@ def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float
     return out
 
 
-def two_terms_step(original: Path, workdir: Path, n_held_out: int, say) -> Path:
-    """Shift linears with two powers of two per weight, compensated rounding on 256 training
-    sentences (no finetuning); returns the model's path."""
+def two_terms_step(original: Path, workdir: Path, data, say) -> Path:
+    """Shift linears with two powers of two per weight, compensated rounding on 256 of the
+    training sentences `data` (no finetuning); returns the model's path."""
     import onnx
     t0 = time.perf_counter()
     cfg = ConvertConfig(shift_linear=ShiftLinearConfig(terms=2), add_attention=None)
     converted = convert_onnx(str(original), cfg).model
-    rounded = round_model(converted, onnx.load(original), _training_data(n_held_out), n_examples=256)
+    rounded = round_model(converted, onnx.load(original), data, n_examples=256)
     out = workdir / "all-MiniLM-L6-v2.mf2.onnx"
     save_model_atomic(rounded, str(out))
     say(f"[6/6] two powers of two per weight (--shift-terms 2), error-compensated rounding on 256 "
@@ -154,9 +153,10 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune
     say("")
     say("conversion report:")
     say(result.report.table())
+    train = _training_data(n_sentences) if finetune_minutes > 0 or two_terms else None
     if finetune_minutes > 0:
         say("")
-        tuned = finetune_step(original, converted, workdir, finetune_minutes, n_sentences, say)
+        tuned = finetune_step(original, converted, workdir, finetune_minutes, train, say)
         figures, lines = fidelity_lines(ref, _embed(session(str(tuned), threads=THREADS), batches))
         numbers["finetuned"] = figures
         say(f"fidelity after finetuning, same {len(held_out)} held-out sentences:")
@@ -164,7 +164,7 @@ def run(workdir: Path, n_sentences: int, batch_size: int, repeats: int, finetune
             say(line)
     if two_terms:
         say("")
-        path = two_terms_step(original, workdir, n_sentences, say)
+        path = two_terms_step(original, workdir, train, say)
         sess_two = session(str(path), threads=THREADS)
         figures, lines = fidelity_lines(ref, _embed(sess_two, batches))
         t_ref, t_two = _latencies([sess_ref, sess_two], batches, repeats)
