@@ -82,8 +82,7 @@ def finetune_step(original: Path, converted: Path, workdir: Path, minutes: float
     cfg = FinetuneConfig(steps=None, minutes=minutes, lr=2e-4, shift_lr=1e-4, feature_weight=1.0, batch_size=32)
     result = finetune(onnx.load(converted), onnx.load(original), data, cfg, output=str(out))
     say(f"[5/6] error-compensated rounding ({result.rounding_seconds:.0f} s), then finetuned {result.steps} "
-        f"steps in {result.seconds:.0f} s in all on {len(data)} sentences; "
-        f"distillation loss {result.losses[0]:.2e} → {np.mean(result.losses[-5:]):.2e}")
+        f"steps in {result.seconds:.0f} s in all on {len(data)} sentences; distillation {result.loss_summary()}")
     return out
 
 

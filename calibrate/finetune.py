@@ -110,6 +110,12 @@ class FinetuneResult:
     validation_sqnr: dict[str, float] = field(default_factory=dict)
     kept: str = "trained"
 
+    def loss_summary(self) -> str:
+        """'loss first → last', or why there is none (a budget spent before the first step)."""
+        if not self.losses:
+            return f"loss: none, no training step fitted in the budget after {self.rounding_seconds:.0f} s of rounding"
+        return f"loss {self.losses[0]:.3e} → {self.losses[-1]:.3e}"
+
 
 def parse_attention_conv(spec: str | None) -> dict | None:
     """FinetuneConfig.attention_conv → AddLinearAttention.add_conv keywords (None: no conv)."""

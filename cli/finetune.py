@@ -55,8 +55,7 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
     typer.echo(f"training on {len(train)} examples, {len(evaluation)} held out")
     result = finetune(student, teacher, train, cfg, output=output, validation=evaluation)
     after = fidelity(reference, model_outputs(output, evaluation), logits) if reference is not None else {}
-    typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; "
-               f"loss {result.losses[0]:.3e} → {result.losses[-1]:.3e}")
+    typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; {result.loss_summary()}")
     if result.kept != "trained":
         kept = {"given": "the student as given", "rounded": "the student after rounding, before training"}
         scores = ", ".join(f"{name} {v:.1f} dB" for name, v in result.validation_sqnr.items())

@@ -112,6 +112,10 @@ def test_cli_finetune_on_npz_data_and_its_errors(models, tmp_path):
     assert res.exit_code == 0 and "wrote the student after rounding, before training" in res.output, res.output
     res = CliRunner().invoke(app, [student, *worse, "--keep-last", "-o", str(tmp_path / "last.onnx")])
     assert res.exit_code == 0 and "--keep-last writes" not in res.output
+    # A budget that compensated rounding uses up leaves no step: said, not a crash.
+    res = CliRunner().invoke(app, [student, "--teacher", teacher, "--data", str(data), "--minutes", "1e-6",
+                                   "-o", str(tmp_path / "no_step.onnx")])
+    assert res.exit_code == 0 and "finetuned 0 steps" in res.output and "no training step fitted in the budget" in res.output
     for args, message in [(["--data", str(tmp_path / "none.npz")], "none.npz: no such file"),
                           (["--data", str(data), "--steps", "0"], "--steps must be >= 1"),
                           (["--data", str(data), "--rounding", "best"], "--rounding must be compensated or nearest"),
