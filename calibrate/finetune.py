@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mfconvert.calibrate.data import Examples
-from mfconvert.calibrate.evaluate import model_outputs
+from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.rounding import calibration_batches, check_rounding, compensate_rounding, latent_start_weights
 from mfconvert.convert.onnx_model import save_model_atomic
-from mfconvert.metrics import sqnr_db
 from mfconvert.moe import router_logits
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
 from mfconvert.nn.onnx_module import OnnxModule
@@ -105,9 +104,9 @@ class FinetuneResult:
     # balancing term, and each MoE block's share of tokens sent to Shift.
     distill_losses: list[float] = field(default_factory=list)
     shift_fractions: list[dict[str, float]] = field(default_factory=list)
-    # With validation data and keep_best: output SQNR (dB) on it of the "given" student, the
-    # "rounded" one and the "trained" one, and which of them `model` is.
-    validation_sqnr: dict[str, float] = field(default_factory=dict)
+    # With validation data and keep_best: calibrate.evaluate.fidelity on it (its sqnr_db decides)
+    # of the "given" student, the "rounded" one and the "trained" one, and which of them `model` is.
+    validation_fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     kept: str = "trained"
 
     def loss_summary(self) -> str:
@@ -237,7 +236,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         t0 = time.monotonic()
         reference = model_outputs(teacher, validation, cfg.batch_size)
         candidates = {"given": student, "rounded": _snapshot(module)}
-        scores = {name: sqnr_db(reference, model_outputs(m, validation, cfg.batch_size)) for name, m in candidates.items()}
+        scores = {name: fidelity(reference, model_outputs(m, validation, cfg.batch_size), cfg.loss == "kl")
+                  for name, m in candidates.items()}
         scoring_seconds = time.monotonic() - t0
     model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
     # Latent shift weights move only when they cross a rounding boundary, so they may want a
@@ -309,16 +309,16 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     if rank == 0 and cfg.checkpoint:
         _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
     trained = module.cpu().to_onnx()
-    scores_out, kept = {}, "trained"
+    kept = "trained"
     if checking:
         candidates["trained"] = trained
-        scores_out = {**scores, "trained": sqnr_db(reference, model_outputs(trained, validation, cfg.batch_size))}
-        kept = max(("trained", "rounded", "given"), key=lambda name: scores_out[name])  # ties: the later step
+        scores["trained"] = fidelity(reference, model_outputs(trained, validation, cfg.batch_size), cfg.loss == "kl")
+        kept = max(("trained", "rounded", "given"), key=lambda name: scores[name]["sqnr_db"])  # ties: the later step
         trained = candidates[kept]
     if output is not None and rank == 0:
         save_model_atomic(trained, output)
     return FinetuneResult(trained, step, time.monotonic() - start, losses, rounding_seconds, distill_losses,
-                          shift_fractions, scores_out, kept)
+                          shift_fractions, scores if checking else {}, kept)
 
 
 def _snapshot(module: OnnxModule) -> onnx.ModelProto:

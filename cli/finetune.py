@@ -44,21 +44,28 @@ def format_figures(figures: dict[str, float]) -> str:
 
 def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: FinetuneConfig, output: str,
                  held_out: float, logits: bool) -> dict:
-    """Split, evaluate, train, evaluate again; returns the figures (also printed)."""
+    """Split, train, evaluate before and after on the held-out part; returns the figures (also
+    printed)."""
     train, evaluation = data.split(held_out, seed=cfg.seed)
     if not len(train):
         raise DataError("no training examples left after the held-out split")
     student, _, _ = load_model(student_path)
     teacher, _, _ = load_model(teacher_path)
-    reference = model_outputs(teacher_path, evaluation) if len(evaluation) else None
-    before = fidelity(reference, model_outputs(student_path, evaluation), logits) if reference is not None else {}
     typer.echo(f"training on {len(train)} examples, {len(evaluation)} held out")
     result = finetune(student, teacher, train, cfg, output=output, validation=evaluation)
-    after = fidelity(reference, model_outputs(output, evaluation), logits) if reference is not None else {}
+    scored = result.validation_fidelity       # keep-best has already scored both ends
+    if scored:
+        before, after = scored["given"], scored[result.kept]
+    elif len(evaluation):
+        reference = model_outputs(teacher, evaluation)
+        before = fidelity(reference, model_outputs(student, evaluation), logits)
+        after = fidelity(reference, model_outputs(result.model, evaluation), logits)
+    else:
+        before = after = {}
     typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; {result.loss_summary()}")
     if result.kept != "trained":
         kept = {"given": "the student as given", "rounded": "the student after rounding, before training"}
-        scores = ", ".join(f"{name} {v:.1f} dB" for name, v in result.validation_sqnr.items())
+        scores = ", ".join(f"{name} {v['sqnr_db']:.1f} dB" for name, v in scored.items())
         typer.echo(f"held-out SQNR: {scores}; wrote {kept[result.kept]} (--keep-last writes the trained one); "
                    "a lower --lr / --shift-lr may let training help")
     if before:

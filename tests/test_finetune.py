@@ -180,7 +180,7 @@ def test_keep_best_returns_the_best_scoring_candidate(models, tmp_path):
     train, held = examples.split(0.2, seed=0)
     cfg = dict(steps=5, lr=1.0, batch_size=64, loss="kl", progress=False)   # training that wrecks it
     result = finetune(onnx.load(student), onnx.load(teacher), train, FinetuneConfig(**cfg), validation=held)
-    scores = result.validation_sqnr
+    scores = {name: figures["sqnr_db"] for name, figures in result.validation_fidelity.items()}
     assert set(scores) == {"given", "rounded", "trained"}
     assert result.kept == max(scores, key=scores.get) != "trained"
     # The model handed back is that candidate, scored independently in ORT.
@@ -191,4 +191,4 @@ def test_keep_best_returns_the_best_scoring_candidate(models, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(shift_codes(result.model), shift_codes(rounded)))
     last = finetune(onnx.load(student), onnx.load(teacher), train, FinetuneConfig(**cfg, keep_best=False),
                     validation=held)
-    assert last.kept == "trained" and last.validation_sqnr == {}
+    assert last.kept == "trained" and last.validation_fidelity == {}
