@@ -1,14 +1,18 @@
 """Reading, checking and writing ONNX files with one-line errors that name the file."""
 from __future__ import annotations
 
+import math
 import os
-import tempfile
 
+import numpy as np
 import onnx
 
 
 class ConversionError(Exception):
     """A bad input or a refused request; the message is one line naming the file, node or flag."""
+
+
+from mfconvert.convert.files import check_outputs, write_bytes_atomic  # noqa: E402 (files.py raises ConversionError)
 
 
 def _first_line(err: Exception) -> str:
@@ -37,6 +41,34 @@ def check_model(model: onnx.ModelProto, label: str) -> None:
         onnx.checker.check_model(model)
     except Exception as err:
         raise ConversionError(f"{label}: invalid ONNX model ({_first_line(err)})") from None
+    check_initializers(model, label)
+
+
+def check_initializers(model: onnx.ModelProto, label: str) -> None:
+    """Each initializer holds as many values as its dims say (the checker does not look)."""
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        where = f"{label}: initializer '{init.name}' with dims {list(init.dims)}"
+        if any(d < 0 for d in init.dims):
+            raise ConversionError(f"{where}: negative dimension")
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+        except Exception:
+            continue   # UNDEFINED or a type numpy has no dtype for: the checker's business
+        if onnx.TensorProto.DataType.Name(init.data_type) in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2"):
+            continue   # packed several values a byte
+        if init.HasField("raw_data"):
+            have, want = len(init.raw_data), math.prod(init.dims) * dtype.itemsize
+            unit = "bytes of raw data"
+        else:
+            try:
+                onnx.numpy_helper.to_array(init)
+                continue
+            except Exception as err:
+                raise ConversionError(f"{where}: its data does not match ({_first_line(err)})") from None
+        if have != want:
+            raise ConversionError(f"{where}: needs {want} {unit}, has {have}")
 
 
 def output_path_for(input_path: str) -> str:
@@ -46,26 +78,11 @@ def output_path_for(input_path: str) -> str:
 
 
 def check_output_path(output: str, input_path: str | None, force: bool) -> None:
-    if input_path and os.path.exists(output) and os.path.samefile(output, input_path):
-        raise ConversionError(f"{output}: refusing to overwrite the input model; choose another -o")
-    if os.path.exists(output) and not force:
-        raise ConversionError(f"{output}: already exists; pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise ConversionError(f"{output}: directory {parent} does not exist")
+    """The model output's rules (convert/files.py): never the input, not a directory, replaced only
+    with `force`, in a directory that exists and can be written."""
+    check_outputs({"": output}, {"the input model": input_path}, force)
 
 
 def save_model_atomic(model: onnx.ModelProto, output: str) -> int:
     """Write to a temporary file beside `output`, then rename: readers never see half a file."""
-    data = model.SerializeToString()
-    parent = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(prefix=".mfconvert-", suffix=".onnx.tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return len(data)
+    return write_bytes_atomic(output, model.SerializeToString())   # a WriteError (OSError) names `output`
