@@ -62,3 +62,151 @@ def round_weight_terms(w: np.ndarray, exponent: np.ndarray, bits: int, terms: in
         rest = (rest - value.astype(np.float32)).astype(np.float32)
         out.append((sign, m))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# AddLinearAttention (docs/ops.md#addlinearattention), everything in float64.
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """x / ‖x‖₂ over the last axis, 0 for a zero vector."""
+    norm = np.sqrt(np.square(x).sum(-1, keepdims=True))
+    return np.where(norm > 0, x / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def key_mask(mask: np.ndarray | None, batch: int, tokens: int) -> np.ndarray:
+    """[B, T] bool, True = key counts: key j of batch b is masked iff mask < −1000; a query × key
+    mask ([B|1, 1, T, T] or [B|1, T, T]) gives row 0 (the op requires every row to agree)."""
+    if mask is None:
+        return np.ones((batch, tokens), bool)
+    m = np.asarray(mask, np.float64)
+    if m.ndim == 4:
+        m = m[:, 0]
+    if m.ndim == 3:
+        m = m[:, 0]
+    return np.broadcast_to(m >= -1000, (batch, tokens))
+
+
+def sign_codes(x: np.ndarray, threshold: np.ndarray | None) -> np.ndarray:
+    """{0,1} [B, H, T, D]: 1[x̂ > τ] per channel (τ [H, D], absent = 0)."""
+    xn = _normalise(x.astype(np.float64))
+    tau = 0.0 if threshold is None else threshold.astype(np.float64)[None, :, None, :]
+    return (xn > tau).astype(np.float64)
+
+
+def ksh_codes(x: np.ndarray, anchors: np.ndarray, center: np.ndarray, projection: np.ndarray,
+              sigma: np.ndarray) -> np.ndarray:
+    """{0,1} [B, H, T, nbits]: 1[Σ_i A[r, i] (exp(−‖x̂ − a_i‖² / 2σ) − μ_i) > 0]."""
+    xn = _normalise(x.astype(np.float64))                                       # [B, H, T, D]
+    a = anchors.astype(np.float64)                                              # [H, m, D]
+    d2 = np.square(xn[:, :, :, None, :] - a[None, :, None]).sum(-1)             # [B, H, T, m]
+    kappa = np.exp(-d2 / (2 * sigma.astype(np.float64))[None, :, None, None]) - center.astype(np.float64)[None, :, None]
+    y = np.einsum("bhtm,hrm->bhtr", kappa, projection.astype(np.float64))
+    return (y > 0).astype(np.float64)
+
+
+def depthwise_conv(vm: np.ndarray, weight: np.ndarray, grid=None, prefix_tokens: int = 0) -> np.ndarray:
+    """conv(V') on heads vm [B, H, T, D]: [H, k] along the tokens (zero outside [0, T)), or
+    [H, kh, kw] over a row-major grid after prefix_tokens (each prefix token: the centre tap)."""
+    w = weight.astype(np.float64)
+    b, h, t, d = vm.shape
+    out = np.zeros_like(vm)
+    if w.ndim == 2:
+        k = w.shape[1]
+        for u in range(k):
+            shift = u - k // 2                       # out[t] += w[u] · V'[t + shift]
+            lo, hi = max(0, -shift), min(t, t - shift)
+            out[:, :, lo:hi] += w[None, :, u, None, None] * vm[:, :, lo + shift:hi + shift]
+        return out
+    kh, kw = w.shape[1:]
+    gh, gw = grid
+    img = vm[:, :, prefix_tokens:].reshape(b, h, gh, gw, d)
+    res = np.zeros_like(img)
+    for i in range(kh):
+        for j in range(kw):
+            di, dj = i - kh // 2, j - kw // 2
+            for r in range(gh):
+                for c in range(gw):
+                    if 0 <= r + di < gh and 0 <= c + dj < gw:
+                        res[:, :, r, c] += w[None, :, i, j, None] * img[:, :, r + di, c + dj]
+    out[:, :, prefix_tokens:] = res.reshape(b, h, gh * gw, d)
+    out[:, :, :prefix_tokens] = w[None, :, kh // 2, kw // 2, None, None] * vm[:, :, :prefix_tokens]
+    return out
+
+
+def add_linear_attention(q, k, v, num_heads: int, mask=None, conv_weight=None, q_threshold=None,
+                         k_threshold=None, ksh=None, grid=None, prefix_tokens: int = 0,
+                         parts: bool = False):
+    """Y [B, T, C] of the AddLinearAttention op in float64. Q, K, V [B, T, C], channel h·D + d;
+    k None with ksh = (anchors, center, projection, sigma) (shared qk). With parts=True also
+    returns, per head layout [B, H, T, ·], what a float32 evaluation's error bound needs: the
+    magnitudes A = 0.5|V| + Q_b(K_bᵀ|V|)/π, ‖Z‖, and Σ|w·V'| of the conv."""
+    b, t, c = v.shape
+    d = c // num_heads
+
+    def heads(x):
+        return np.asarray(x, np.float64).reshape(b, t, num_heads, d).transpose(0, 2, 1, 3)
+
+    qh, vh = heads(q), heads(v)
+    if ksh is not None:
+        qb = kb = ksh_codes(qh, *ksh)
+    else:
+        qb, kb = sign_codes(qh, q_threshold), sign_codes(heads(k), k_threshold)
+    keep = key_mask(mask, b, t)[:, None, :, None].astype(np.float64)
+    kb = kb * keep                                   # masked keys add nothing to S
+    vm = vh * keep                                   # V': masked tokens 0 (for the conv)
+    s = np.swapaxes(kb, -1, -2) @ vh                 # [B, H, bits, D]
+    u = qb @ s
+    z = 0.5 * vh + u / np.pi
+    znorm = np.sqrt(np.square(z).sum(-1, keepdims=True))
+    y = z / np.maximum(znorm, 1e-12)
+    conv_abs = np.zeros_like(y)
+    if conv_weight is not None:
+        y = y + depthwise_conv(vm, conv_weight, grid, prefix_tokens)
+        conv_abs = depthwise_conv(np.abs(vm), np.abs(conv_weight), grid, prefix_tokens)
+    out = y.transpose(0, 2, 1, 3).reshape(b, t, c)
+    if not parts:
+        return out
+    mag = 0.5 * np.abs(vh) + qb @ (np.swapaxes(kb, -1, -2) @ np.abs(vh)) / np.pi
+    return out, dict(magnitude=mag, znorm=znorm, conv_abs=conv_abs, bits=qb.shape[-1], y=y)
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftMoEMLP (docs/ops.md#shiftmoemlp).
+
+def moe_route(x2: np.ndarray, router_w: np.ndarray, router_b: np.ndarray):
+    """(logits [R, 2], chosen expert [R] (a tie goes to 0, Mult), gate = softmax(l)[e]) in float64."""
+    logits = x2.astype(np.float64) @ router_w.astype(np.float64).T + router_b.astype(np.float64)
+    expert = (logits[:, 1] > logits[:, 0]).astype(np.int64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return logits, expert, p[np.arange(len(p)), expert]
+
+
+def shift_expert_codes(weight: np.ndarray, bits: int = 5):
+    """(sign, m, exponent) of a float weight [out, in] by the spec's rounding (per-channel e_o)."""
+    exponent = channel_exponent(weight)
+    sign, m = round_weight_pow2(weight.astype(np.float32), exponent, bits)
+    return sign, m, exponent
+
+
+def moe_mlp(x: np.ndarray, router_w, router_b, fc1_w, fc1_b, fc2_w, fc2_b, act, bits: int = 5,
+            act_bits: int = 32, frac_bits: int = 16):
+    """y = g · E_e(x) per token of x [..., d]: E_0 the float MLP (float64 here), E_1 the same MLP
+    with both linears as ShiftLinear ops (exact integer arithmetic, see shift_linear) and `act` (a
+    float64 → float64 function) between them, evaluated on float32 like the op. Returns
+    (y float64, dict of the intermediate values for error bounds)."""
+    x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    logits, expert, gate = moe_route(x2, router_w, router_b)
+    h_mult = x2.astype(np.float64) @ fc1_w.astype(np.float64).T + fc1_b
+    e_mult = act(h_mult) @ fc2_w.astype(np.float64).T + fc2_b
+    s1, m1, e1 = shift_expert_codes(fc1_w, bits)
+    s2, m2, e2 = shift_expert_codes(fc2_w, bits)
+    h_shift = shift_linear(x2, s1, m1, e1, fc1_b.astype(np.float32), bits, act_bits, frac_bits)
+    a_shift = act(h_shift.astype(np.float64))
+    e_shift = shift_linear(a_shift.astype(np.float32), s2, m2, e2, fc2_b.astype(np.float32), bits, act_bits,
+                           frac_bits).astype(np.float64)
+    chosen = np.where(expert[:, None] == 1, e_shift, e_mult)
+    y = gate[:, None] * chosen
+    return y.reshape(*x.shape[:-1], -1), dict(
+        logits=logits, expert=expert, gate=gate, x2=x2, h_mult=h_mult, e_mult=e_mult, h_shift=h_shift,
+        a_shift=a_shift, e_shift=e_shift, fc2_codes=(s2, m2, e2), chosen=chosen)
