@@ -150,3 +150,46 @@ def load_examples(source, input_names: list[str], tokenizer: str | None = None, 
     if not len(examples):
         raise DataError(f"{source}: no examples")
     return examples
+
+
+def check_against_model(examples: Examples, model, source: str) -> Examples:
+    """Refuse data the model cannot take, naming `source` and the input: a dtype of another kind
+    (integers for a float input, floats for token ids), the wrong rank or a wrong static dim,
+    NaN or Inf. Floats are cast to a float input's dtype (np.save writes float64), integers that
+    fit to an integer input's. `model`: the onnx.ModelProto the data feeds."""
+    from onnx import helper
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input if i.name not in initializers}
+    items = [dict(item) for item in examples.items]
+    for name, tensor_type in inputs.items():
+        if not items or name not in items[0]:
+            continue
+        try:
+            want = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except Exception:
+            continue
+        dims = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+                if tensor_type.HasField("shape") else None)
+        for i, item in enumerate(items):
+            a = np.asarray(item[name])
+            where = f"{source}: input '{name}'"
+            if want.kind == "f" and a.dtype.kind != "f" or want.kind in "iu" and a.dtype.kind not in "iu" \
+                    or want.kind == "b" and a.dtype.kind != "b":
+                raise DataError(f"{where} takes {want} data, got {a.dtype}")
+            if dims is not None:
+                shape = dims[1:]
+                if a.ndim != len(shape) or any(isinstance(d, int) and d > 0 and d != n for d, n in zip(shape, a.shape)):
+                    raise DataError(f"{where} takes examples of shape {_dims(shape)} (the model's {_dims(dims)} "
+                                    f"less the batch axis), example {i} has shape {_dims(a.shape)}")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise DataError(f"{where}: example {i} holds NaN or Inf; calibration data must be finite")
+            if a.dtype.kind in "iu" and a.dtype != want and a.size and \
+                    (a.min() < np.iinfo(want).min or a.max() > np.iinfo(want).max):
+                raise DataError(f"{where} takes {want} data; example {i} holds values outside its range")
+            item[name] = a.astype(want, copy=False)
+    return Examples(items, examples.pad_values)
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.rounding import calibration_batches, check_rounding, compensate_rounding, latent_start_weights
-from mfconvert.convert.onnx_model import save_model_atomic
+from mfconvert.convert.files import WriteError, atomic_file, check_outputs
+from mfconvert.convert.onnx_model import ConversionError, save_model_atomic
 from mfconvert.moe import router_logits
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
 from mfconvert.nn.onnx_module import OnnxModule
@@ -36,6 +37,9 @@ from mfconvert.nn.shift_linear import ShiftLinear
 
 
 TEACHER_CACHE_BYTES = 4 << 30
+# A checkpoint is a dict of tensors and plain values read with torch.load(weights_only=True)
+# (nothing in it can run code) and carrying this marker; anything else is refused.
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "mfconvert-finetune-checkpoint", 2
 
 
 @dataclass
@@ -206,6 +210,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     finetuning never hands back a model that does worse there than the one it was given (a
     resumed run has no rounded start to go back to and skips the check)."""
     cfg = config or FinetuneConfig()
+    # Before any work: both files can be written (existing ones are replaced, as asked).
+    check_outputs({"output": output, "checkpoint": cfg.checkpoint}, {}, force=True)
     rank, world = _distributed()
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
@@ -255,10 +261,14 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     step, losses, elapsed_before = 0, [], rounding_seconds + scoring_seconds
     distill_losses, shift_fractions = [], []
     if resuming:
-        state = torch.load(cfg.checkpoint, map_location=device, weights_only=False)
-        module.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, losses, elapsed_before = state["step"], state["losses"], state["elapsed"]
+        state = load_checkpoint(cfg.checkpoint, device)
+        try:
+            module.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConversionError(f"{cfg.checkpoint}: a checkpoint of another model "
+                                  f"({str(err).strip().splitlines()[0]})") from None
+        step, losses, elapsed_before = state["step"], list(state["losses"]), state["elapsed"]
         torch.set_rng_state(state["rng"])
 
     start = time.monotonic() - elapsed_before
@@ -306,8 +316,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         if rank == 0 and cfg.checkpoint and step % cfg.checkpoint_every == 0:
             _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
     bar.close()
+    unsaved = None   # a failed last checkpoint must not cost the trained model: written first
     if rank == 0 and cfg.checkpoint:
-        _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
+        try:
+            _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
+        except WriteError as err:
+            unsaved = err
     trained = module.cpu().to_onnx()
     kept = "trained"
     if checking:
@@ -317,6 +331,9 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         trained = candidates[kept]
     if output is not None and rank == 0:
         save_model_atomic(trained, output)
+    if unsaved is not None:
+        unsaved.note = f"the finetuned model was written to {output}" if output is not None else ""
+        raise unsaved
     return FinetuneResult(trained, step, time.monotonic() - start, losses, rounding_seconds, distill_losses,
                           shift_fractions, scores if checking else {}, kept)
 
@@ -334,7 +351,31 @@ def _epoch(order: np.random.Generator, n_batches: int, rank: int, world: int) ->
 
 
 def _save_checkpoint(path, module, optimizer, step, losses, elapsed) -> None:
-    tmp = f"{path}.tmp"
-    torch.save({"student": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "losses": losses, "elapsed": elapsed, "rng": torch.get_rng_state(), "format": 1}, tmp)
-    os.replace(tmp, path)
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "student": module.state_dict(),
+             "optimizer": optimizer.state_dict(), "step": int(step), "losses": [float(v) for v in losses],
+             "elapsed": float(elapsed), "rng": torch.get_rng_state()}
+    with atomic_file(path) as f:   # an exclusive temporary file beside `path`, then a rename
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint _save_checkpoint wrote, read without unpickling anything but tensors and plain
+    values; any other file is a ConversionError."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:   # UnpicklingError (a forbidden global), a zip or pickle error, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = ("it holds objects other than tensors and plain values; not unpickled"
+               if first.startswith("Weights only load failed") else first)
+        raise ConversionError(f"{path}: not an mfconvert checkpoint ({why})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConversionError(f"{path}: not an mfconvert checkpoint (no {CHECKPOINT_FORMAT!r} format marker)")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ConversionError(f"{path}: checkpoint version {state.get('version')!r} is not supported "
+                              f"(this mfconvert reads {CHECKPOINT_VERSION})")
+    kinds = {"student": dict, "optimizer": dict, "step": int, "losses": list, "elapsed": float,
+             "rng": torch.Tensor}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind):
+            raise ConversionError(f"{path}: not an mfconvert checkpoint ({key!r} is not a {kind.__name__})")
+    return state

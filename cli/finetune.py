@@ -10,10 +10,11 @@ from typing import Optional
 import onnx
 import typer
 
-from mfconvert.calibrate.data import DataError, Examples, load_examples
+from mfconvert.calibrate.data import DataError, Examples, check_against_model, load_examples
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
-from mfconvert.convert.onnx_model import ConversionError, check_output_path, load_model
+from mfconvert.convert.files import check_outputs, write_text_atomic
+from mfconvert.convert.onnx_model import ConversionError, load_model
 from mfconvert.moe import routes, routing_split, split_table
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY
 
@@ -34,8 +35,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[str]:
 def load_data(path: str, model: onnx.ModelProto, tokenizer: Optional[Path], max_length: int,
               image_preset: str) -> Examples:
     from mfconvert.calibrate.images import image_spec
-    return load_examples(path, graph_inputs(model), tokenizer=str(tokenizer) if tokenizer else None,
-                         max_length=max_length, image_spec=image_spec(image_preset))
+    examples = load_examples(path, graph_inputs(model), tokenizer=str(tokenizer) if tokenizer else None,
+                             max_length=max_length, image_spec=image_spec(image_preset))
+    return check_against_model(examples, model, path)
 
 
 def format_figures(figures: dict[str, float]) -> str:
@@ -139,13 +141,20 @@ def main(
                              balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
                              attention_conv=attention_conv, rounding=rounding,
                              rounding_examples=rounding_examples, keep_best=keep_best)
-        check_output_path(out, str(student), force)
-        if os.path.exists(out) and os.path.samefile(out, str(teacher)):
-            raise ConversionError(f"{out}: refusing to overwrite the teacher model")
+        if resume and checkpoint is None:
+            raise ValueError("--resume needs --checkpoint")
+        # Every file written, checked before the data is read: never a file read, never one
+        # another; existing ones only with --force (a checkpoint to --resume is read, then rewritten).
+        check_outputs({"-o": out, "--report-json": report_json, "--checkpoint": checkpoint},
+                      {"the input model": student, "the teacher model": teacher, "the --data file": data,
+                       "the --tokenizer file": tokenizer}, force, reused=("--checkpoint",) if resume else ())
         model, _, _ = load_model(str(student))
         examples = load_data(data, model, tokenizer, max_length, image_preset)
         figures = run_finetune(str(student), str(teacher), examples, cfg, out, held_out, logits=loss == "kl")
     except (ValueError, ConversionError, DataError, OSError) as err:
         fail(str(err).splitlines()[0])
     if report_json:
-        report_json.write_text(json.dumps(figures, indent=2) + "\n")
+        try:
+            write_text_atomic(report_json, json.dumps(figures, indent=2) + "\n")
+        except OSError as err:
+            fail(f"{err}; the finetuned model was written to {out}")

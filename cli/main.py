@@ -3,6 +3,7 @@ mfconvert.convert.convert_onnx; everything here is one call in Python)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import replace
@@ -12,7 +13,7 @@ from typing import List, Optional
 import typer
 from tqdm import tqdm
 
-from mfconvert.calibrate.activation_stats import calibrated_frac_bits
+from mfconvert.calibrate.activation_stats import calibrated_frac_bits, column_ranges
 from mfconvert.calibrate.data import DataError, Examples
 from mfconvert.calibrate.finetune import FinetuneConfig
 from mfconvert.calibrate.rounding import check_rounding, round_model
@@ -20,8 +21,10 @@ from mfconvert.calibrate.sensitivity import convert_within_budget
 from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
+from mfconvert.convert.files import check_outputs, write_text_atomic
 from mfconvert.convert.onnx_model import check_output_path, load_model, output_path_for, save_model_atomic
 from mfconvert.passes.add_attention import AddAttentionConfig
+from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
 
@@ -42,6 +45,9 @@ def as_flags(message: str) -> str:
                   message)
 
 
+MAX_ELEMENTS = 1 << 40   # --input-shape: at most 2^40 values per input (4 TiB of float32)
+
+
 def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
     """'input_ids=1,128' → {'input_ids': [1, 128]}."""
     shapes = {}
@@ -55,7 +61,23 @@ def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
                 raise ValueError
         except ValueError:
             fail(f"--input-shape {spec!r}: expected NAME=D0,D1,... with non-negative integers")
+        if math.prod(shapes[name]) > MAX_ELEMENTS or max(shapes[name], default=0) > MAX_ELEMENTS:
+            fail(f"--input-shape {spec!r}: at most 2^40 values per input, got {math.prod(shapes[name]):.3g}")
     return shapes
+
+
+def read_config(path: Path) -> ConvertConfig:
+    """--config: a JSON object of known, typed keys; errors name the file and the key."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        fail(f"--config {path}: cannot read ({err.strerror or err})")
+    except ValueError as err:   # JSONDecodeError, UnicodeDecodeError
+        fail(f"--config {path}: not valid JSON ({str(err).splitlines()[0]})")
+    try:
+        return ConvertConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        fail(f"--config {path}: {str(err).splitlines()[0]}")
 
 
 @app.command()
@@ -104,7 +126,7 @@ def convert(
     """Convert MODEL.onnx; prints what was converted, what was skipped and why."""
     try:
         if config_file is not None:
-            cfg = ConvertConfig.from_dict(json.loads(config_file.read_text()))
+            cfg = read_config(config_file)
         else:
             cfg = ConvertConfig(shift_linear=ShiftLinearConfig(
                 weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits, terms=shift_terms,
@@ -114,11 +136,17 @@ def convert(
                                      weight_scale=weight_scale, include=include, exclude=exclude)
                 if moe_mlp else None,
                 add_attention=AddAttentionConfig(include=include, exclude=exclude) if add_attention else None)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError) as err:
         fail(as_flags(str(err).splitlines()[0]))
     if not cfg.enabled():
         fail("every pass is turned off; nothing to do")
     out = None if dry_run else str(output or output_path_for(str(model)))
+    try:   # every file written, checked before any work: never a file read, never one another
+        check_outputs({"-o": out, "--save-config": save_config, "--report-json": report_json},
+                      {"the input model": model, "the --config file": config_file, "the --data file": data,
+                       "the --tokenizer file": tokenizer}, force)
+    except ConversionError as err:
+        fail(str(err))
     shapes = parse_input_shapes(input_shape)
     finetuning = finetune_steps is not None or finetune_minutes is not None
     calibrating = act_bits < 32 and shift_linear
@@ -131,12 +159,13 @@ def convert(
     if data is not None and rounding == "nearest" and not (finetuning or max_drop is not None or calibrating):
         fail("--data with --rounding nearest is for --finetune-steps/--finetune-minutes, --max-drop "
              "or calibrating --act-bits < 32")
-    examples = calibration = None
+    examples = calibration = ranges = None
     if data is not None:   # read once: calibration, --max-drop and finetuning share it
         try:
             original, _, _ = load_model(str(model))
             examples = load_data(data, original, tokenizer, 128, image_preset)
             calibration = Examples(examples.items[:256], examples.pad_values)
+            ranges = column_ranges(original, calibration)   # the report checks accumulators on them
             if calibrating and config_file is None:
                 by_input = calibrated_frac_bits(original, calibration, act_bits, act_percentile)
                 cfg.shift_linear = replace(cfg.shift_linear, act_frac_bits_by_input=by_input)
@@ -160,35 +189,44 @@ def convert(
 
     try:
         if max_drop is None:
-            result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress)
+            result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress,
+                                  input_ranges=ranges)
             budget_lines = []
         else:
             result, budget_lines = convert_with_budget(model, cfg, out, shapes, force, max_drop, calibration,
                                                        finetune_loss == "kl")
-    except (ConversionError, DataError) as err:
+    except (ConversionError, DataError, OSError) as err:   # OSError: a WriteError naming the output
         bar.close()
-        fail(str(err))
+        fail(str(err).splitlines()[0])
     bar.close()
-    typer.echo(result.report.table())
-    for line in budget_lines:
-        typer.echo(line)
+    rounded = None
     if data is not None and rounding == "compensated" and out and not finetuning:  # finetuning does its own
         try:
             rounded = round_model(result.model, original, calibration)
-            save_model_atomic(rounded, out)
+            # the report checks the accumulators of the codes written
+            annotate_accumulators(result.report.changes, accumulator_checks(rounded, ranges))
+            save_model_atomic(rounded, out, external=result.data_file is not None)
         except (ValueError, ConversionError, OSError) as err:
             fail(str(err).splitlines()[0])
+    typer.echo(result.report.table())
+    for line in budget_lines:
+        typer.echo(line)
+    if rounded is not None:
         typer.echo(f"\nshift weights re-rounded by error-compensated rounding on {len(calibration)} examples")
-    typer.echo(f"\nwrote {out}" if out else "\ndry run: no model written")
+    typer.echo((f"\nwrote {out}" + (f" (+ {result.data_file})" if result.data_file else "")) if out
+               else "\ndry run: no model written")
     if finetuning:
         try:
             run_finetune(out, str(model), examples, ft_cfg, out, held_out=0.1, logits=finetune_loss == "kl")
         except (ValueError, ConversionError, OSError) as err:
             fail(str(err).splitlines()[0])
-    if save_config:
-        save_config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if report_json:
-        report_json.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
+    for path, text in ((save_config, json.dumps(cfg.to_dict(), indent=2) + "\n"),
+                       (report_json, json.dumps(result.report.to_dict(), indent=2) + "\n")):
+        if path:
+            try:
+                write_text_atomic(path, text)
+            except OSError as err:   # the model stays: say where it is
+                fail(f"{err}; the model was written to {out}" if out else str(err))
 
 
 def convert_with_budget(model, cfg, out, shapes, force, max_drop, examples, logits):
@@ -199,7 +237,7 @@ def convert_with_budget(model, cfg, out, shapes, force, max_drop, examples, logi
         check_output_path(out, str(model), force)
     budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes)
     if out is not None:
-        save_model_atomic(budget.result.model, out)
+        save_model_atomic(budget.result.model, out, external=budget.result.data_file is not None)
     return budget.result, budget.lines()
 
 
