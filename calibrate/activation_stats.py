@@ -46,6 +46,26 @@ def activation_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[
     return ranges
 
 
+def column_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[str] | None = None,
+                  batch_size: int = 32) -> dict[str, np.ndarray]:
+    """max |x| per column (over every axis but the last) of each tensor over the examples, by
+    default of the linear layers' inputs: what the report checks the accumulators against."""
+    tensors = linear_inputs(model) if tensors is None else tensors
+    augmented = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
+    sess = session(augmented.SerializeToString())
+    seen: dict[str, np.ndarray] = {}
+    for batch in examples.batches(batch_size):
+        for name, value in zip(tensors, sess.run(tensors, batch)):
+            value = np.abs(np.asarray(value, dtype=np.float64))
+            if value.ndim == 0 or value.shape[-1] == 0:
+                continue
+            peak = np.fmax.reduce(value.reshape(-1, value.shape[-1]), axis=0, initial=0.0)   # NaN → x_q = 0
+            seen[name] = peak if name not in seen or seen[name].shape != peak.shape else np.maximum(seen[name], peak)
+    return seen
+
+
 def frac_bits_for(max_abs: float, act_bits: int) -> int:
     """The largest F in [−32, 32] with max_abs·2^F ≤ 2^(A−1) − 1 (no saturation at max_abs)."""
     if max_abs <= 0:

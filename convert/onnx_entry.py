@@ -14,6 +14,7 @@ from mfconvert.convert.onnx_model import (ConversionError, check_model, check_ou
                                           load_model, save_model_atomic)
 from mfconvert.ort_ops import DOMAIN, OPSET_VERSION
 from mfconvert.passes import pass_for
+from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.registry import PassError
 from mfconvert.passes.report import ConversionReport
 
@@ -27,13 +28,17 @@ class ConversionResult:
 
 def convert_onnx(source, config: ConvertConfig | None = None, output: str | None = None,
                  input_shapes: dict[str, list[int]] | None = None, force: bool = False,
-                 progress=None, allow_unchanged: bool = False) -> ConversionResult:
+                 progress=None, allow_unchanged: bool = False,
+                 input_ranges: dict | None = None) -> ConversionResult:
     """Convert `source` (path or ModelProto); write to `output` atomically when given.
 
     A model in which no pass changes anything is an error (naming the skip reasons) unless
     `allow_unchanged`.
     `input_shapes` fixes dynamic input dims for the report's per-inference counts (dims not
     given default to 1). `progress(pass_name)` is called as each pass starts.
+    `input_ranges` (max |x| per column of linear inputs on calibration data,
+    calibrate/activation_stats.py:column_ranges) lets the report check the accumulators against
+    the data instead of the weights alone.
     """
     config = config or ConvertConfig()
     model, label, size_before = load_model(source)
@@ -62,14 +67,20 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
                               + (f": {why})" if skips else ", none found)"))
     converted = _export(graph, model, config, results)
     check_model(converted, f"{label} (converted)")
-    rows = activation_rows(model, shapes)
+    annotate_accumulators([c for r in results for c in r.changes], accumulator_checks(converted, input_ranges))
+    notes: list[str] = []
+    rows = activation_rows(model, shapes, notes)
     for result in results:
         for change in result.changes:
             change.rows = rows.get(change.activation)
+    open_rows = [c.node for r in results for c in r.changes if c.rows is None]
+    if open_rows and not notes:
+        notes.append(f"multiplication counts unknown for {len(open_rows)} layers (first: {open_rows[0]}): shape "
+                     "inference left their input shapes open")
     size_after = converted.ByteSize()
     if output is not None:
         size_after = save_model_atomic(converted, output)
-    report = ConversionReport(results, shapes, size_before, size_after)
+    report = ConversionReport(results, shapes, size_before, size_after, notes=notes)
     return ConversionResult(converted, report, output)
 
 
@@ -114,8 +125,10 @@ def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]], la
     return shapes
 
 
-def activation_rows(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, int]:
-    """Rows (product of all dims but the last) of every tensor, at the given input shapes."""
+def activation_rows(model: onnx.ModelProto, shapes: dict[str, list[int]],
+                    notes: list[str] | None = None) -> dict[str, int]:
+    """Rows (product of all dims but the last) of every tensor, at the given input shapes; when
+    shape inference fails, none, and `notes` gets why (the error's first line)."""
     fixed = copy.deepcopy(model)
     for inp in fixed.graph.input:
         if inp.name in shapes:
@@ -125,7 +138,10 @@ def activation_rows(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dic
     del fixed.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:
+    except Exception as err:   # the counts are optional: say why they are missing
+        if notes is not None:
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            notes.append(f"multiplication counts unknown: shape inference at {shapes} failed: {first}")
         return {}
     rows = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

@@ -146,3 +146,63 @@ def quantize_activation(x: torch.Tensor, act_bits: int = 32, act_frac_bits: int 
     # Compare in float64 so the bounds are exact, then convert the in-range integers.
     s64 = scaled.to(torch.float64).clamp(lo, hi)
     return s64.to(torch.int64).to(torch.int32)
+
+
+# Range checks for the report (docs/ops.md#range-of-the-accumulator): they read the same codes the
+# kernel runs and change nothing.
+
+ACC_MAX = 2 ** 31 - 1
+
+
+def weight_range_counts(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> tuple[int, int]:
+    """(clamped, flushed) of float weights [out, in]: how many round above the channel's largest
+    magnitude 2^e_o and were clamped to it, and how many non-zero ones lie below half its smallest
+    magnitude and became the zero code (step 2 and 3 of rounding)."""
+    e = exponent.to(torch.int32).unsqueeze(1)
+    mag = weight.detach().to(torch.float32).abs()
+    clamped = int((rounded_log2(mag.clamp_min(2.0 ** -126)) > e).logical_and(mag > 0).sum())
+    flushed = int(((mag < power_of_two(e - zero_shift(weight_bits))) & (mag > 0)).sum())
+    return clamped, flushed
+
+
+def code_shifts(codes: np.ndarray, weight_bits: int) -> np.ndarray:
+    """The shift m of each code (any shape), with the zero code as −1."""
+    z = zero_shift(weight_bits)
+    m = np.asarray(codes, dtype=np.int64) & z
+    return np.where(m == z, -1, m)
+
+
+def accumulator_bound(shifts: np.ndarray, x_max_q: np.ndarray) -> np.ndarray:
+    """Per output row the largest |acc_o| that inputs with |x_q,i| ≤ x_max_q[i] can reach before
+    wrap-around: Σ_t Σ_i ceil(x_max_q[i] / 2^m_toi), exact in int64 (|x_q >> m| is at most
+    ceil(X / 2^m), at x_q = −X). `shifts` [terms, out, in] from code_shifts, x_max_q [in] ≥ 0."""
+    x = np.asarray(x_max_q, dtype=np.int64)
+    m = np.maximum(shifts, 0)
+    part = np.where(shifts >= 0, -((-x) >> m), 0)
+    return part.sum(axis=(0, 2))
+
+
+def max_abs_fixed(max_abs: np.ndarray, act_bits: int, act_frac_bits: int) -> np.ndarray:
+    """The largest |x_q| that activations with |x| ≤ max_abs give: ceil(max_abs · 2^F), saturated
+    at 2^(A−1) (step 1 of the arithmetic; floor(−a · 2^F) = −ceil(a · 2^F))."""
+    scaled = np.ceil(np.asarray(max_abs, dtype=np.float64) * 2.0 ** act_frac_bits)
+    return np.minimum(np.nan_to_num(scaled, nan=0.0, posinf=2.0 ** 63), 2.0 ** (act_bits - 1)).astype(np.int64)
+
+
+def row_magnitudes(shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output row of shifts [terms, out, in]: S_o = Σ 2^−m (the row's code magnitudes, in
+    units of its channel scale 2^e_o) and n_o, its non-zero codes."""
+    nonzero = shifts >= 0
+    s = np.where(nonzero, np.exp2(-np.maximum(shifts, 0).astype(np.float64)), 0.0).sum(axis=(0, 2))
+    return s, nonzero.sum(axis=(0, 2))
+
+
+def safe_input_bound(saturated_bound: int, s: np.ndarray, n: np.ndarray, act_frac_bits: int) -> float:
+    """The largest a such that no input with |x| ≤ a on every element can wrap the accumulator of
+    any row: inf when even saturated inputs cannot (`saturated_bound`: the largest row bound at
+    |x_q| = 2^(A−1)), else the least over rows of (2^31 − 1 − n_o − S_o) / (2^F · S_o) (from
+    row_magnitudes; each ceil adds less than 1, and ceil(a · 2^F) < a · 2^F + 1)."""
+    if saturated_bound <= ACC_MAX:
+        return math.inf
+    rows = s > 0
+    return float(((ACC_MAX - n[rows] - s[rows]) / (2.0 ** act_frac_bits * s[rows])).min())

@@ -3,9 +3,12 @@ build the ShiftLinear node that replaces one. Shared by the passes that rewrite 
 of the passes' own modules so importing it registers no pass (registration order is run order)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 import torch
 
@@ -113,3 +116,275 @@ def shift_linear_node(name: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
         "act_bits": cfg.act_bits, "act_frac_bits": cfg.act_frac_bits, **({"terms": terms} if terms > 1 else {})})
     nbytes = sum(t.values.nbytes for t in inputs[1:])
     return node, nbytes
+
+
+# --- Numeric range checks for the report (docs/ops.md#range-of-the-accumulator) ---------------
+
+# Without --data and without a producer that bounds the input, a layer is flagged when inputs
+# above this |x| can wrap its accumulator: trained networks' activations reach tens (MiniLM's
+# GELU outputs 25 on our sentences, against a safe limit of 62 for its FFN output layers), so
+# a lower limit is a real risk; the report states every layer's limit anyway.
+UNBOUNDED_WARN_BELOW = 50.0
+# The checks read weights and codes this many at a time (whole rows), so that a layer of any
+# size costs a few copies of one chunk.
+CHECK_ELEMENTS = 1 << 22
+# Tiny non-zero weights that became the zero code are reported above this fraction of a layer's
+# non-zero weights (one outlier per row, or a coarse --weight-bits, zeroes the rest).
+FLUSHED_WARN_FRACTION = 0.10
+# Ops whose output magnitude is bounded whatever their input; the others listed pass their first
+# input's bound through (they move, select or shrink elements).
+_BOUNDED = {"Softmax": 1.0, "Sigmoid": 1.0, "HardSigmoid": 1.0, "Tanh": 1.0, "Softsign": 1.0, "Erf": 1.0}
+_PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Compress",
+                 "Gather", "Slice", "Split", "Expand", "Relu")
+
+
+def exclude_hint(name: str) -> str:
+    """An --exclude pattern that matches exactly this node."""
+    return f"--exclude '^{re.escape(name)}$'"
+
+
+def weight_warnings(name: str, weight: np.ndarray, exponent: np.ndarray, cfg) -> list[str]:
+    """Report lines for float weights [out, in] that the format could not hold with the channel
+    exponents chosen: clamped to the channel's largest code, or (a large share) flushed to zero.
+    Counted in chunks of rows, like the rounding."""
+    out_features, in_features = weight.shape
+    rows = max(1, CHECK_ELEMENTS // max(in_features, 1))
+    e = torch.from_numpy(np.asarray(exponent, dtype=np.int32))
+    clamped = flushed = nonzero = 0
+    peak = 0.0
+    for o in range(0, out_features, rows):
+        w = torch.from_numpy(np.asarray(weight[o:o + rows], dtype=np.float64))
+        c, f = pow2.weight_range_counts(w, e[o:o + rows], cfg.weight_bits)
+        clamped, flushed = clamped + c, flushed + f
+        nonzero += int(np.count_nonzero(weight[o:o + rows]))
+        peak = max(peak, float(np.abs(weight[o:o + rows]).max(initial=0.0)))
+    lines = []
+    if clamped:
+        top = int(e.max())
+        if cfg.weight_scale != "none":   # the exponent reached its limit
+            why = f"beyond the largest code 2^{top} (channel exponents stop at ±{pow2.EXPONENT_LIMIT})"
+            fix = exclude_hint(name) + " keeps the layer float"
+        else:
+            why = "above their channel's largest code (--weight-scale none)"
+            fix = f"--weight-scale channel, or {exclude_hint(name)} to keep the layer float"
+        lines.append(f"{clamped} of {weight.size} weights lie {why} and were clamped to it "
+                     f"(max |w| = {peak:.3g}); fix: {fix}")
+    if nonzero and flushed > FLUSHED_WARN_FRACTION * nonzero:
+        lines.append(f"{flushed} of {nonzero} non-zero weights ({100 * flushed / nonzero:.0f} %) are below half "
+                     f"their channel's smallest code 2^(e-{pow2.zero_shift(cfg.weight_bits)}) and became 0; "
+                     f"fix: a larger --weight-bits, --shift-terms 2, or {exclude_hint(name)}")
+    return lines
+
+
+@dataclass
+class AccumulatorCheck:
+    """The range of one ShiftLinear node's int32 accumulator: the largest |x| on every input that
+    cannot wrap it, and what the inputs are known to reach (from --data or their producer)."""
+    node: str
+    safe_abs_input: float                  # inf: even saturated inputs cannot wrap it
+    input_bound: float | None = None       # max |x| the inputs are known (or seen) to reach
+    bound_source: str = ""                 # "calibration data" or the bounding producer
+    worst: int | None = None               # the largest row bound at input_bound, in acc units
+    warning: str | None = None
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _constant(model, inits, name: str) -> np.ndarray | None:
+    if name in inits:
+        try:
+            return onnx.numpy_helper.to_array(inits[name])
+        except Exception:   # external data not loaded, unreadable: no value
+            return None
+    for node in model.graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    return onnx.numpy_helper.to_array(a.t)
+    return None
+
+
+def _upstream(model: onnx.ModelProto, tensor: str) -> list[tuple[str, onnx.NodeProto | None]]:
+    """`tensor` and the tensors it comes from through pass-through ops, each with its producer."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    chain = []
+    while True:
+        node = producers.get(tensor)
+        chain.append((tensor, node))
+        if node is None or node.op_type not in _PASS_THROUGH or not node.input or len(chain) > 64:
+            return chain
+        tensor = node.input[0]
+
+
+def known_input_bound(model: onnx.ModelProto, tensor: str, width: int) -> tuple[np.ndarray, str] | None:
+    """Per-column |x| bound [width] of `tensor` from the op that produces it (through
+    pass-through ops): 1 for Softmax/Sigmoid/Tanh-like ops, max(|lo|, |hi|) for a constant Clip,
+    and √(n−1)·|γ| + |β| for LayerNormalization over n elements (|x̂| ≤ √(n−1) when Σx̂ = 0 and
+    Σx̂² ≤ n); None when unknown."""
+    inits = _initializers(model)
+    for through, (_, node) in enumerate(_upstream(model, tensor)):
+        if node is None:
+            return None
+        label = f"{node.op_type} '{node.name or node.output[0]}'"
+        if node.op_type in _BOUNDED and (node.domain or "") in ("", "ai.onnx"):
+            return np.full(width, _BOUNDED[node.op_type]), label
+        if node.op_type == "Clip":
+            lo = _constant(model, inits, node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            hi = _constant(model, inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if lo is None or hi is None:
+                return None
+            return np.full(width, max(abs(float(lo)), abs(float(hi)))), label
+        if node.op_type == "LayerNormalization":
+            scale = _constant(model, inits, node.input[1])
+            bias = _constant(model, inits, node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+            if scale is None or bias is None:
+                return None
+            n = scale.size
+            bound = np.sqrt(max(n - 1, 0)) * np.abs(scale) + np.abs(bias)
+            if through or bound.ndim != 1 or bound.size != width:
+                bound = np.full(width, float(np.max(bound)))
+            return bound.astype(np.float64), label
+    return None
+
+
+def _seen_range(model: onnx.ModelProto, tensor: str, width: int, input_ranges: dict) -> np.ndarray | None:
+    """max |x| per column [width] of `tensor` from calibration ranges, keyed by it or by a tensor it
+    comes from through pass-through ops (then the largest figure for every column)."""
+    for depth, (name, _) in enumerate(_upstream(model, tensor)):
+        if name in input_ranges:
+            r = np.asarray(input_ranges[name], dtype=np.float64).reshape(-1)
+            if depth or r.size != width:
+                r = np.full(width, r.max(initial=0.0))
+            return r
+    return None
+
+
+class _Codes:
+    """The shifts of a ShiftLinear node's packed codes, read in chunks of whole rows (a layer of
+    any size costs a few bytes per weight of one chunk at a time)."""
+
+    def __init__(self, packed: np.ndarray, terms: int, n_out: int, n_in: int, bits: int):
+        self.packed, self.terms, self.n_out, self.n_in, self.bits = packed, terms, n_out, n_in, bits
+        self.rows = max(1, CHECK_ELEMENTS // max(n_in * terms, 1))
+
+    def chunks(self):
+        """shifts [terms, r, in] (−1 for a zero code) of rows o … o + r, for each chunk."""
+        n, b = self.n_in, self.bits
+        for o in range(0, self.n_out, self.rows):
+            r = min(self.rows, self.n_out - o)
+            parts = []
+            for t in range(self.terms):
+                start = ((t * self.n_out + o) * n) * b
+                stream = np.unpackbits(self.packed[start // 8:-(-(start + r * n * b) // 8)], bitorder="little")
+                bits = stream[start % 8:start % 8 + r * n * b].reshape(r * n, b)
+                codes = (bits.astype(np.uint8) << np.arange(b, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+                parts.append(pow2.code_shifts(codes, b).reshape(r, n))
+            yield np.stack(parts)
+
+    def bound(self, x_max_q: np.ndarray) -> np.ndarray:
+        """Per row, the largest |acc| inputs with |x_q| ≤ x_max_q can give (pow2.accumulator_bound)."""
+        return np.concatenate([pow2.accumulator_bound(s, x_max_q) for s in self.chunks()])
+
+    def magnitudes(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = [pow2.row_magnitudes(s) for s in self.chunks()]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def accumulator_checks(model: onnx.ModelProto, input_ranges: dict[str, np.ndarray] | None = None,
+                       producers_of: onnx.ModelProto | None = None) -> list[AccumulatorCheck]:
+    """Check every ShiftLinear node's int32 accumulator for wrap-around (docs/ops.md). With
+    `input_ranges` (max |x| per input column, or one figure, from calibration data, keyed by the
+    node's input tensor) a node warns when those inputs can wrap it; else, when its input comes
+    from a bounding op, when that bound can; else when the safe |x| is below
+    UNBOUNDED_WARN_BELOW. `producers_of`: the model to look for bounding producers in (default
+    `model`)."""
+    inits = _initializers(model)
+    checks = []
+    for node in model.graph.node:
+        if node.op_type != "ShiftLinear" or node.domain != DOMAIN:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        n_in, n_out = attrs["in_features"], attrs["out_features"]
+        bits, terms = attrs.get("weight_bits", 5), attrs.get("terms", 1)
+        a_bits, f_bits = attrs.get("act_bits", 32), attrs.get("act_frac_bits", 16)
+        packed = _constant(model, inits, node.input[1])
+        if packed is None or packed.size * 8 < terms * n_out * n_in * bits:
+            continue   # not readable here (or malformed, which the kernel refuses)
+        codes = _Codes(packed.reshape(-1), terms, n_out, n_in, bits)
+        name = node.name or node.output[0]
+        saturated = codes.bound(np.full(n_in, 2 ** (a_bits - 1), dtype=np.int64)).max(initial=0)
+        s, n = codes.magnitudes() if saturated > pow2.ACC_MAX else (None, None)
+        check = AccumulatorCheck(name, pow2.safe_input_bound(int(saturated), s, n, f_bits))
+        checks.append(check)
+        if check.safe_abs_input == float("inf"):
+            continue
+        x = node.input[0]
+        seen = None if input_ranges is None else _seen_range(producers_of or model, x, n_in, input_ranges)
+        known = known_input_bound(producers_of or model, x, n_in)
+        narrower = (f"--act-bits 16 with --data to calibrate it per layer" if a_bits == 32
+                    else f"a smaller --act-bits (now {a_bits})")
+        fix = (f"lower --act-frac-bits (now {f_bits}), or {narrower}, or {exclude_hint(name)} to keep "
+               "the layer float")
+        if known is not None:
+            bound, source = known
+            worst = codes.bound(pow2.max_abs_fixed(bound, a_bits, f_bits))
+            check.input_bound, check.bound_source, check.worst = float(bound.max()), source, int(worst.max())
+            if worst.max() <= pow2.ACC_MAX:
+                continue   # proved safe for anything the producer can give
+        if seen is not None:
+            worst = codes.bound(pow2.max_abs_fixed(seen, a_bits, f_bits))
+            check.input_bound, check.bound_source, check.worst = float(seen.max()), "calibration data", int(worst.max())
+            if worst.max() > pow2.ACC_MAX:
+                frac = _fitting_frac_bits(codes, seen, a_bits, f_bits)
+                rows = int((worst > pow2.ACC_MAX).sum())
+                check.warning = (
+                    f"int32 accumulator can wrap around on the calibration data: inputs up to |x| = "
+                    f"{seen.max():.4g} give row {int(worst.argmax())} a sum of up to {worst.max():.4g} > 2^31 − 1 "
+                    f"({rows} of {n_out} rows over; no wrap for |x| ≤ {check.safe_abs_input:.4g} at "
+                    f"Q{a_bits - f_bits}.{f_bits}); fix: "
+                    + (f"--act-frac-bits {frac} or lower, or " if frac is not None else "")
+                    + f"{narrower}, or {exclude_hint(name)} to keep the layer float")
+        elif known is not None:
+            check.warning = (f"int32 accumulator can wrap around: its input comes from {check.bound_source} (|x| ≤ "
+                             f"{check.input_bound:.4g}), which can give row {int(worst.argmax())} a sum of "
+                             f"{worst.max():.4g} > 2^31 − 1; no wrap for |x| ≤ {check.safe_abs_input:.4g}; fix: {fix}")
+        elif check.safe_abs_input < UNBOUNDED_WARN_BELOW:
+            check.warning = (f"int32 accumulator wraps around for inputs beyond |x| = {check.safe_abs_input:.4g} "
+                             f"(Q{a_bits - f_bits}.{f_bits}; a row's |w| sum is up to {s.max():.4g}× its channel "
+                             f"scale) and the input range is unknown; fix: check it with --data, {fix}")
+    return checks
+
+
+def _fitting_frac_bits(codes: _Codes, seen, act_bits: int, frac_bits: int) -> int | None:
+    """The largest F below `frac_bits` at which the seen inputs cannot wrap, None if none ≥ −32."""
+    for f in range(frac_bits - 1, -33, -1):
+        if codes.bound(pow2.max_abs_fixed(seen, act_bits, f)).max() <= pow2.ACC_MAX:
+            return f
+    return None
+
+
+def annotate_accumulators(changes: list, checks: list[AccumulatorCheck]) -> None:
+    """Put each check on the report's LayerChange of its node (a MoE expert's ShiftLinear, named
+    under its block, on the block's entry): `accumulator` figures and the warning, replacing
+    those of an earlier check (a re-check after re-rounding)."""
+    by_name = {c.node: c for c in changes}
+    for check in checks:
+        change = by_name.get(check.node)
+        warning = check.warning
+        if change is None:
+            owners = [c for c in changes if check.node.startswith(c.node + "/")]
+            if not owners:
+                continue   # a ShiftLinear that was already in the input model
+            change = max(owners, key=lambda c: len(c.node))
+            warning = warning and f"ShiftLinear '{check.node}': {warning}"
+        old = (change.accumulator or {}).get(check.node, {}).get("warning")
+        if old in change.warnings:
+            change.warnings.remove(old)
+        safe = None if check.safe_abs_input == float("inf") else check.safe_abs_input
+        change.accumulator = {**(change.accumulator or {}), check.node: {
+            "safe_abs_input": safe, "input_bound": check.input_bound, "bound_source": check.bound_source,
+            "worst_row_sum": check.worst, "warning": warning}}
+        if warning:
+            change.warnings.append(warning)

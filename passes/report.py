@@ -17,6 +17,13 @@ class LayerChange:
     activation: str = ""          # name of the activation tensor, to count rows later
     rows: int | None = None       # rows per inference at the stated input shapes
     detail: str = ""
+    # Numeric problems found in converting it (weights clamped or zeroed, an accumulator that can
+    # wrap around), one line each with the fix; the report prints them under "warnings:".
+    warnings: list[str] = field(default_factory=list)
+    # Per ShiftLinear node it became, its accumulator's range (passes/linear.py): safe_abs_input
+    # (None: no input can wrap it), input_bound and bound_source (what the inputs are known or seen
+    # to reach), worst_row_sum (the largest |acc| they can give) and the warning, if any.
+    accumulator: dict | None = None
 
     @property
     def params(self) -> int:
@@ -85,6 +92,8 @@ class ConversionReport:
     input_shapes: dict[str, list[int]]
     file_bytes_before: int
     file_bytes_after: int
+    # Why a figure is missing, e.g. the shape inference that counts rows failed (one line).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def changes(self) -> list[LayerChange]:
@@ -104,7 +113,13 @@ class ConversionReport:
                 "converted": [{**c.__dict__, "macs_removed": c.macs_removed} for c in r.changes],
                 "skipped": [s.__dict__ for s in r.skips],
             } for r in self.results],
+            "warnings": [{"node": c.node, "pass": c.pass_name, "warning": w} for c, w in self.warnings],
+            "notes": list(self.notes),
         }
+
+    @property
+    def warnings(self) -> list[tuple[LayerChange, str]]:
+        return [(c, w) for c in self.changes for w in c.warnings]
 
     def table(self) -> str:
         rows = [("layer", "pass", "became", "in→out", "rows", "MACs removed", "bytes before→after")]
@@ -137,4 +152,13 @@ class ConversionReport:
             + (f" at {shapes}" if shapes else "") + ": "
             + ("unknown (shapes not inferable)" if None in macs else human_count(sum(macs))),
         ]
+        lines += [f"  {note}" for note in self.notes]
+        unknown = [(v["safe_abs_input"], name) for c in changes for name, v in (c.accumulator or {}).items()
+                   if v["input_bound"] is None and v["safe_abs_input"] is not None]
+        if unknown:
+            limit, name = min(unknown)
+            lines.append(f"int32 accumulators: inputs within |x| ≤ {limit:.4g} cannot wrap any layer (lowest: "
+                         f"{name}); {len(unknown)} of unknown input range (--data checks them)")
+        if self.warnings:
+            lines += ["", "warnings:"] + [f"  {c.node}: {w}" for c, w in self.warnings]
         return "\n".join(lines)

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from mfconvert.nn import pow2
 from mfconvert.passes.graph import claimant, node_label
-from mfconvert.passes.linear import match_linear, shift_linear_node
+from mfconvert.passes.linear import match_linear, shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
 from mfconvert.passes.targeting import compile_patterns, exclusion_reason
@@ -66,6 +66,7 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
         frac_bits = cfg.act_frac_bits_by_input.get(match.activation.name, cfg.act_frac_bits)
         new, nbytes = shift_linear_node(label, match.activation, match.output, match.weight, match.bias,
                                         replace(cfg, act_frac_bits=frac_bits))
+        warnings = weight_warnings(label, match.weight, new.inputs[2].values, cfg)   # inputs[2]: exponents
         for old in match.nodes:
             old.outputs.clear()
         graph.nodes.append(new)
@@ -74,6 +75,6 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
         result.changes.append(LayerChange(
             NAME, label, "ShiftLinear", in_features, out_features, before, nbytes,
             activation=match.activation.name, detail=f"{node.op}{fused}, {cfg.weight_bits}-bit codes"
-                   + (f" × {cfg.terms} terms" if cfg.terms > 1 else "")))
+                   + (f" × {cfg.terms} terms" if cfg.terms > 1 else ""), warnings=warnings))
     graph.cleanup().toposort()
     return result
