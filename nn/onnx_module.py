@@ -27,13 +27,60 @@ from torch import nn
 
 from mfconvert.nn import pow2
 from mfconvert.nn.add_attention import AddLinearAttention
-from mfconvert.nn.onnx_ops import OPS, attributes
+from mfconvert.nn.onnx_ops import attributes, lookup, norm_domain, to_tensor
 from mfconvert.nn.shift_linear import ShiftLinear
 from mfconvert.ort_ops import DOMAIN
 
 
 class UnsupportedOp(ValueError):
     pass
+
+
+def _compile(node: onnx.NodeProto, opsets: dict[str, int]) -> dict:
+    """The node's attributes over its schema's defaults at the model's opset, with the op's
+    implementation (`_fn`) and, for If, its compiled branches; UnsupportedOp if there is none."""
+    domain = norm_domain(node.domain)
+    opset = opsets.get(domain, 1)
+    fn = lookup(domain, node.op_type, opset)
+    if fn is None and node.op_type != "If":
+        label = node.name or node.output[0]
+        raise UnsupportedOp(f"node '{label}': op {domain + '.' if domain else ''}"
+                            f"{node.op_type} is not supported by the PyTorch executor")
+    attrs = attributes(node, opset)
+    attrs.update(_fn=fn, _opset=opset, _nout=len(node.output), _op=node.op_type)
+    if node.op_type == "If" and domain == "":
+        attrs["_branches"] = {name: _compile_graph(attrs[name], opsets) for name in ("then_branch", "else_branch")}
+    return attrs
+
+
+def _compile_graph(graph: onnx.GraphProto, opsets: dict[str, int]) -> tuple:
+    """(constants, [(node, attrs)], outputs) of a subgraph; it sees the outer scope's tensors."""
+    consts = {i.name: to_tensor(numpy_helper.to_array(i)) for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if norm_domain(node.domain) == "" and node.op_type == "Constant":
+            consts[node.output[0]] = to_tensor(_constant_value(node))
+        else:
+            nodes.append((node, _compile(node, opsets)))
+    return consts, nodes, [o.name for o in graph.output]
+
+
+def _run_node(node: onnx.NodeProto, attrs: dict, env: dict, lookup_value) -> None:
+    """Run one standard node, writing its outputs into env (If: its chosen branch, eagerly)."""
+    args = [None if not n else env[n] if n in env else lookup_value(n) for n in node.input]
+    if node.op_type == "If" and "_branches" in attrs:
+        consts, nodes, outs = attrs["_branches"]["then_branch" if bool(args[0].reshape(-1)[0]) else "else_branch"]
+        inner = {**env, **consts}
+        for sub, sub_attrs in nodes:
+            _run_node(sub, sub_attrs, inner, lookup_value)
+        outputs = [inner[n] if n in inner else lookup_value(n) for n in outs]
+    else:
+        outputs = attrs["_fn"](attrs, *args)
+        if not isinstance(outputs, (tuple, list)):
+            outputs = (outputs,)
+    for name, value in zip(node.output, outputs):
+        if name:
+            env[name] = value
 
 
 def _safe(name: str) -> str:
@@ -60,6 +107,7 @@ class OnnxModule(nn.Module):
         tables = set() if train_lookup_tables else {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
         for init in model.graph.initializer:
             self._add_initializer(init.name, numpy_helper.to_array(init), trainable=init.name not in tables)
+        self.opsets = {norm_domain(o.domain): o.version for o in model.opset_import}
         self.nodes = []
         consumed_by_layers = set()
         for index, node in enumerate(model.graph.node):
@@ -67,15 +115,13 @@ class OnnxModule(nn.Module):
             if node.domain == DOMAIN:
                 self.layers[key] = self._custom_layer(node, latent_weights or {}, shift_mode)
                 consumed_by_layers.update(node.input[_flow_inputs(node):])
-            elif (node.domain or "") in ("", "ai.onnx") and node.op_type in OPS:
-                if node.op_type == "Constant":   # constants of the graph's arithmetic: never trained
-                    self._add_initializer(node.output[0], _constant_value(node), trainable=False)
-                    continue
-            else:
-                label = node.name or node.output[0]
-                raise UnsupportedOp(f"node '{label}': op {node.domain + '.' if node.domain else ''}"
-                                    f"{node.op_type} is not supported by the PyTorch executor")
-            self.nodes.append((key, node, attributes(node)))
+                self.nodes.append((key, node, attributes(node)))
+                continue
+            if norm_domain(node.domain) == "" and node.op_type == "Constant":
+                # constants of the graph's arithmetic: never trained
+                self._add_initializer(node.output[0], _constant_value(node), trainable=False)
+                continue
+            self.nodes.append((key, node, _compile(node, self.opsets)))
         # The custom layers own their constants (codes, exponents, bias): drop the raw copies.
         for name in consumed_by_layers:
             key = self._tensor_keys.pop(name, None)
@@ -86,7 +132,7 @@ class OnnxModule(nn.Module):
 
     def _add_initializer(self, name: str, value: np.ndarray, trainable: bool = True) -> None:
         key = f"t_{_safe(name)}"
-        tensor = torch.from_numpy(np.array(value, copy=True))
+        tensor = to_tensor(value)
         if trainable and tensor.is_floating_point():
             self.params[key] = nn.Parameter(tensor)
         else:
@@ -173,14 +219,11 @@ class OnnxModule(nn.Module):
                     outputs = (self.layers[key].core(flow[0], flow[1], flow[2], flow[3]),)
                 else:
                     outputs = (self.layers[key](flow[0]),)
+                for name, value in zip(node.output, outputs):
+                    if name:
+                        env[name] = value
             else:
-                args = [None if not n else env[n] if n in env else self._value(n) for n in node.input]
-                outputs = OPS[node.op_type](attrs, *args)
-                if not isinstance(outputs, (tuple, list)):
-                    outputs = (outputs,)
-            for name, value in zip(node.output, outputs):
-                if name:
-                    env[name] = value
+                _run_node(node, attrs, env, self._value)
         outputs = [env[n] if n in env else self._value(n) for n in self.output_names]
         return (outputs, {n: env[n] for n in capture}) if capture else outputs
 
