@@ -26,3 +26,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_blas_thread():
+    """NumPy references with large float64 matmuls: one BLAS thread (on 2 shared cores, OpenBLAS's
+    spinning threads made them several times slower)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield

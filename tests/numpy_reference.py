@@ -38,10 +38,14 @@ def shift_linear(x: np.ndarray, sign: np.ndarray, m: np.ndarray, exponent: np.nd
     """The ShiftLinear op: Σ ±(x_q >> m) with int32 wrap, then float32(acc)·2^(e−F) + b."""
     z = 2 ** (bits - 1) - 1
     xq = quantize(x, act_bits, frac_bits).reshape(-1, x.shape[-1])          # [R, in] int64
-    terms = xq[:, None, :] >> np.minimum(m, 62)[None, :, :]                  # [R, out, in]
-    terms = np.where(sign[None] == 1, -terms, terms)
-    terms = np.where(m[None] == z, 0, terms)
-    acc = terms.sum(axis=2)
+    # acc = Σ_i ±(x_q >> m_oi), grouped by shift: Σ_m (x_q >> m) · (±1 where m_oi = m)ᵀ. The float64
+    # products are ±integers below 2^31 and every partial sum is below in·2^31 ≤ 2^53 (in ≤ 2^22),
+    # so these sums are exact integers, in any order.
+    acc = np.zeros((len(xq), len(exponent)), np.float64)
+    signed = np.where(sign == 1, -1.0, 1.0)
+    for shift in np.unique(m[m != z]):
+        acc += (xq >> int(shift)).astype(np.float64) @ ((m == shift) * signed).T   # [out, in] of ±1 / 0
+    acc = acc.astype(np.int64)
     acc = ((acc + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)            # two's-complement wrap
     scale = np.array([np.ldexp(np.float32(1), int(e) - frac_bits) for e in exponent], dtype=np.float32)
     y = acc.astype(np.float32) * scale

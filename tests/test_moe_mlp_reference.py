@@ -41,14 +41,21 @@ def mlp(request, tmp_path_factory):
     return request.param, fc1, fc2, path
 
 
-def spec_router(cfg):
+def spec_router(cfg, d=D):
     """W_r = (router_std/√d)·N, N = default_rng(seed).standard_normal((2, d)); b_r = [0, bias]."""
-    n = np.random.default_rng(cfg.get("seed", 0)).standard_normal((2, D))
-    return (cfg["router_std"] / np.sqrt(D) * n).astype(np.float32), np.array([0, cfg["router_bias"]], np.float32)
+    n = np.random.default_rng(cfg.get("seed", 0)).standard_normal((2, d))
+    return (cfg["router_std"] / np.sqrt(d) * n).astype(np.float32), np.array([0, cfg["router_bias"]], np.float32)
 
 
 def reference_and_bound(act_name, fc1, fc2, cfg, x):
-    """(y float64 [R, D], per-element bound, info) for a float32 evaluation of the block.
+    w1, b1 = fc1.weight.detach().numpy(), fc1.bias.detach().numpy()
+    w2, b2 = fc2.weight.detach().numpy(), fc2.bias.detach().numpy()
+    return block_reference(ACTS[act_name][1:], act_name == "relu", *spec_router(cfg), w1, b1, w2, b2, x)
+
+
+def block_reference(act, exact_act, w_r, b_r, w1, b1, w2, b2, x):
+    """(y float64 [R, d_out], per-element bound, info) for a float32 evaluation of the block;
+    act = (NumPy activation, its Lipschitz constant), exact_act: float32 evaluates it exactly.
 
     Router: l = x·W_rᵀ + b_r in float32 is off by at most (d + 1)·U·(|x|·|W_r|ᵀ + |b_r|) per logit;
     tokens whose margin |l₁ − l₀| is within twice that may route either way (`ambiguous`).
@@ -59,24 +66,22 @@ def reference_and_bound(act_name, fc1, fc2, cfg, x):
     GELU a fixed-point input floor(a·2¹⁶) of fc2 may flip by one where a·2¹⁶ lies within
     8U·|h|·2¹⁶ of an integer, moving acc_o by at most one per such input with a non-zero code,
     i.e. the output by 2^(e_o − 16) each. Output y = g·E: err ≤ |E|·err_g + g·err_E + U·|y|."""
-    np_act, lip = ACTS[act_name][1:]
-    w_r, b_r = spec_router(cfg)
-    w1, b1 = fc1.weight.detach().numpy(), fc1.bias.detach().numpy()
-    w2, b2 = fc2.weight.detach().numpy(), fc2.bias.detach().numpy()
+    np_act, lip = act
     y, p = ref.moe_mlp(x, w_r, b_r, w1, b1, w2, b2, np_act)
-    y = y.reshape(-1, D)
+    y = y.reshape(-1, w2.shape[0])
     x2 = p["x2"].astype(np.float64)
-    err_l = (D + 1) * U * (np.abs(x2) @ np.abs(w_r.T.astype(np.float64)) + np.abs(b_r))
+    d, hidden = w1.shape[1], w1.shape[0]
+    err_l = (d + 1) * U * (np.abs(x2) @ np.abs(w_r.T.astype(np.float64)) + np.abs(b_r))
     margin = np.abs(p["logits"][:, 1] - p["logits"][:, 0])
     ambiguous = margin <= 2 * err_l.sum(1)
     g = p["gate"]
     err_g = 2 * g * (1 - g) * err_l.sum(1) + 4 * U
     h = p["h_mult"]
-    err_h = (D + 1) * U * (np.abs(x2) @ np.abs(w1.T) + np.abs(b1))
+    err_h = (d + 1) * U * (np.abs(x2) @ np.abs(w1.T) + np.abs(b1))
     a = np_act(h)
-    err_a = lip * err_h + (8 * U * np.abs(h) if act_name != "relu" else 0)
-    err_mult = err_a @ np.abs(w2.T) + (HIDDEN + 1) * U * (np.abs(a) @ np.abs(w2.T) + np.abs(b2))
-    if act_name == "relu":
+    err_a = lip * err_h + (0 if exact_act else 8 * U * np.abs(h))
+    err_mult = err_a @ np.abs(w2.T) + (hidden + 1) * U * (np.abs(a) @ np.abs(w2.T) + np.abs(b2))
+    if exact_act:
         err_shift = np.zeros_like(err_mult)
     else:
         scaled = p["a_shift"] * 2.0 ** 16
@@ -90,7 +95,7 @@ def reference_and_bound(act_name, fc1, fc2, cfg, x):
 
 
 def check(got, y, tol, info, act_name, routing):
-    got = got.reshape(-1, D).astype(np.float64)
+    got = got.reshape(y.shape).astype(np.float64)
     ok = ~info["ambiguous"]
     assert ok.mean() > 0.95, ok.mean()                   # measured: no ambiguous token in these fixtures
     diff = np.abs(got - y)[ok]
