@@ -16,6 +16,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -362,7 +363,9 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     """A checkpoint _save_checkpoint wrote, read without unpickling anything but tensors and plain
     values; any other file is a ConversionError."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:   # UnpicklingError (a forbidden global), a zip or pickle error, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         why = ("it holds objects other than tensors and plain values; not unpickled"
