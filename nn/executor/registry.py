@@ -53,6 +53,8 @@ def schema_defaults(domain: str, op_type: str, opset: int) -> dict:
             out[name] = onnx.helper.get_attribute_value(attr.default_value)
             if isinstance(out[name], bytes):
                 out[name] = out[name].decode()
+            elif isinstance(out[name], list) and out[name] and isinstance(out[name][0], bytes):
+                out[name] = [v.decode() for v in out[name]]
     return out
 
 
