@@ -58,10 +58,12 @@ def column_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[str]
     seen: dict[str, np.ndarray] = {}
     for batch in examples.batches(batch_size):
         for name, value in zip(tensors, sess.run(tensors, batch)):
-            value = np.abs(np.asarray(value, dtype=np.float64))
+            value = np.asarray(value)
             if value.ndim == 0 or value.shape[-1] == 0:
                 continue
-            peak = np.fmax.reduce(value.reshape(-1, value.shape[-1]), axis=0, initial=0.0)   # NaN → x_q = 0
+            flat = value.reshape(-1, value.shape[-1])   # max |x| = max(max x, −min x), NaN ignored (x_q = 0)
+            peak = np.fmax(np.fmax.reduce(flat, axis=0, initial=0.0), -np.fmin.reduce(flat, axis=0, initial=0.0))
+            peak = peak.astype(np.float64)
             seen[name] = peak if name not in seen or seen[name].shape != peak.shape else np.maximum(seen[name], peak)
     return seen
 

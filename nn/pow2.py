@@ -154,15 +154,18 @@ def quantize_activation(x: torch.Tensor, act_bits: int = 32, act_frac_bits: int 
 ACC_MAX = 2 ** 31 - 1
 
 
-def weight_range_counts(weight: torch.Tensor, exponent: torch.Tensor, weight_bits: int) -> tuple[int, int]:
-    """(clamped, flushed) of float weights [out, in]: how many round above the channel's largest
-    magnitude 2^e_o and were clamped to it, and how many non-zero ones lie below half its smallest
-    magnitude and became the zero code (step 2 and 3 of rounding)."""
-    e = exponent.to(torch.int32).unsqueeze(1)
-    mag = weight.detach().to(torch.float32).abs()
-    clamped = int((rounded_log2(mag.clamp_min(2.0 ** -126)) > e).logical_and(mag > 0).sum())
-    flushed = int(((mag < power_of_two(e - zero_shift(weight_bits))) & (mag > 0)).sum())
-    return clamped, flushed
+def weight_range_counts(weight: np.ndarray, exponent: np.ndarray, weight_bits: int) -> tuple[int, int, int]:
+    """(clamped, flushed, nonzero) of float weights [out, in] with channel exponents [out]: how
+    many round above the channel's largest magnitude 2^e_o and were clamped to it (rounded_log2
+    > e_o, i.e. |w| ≥ 1.0x3504F4 · 2^e_o), how many non-zero ones lie below half its smallest
+    magnitude 2^(e_o − Z) and became the zero code, and how many are non-zero; comparisons of
+    the float32 bits, in NumPy (single-threaded: cheap beside the rounding)."""
+    bits = np.abs(np.asarray(weight, dtype=np.float32)).view(np.int32)
+    e = np.asarray(exponent, dtype=np.int32)[:, None] + 127          # e_o in [−100, 100]: a normal float
+    clamped = int(np.count_nonzero(bits >= (e << 23 | 0x3504F4)))
+    nonzero = bits > 0
+    flushed = int(np.count_nonzero(nonzero & (bits < (e - zero_shift(weight_bits)) << 23)))
+    return clamped, flushed, int(np.count_nonzero(nonzero))
 
 
 def code_shifts(codes: np.ndarray, weight_bits: int) -> np.ndarray:

@@ -149,14 +149,12 @@ def weight_warnings(name: str, weight: np.ndarray, exponent: np.ndarray, cfg) ->
     Counted in chunks of rows, like the rounding."""
     out_features, in_features = weight.shape
     rows = max(1, CHECK_ELEMENTS // max(in_features, 1))
-    e = torch.from_numpy(np.asarray(exponent, dtype=np.int32))
+    e = np.asarray(exponent, dtype=np.int32)
     clamped = flushed = nonzero = 0
     peak = 0.0
     for o in range(0, out_features, rows):
-        w = torch.from_numpy(np.asarray(weight[o:o + rows], dtype=np.float64))
-        c, f = pow2.weight_range_counts(w, e[o:o + rows], cfg.weight_bits)
-        clamped, flushed = clamped + c, flushed + f
-        nonzero += int(np.count_nonzero(weight[o:o + rows]))
+        c, f, n = pow2.weight_range_counts(weight[o:o + rows], e[o:o + rows], cfg.weight_bits)
+        clamped, flushed, nonzero = clamped + c, flushed + f, nonzero + n
         peak = max(peak, float(np.abs(weight[o:o + rows]).max(initial=0.0)))
     lines = []
     if clamped:
@@ -268,9 +266,18 @@ class _Codes:
     def __init__(self, packed: np.ndarray, terms: int, n_out: int, n_in: int, bits: int):
         self.packed, self.terms, self.n_out, self.n_in, self.bits = packed, terms, n_out, n_in, bits
         self.rows = max(1, CHECK_ELEMENTS // max(n_in * terms, 1))
+        self._whole = None   # the one chunk of a layer that fits in one, read once
 
     def chunks(self):
         """shifts [terms, r, in] (−1 for a zero code) of rows o … o + r, for each chunk."""
+        if self.rows >= self.n_out:
+            if self._whole is None:
+                self._whole = next(self._read())
+            yield self._whole
+        else:
+            yield from self._read()
+
+    def _read(self):
         n, b = self.n_in, self.bits
         for o in range(0, self.n_out, self.rows):
             r = min(self.rows, self.n_out - o)
@@ -279,7 +286,7 @@ class _Codes:
                 start = ((t * self.n_out + o) * n) * b
                 stream = np.unpackbits(self.packed[start // 8:-(-(start + r * n * b) // 8)], bitorder="little")
                 bits = stream[start % 8:start % 8 + r * n * b].reshape(r * n, b)
-                codes = (bits.astype(np.uint8) << np.arange(b, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+                codes = np.packbits(bits, axis=1, bitorder="little").reshape(-1)   # B ≤ 8 bits → one byte
                 parts.append(pow2.code_shifts(codes, b).reshape(r, n))
             yield np.stack(parts)
 

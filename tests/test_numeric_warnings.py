@@ -233,3 +233,25 @@ def test_the_bound_is_what_the_kernel_reaches_and_chunks_read_the_same_codes():
         reader = _Codes(pow2.pack_codes(codes, bits), terms, 7, 5, bits)
         reader.rows = 3
         assert (np.concatenate(list(reader.chunks()), axis=1) == pow2.code_shifts(codes, bits)).all()
+
+
+@pytest.mark.parametrize("weight_bits", [2, 5])
+def test_range_counts_agree_with_the_rounding(weight_bits):
+    """The counts compare float32 bits; the rounding (round_to_codes) decides the same weights."""
+    import torch
+
+    from mfconvert.nn import pow2
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((40, 300)) * np.exp2(rng.integers(-30, 30, size=(40, 300)))).astype(np.float32)
+    w[rng.random(w.shape) < 0.1] = 0.0
+    e = rng.integers(-20, 20, size=40).astype(np.int8)                # clamps and flushes on both sides
+    clamped, flushed, nonzero = pow2.weight_range_counts(w, e, weight_bits)
+    codes = pow2.round_to_codes(torch.from_numpy(w), torch.from_numpy(e), weight_bits).numpy()
+    z = pow2.zero_shift(weight_bits)
+    m = (codes & z).astype(np.int64)
+    mag = np.abs(w.astype(np.float64))
+    # A clamped weight gets m = 0 (the channel's top) while its own rounded power lies above it.
+    expect_clamped = np.count_nonzero((m == 0) & (np.round(np.log2(np.where(mag > 0, mag, 1.0))) > e[:, None]))
+    assert clamped == expect_clamped > 0
+    assert flushed == np.count_nonzero((m == z) & (w != 0)) > 0 and nonzero == np.count_nonzero(w)
