@@ -68,23 +68,19 @@ def _conv_transpose(a, x, w, b=None):
     full = [(x.shape[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 + out_pad[i] for i in range(n)]
     y = _pad_spatial(y, [0] * n + list(out_pad)) if any(out_pad) else y
     auto_pad = a.get("auto_pad", "NOTSET")
-    if a.get("output_shape"):
-        target = list(a["output_shape"])[-n:]
+    target = list(a["output_shape"])[-n:] if a.get("output_shape") else None
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = target or [x.shape[2 + i] * strides[i] for i in range(n)]
         total = [full[i] - target[i] for i in range(n)]
         if auto_pad == "SAME_UPPER":
             pads = [t // 2 for t in total] + [t - t // 2 for t in total]
         else:
             pads = [t - t // 2 for t in total] + [t // 2 for t in total]
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        total = [full[i] - x.shape[2 + i] * strides[i] for i in range(n)]
-        if auto_pad == "SAME_UPPER":
-            pads = [t // 2 for t in total] + [t - t // 2 for t in total]
-        else:
-            pads = [t - t // 2 for t in total] + [t // 2 for t in total]
-    else:
-        pads = a.get("pads") or [0] * 2 * n
-    index = [slice(None), slice(None)] + [slice(pads[i], full[i] - pads[n + i]) for i in range(n)]
-    y = y[tuple(index)]
+    else:   # explicit pads; an output_shape then crops or extends at the end (as onnx.reference)
+        pads = list(a.get("pads") or [0] * 2 * n)
+        if target:
+            pads = pads[:n] + [full[i] - pads[i] - target[i] for i in range(n)]
+    y = _pad_spatial(y, [-p for p in pads])
     if b is not None:
         y = y + b.reshape(1, -1, *[1] * n)
     return y

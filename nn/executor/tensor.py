@@ -24,7 +24,7 @@ op("Reshape", 5)(lambda a, x, shape: _reshape(x, ints(shape), a.get("allowzero",
 
 @op("Flatten")
 def _flatten(a, x):
-    axis = a["axis"] % (x.dim() + 1) if a["axis"] < 0 else a["axis"]
+    axis = a["axis"] + x.dim() if a["axis"] < 0 else a["axis"]
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
@@ -291,7 +291,7 @@ def _topk(a, x, k=None):
     largest = a.get("largest", 1)
     order = torch.sort(wide(x) if x.dtype in NARROW_UNSIGNED else x, dim=axis, descending=bool(largest), stable=True)[1]
     idx = order.narrow(axis, 0, int(k))
-    return torch.gather(x, axis, idx), idx
+    return torch.gather(wide(x), axis, idx).to(x.dtype), idx
 
 
 @op("Unique", 11)
