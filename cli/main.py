@@ -199,6 +199,8 @@ def convert(
         bar.close()
         fail(str(err).splitlines()[0])
     bar.close()
+    if max_drop is not None and ranges is not None:   # the budget's conversions had no data to check on
+        annotate_accumulators(result.report.changes, accumulator_checks(result.model, ranges))
     rounded = None
     if data is not None and rounding == "compensated" and out and not finetuning:  # finetuning does its own
         try:
