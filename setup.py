@@ -7,6 +7,7 @@ object exporting only RegisterCustomOps; it does not link libonnxruntime.
 """
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,21 @@ class BuildOrtOps(build_ext):
         parts = ext_name.split(".")
         return os.path.join(*parts[:-1], "libmfconvert_ops.so")
 
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        """--inplace: the new library lands by rename, so processes that loaded the old one
+        (it is mapped, not read) keep it intact instead of seeing it overwritten in place."""
+        if not self.dry_run and os.path.isfile(infile) and not os.path.isdir(outfile):
+            tmp = f"{outfile}.tmp{os.getpid()}"
+            try:
+                shutil.copyfile(infile, tmp)
+                shutil.copymode(infile, tmp)
+                os.replace(tmp, outfile)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return outfile, True
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
 
 ops_library = Extension(
     "mfconvert.ort_ops.libmfconvert_ops",
@@ -62,4 +78,7 @@ ops_library = Extension(
     depends=sorted(glob.glob("ort_ops/src/*.h")) + ["ort_ops/src/exports.map"],
 )
 
-setup(ext_modules=[ops_library], cmdclass={"build_ext": BuildOrtOps})
+# Guarded so that the Makefile's sanitizer build can import ort_include_dir (setuptools runs
+# this file as __main__).
+if __name__ == "__main__":
+    setup(ext_modules=[ops_library], cmdclass={"build_ext": BuildOrtOps})

@@ -239,6 +239,16 @@ def test_terms_add_up(isa, terms, rows, in_f, out_f):
     check(np.random.default_rng(rows + in_f + terms), in_f, out_f, (2, rows), terms=terms, weights_as_inputs=True)
 
 
+@pytest.mark.parametrize("rows", [1, 20, 70])
+def test_wide_layers_in_chunks(isa, rows):
+    """in_features past one chunk of the AVX2 activation buffer (8192 inputs: the int32 sums are
+    carried from chunk to chunk) and past the AVX-512 table budget of a few rows (8 MiB: each
+    task builds its own tables), so the scratch stays bounded at any width."""
+    rng = np.random.default_rng(rows)
+    check(rng, 2 * 8192 + 37, 7, (rows,))
+    check(rng, 8192 + 5, 13, (rows,), terms=2)        # the widened input crosses a chunk edge
+
+
 def test_weights_from_pow2_rounding(isa):
     # Realistic weights through the project's own rounding (nn/pow2.py).
     rng = np.random.default_rng(5)

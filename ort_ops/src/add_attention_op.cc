@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "add_attention.h"
+#include "attrs.h"
+#include "checked.h"
 #include "cpu_isa.h"
 #include "custom_ops.h"
 #include "ort_api.h"
@@ -123,6 +125,8 @@ struct AddAttentionKernel {
     if (v.shape != q.shape) throw Error{"V has shape " + Shape(v.shape) + ", Q has " + Shape(q.shape)};
     if (k.present && k.shape != q.shape) throw Error{"K has shape " + Shape(k.shape) + ", Q has " + Shape(q.shape)};
     const int64_t b = q.shape[0], t = q.shape[1], c = q.shape[2];
+    // Every size below is checked once here, so the products the kernels index with cannot wrap.
+    CheckedProduct<Error>("B * T * C", {b, t, c});
     if (c % heads != 0) throw Error{"C = " + std::to_string(c) + " is not divisible by num_heads = " + std::to_string(heads)};
     const int64_t d = c / heads;
 
@@ -162,6 +166,9 @@ struct AddAttentionKernel {
       bz.sigma = si.data;
     }
     bz.words = (bz.bits + 63) / 64;
+    const int64_t code_words = CheckedProduct<Error>("code words B * H * T * words", {b, heads, t, bz.words});
+    const int64_t s_floats = CheckedProduct<Error>("S floats B * H * bits * D", {b, heads, bz.bits, d});
+    CheckedProduct<Error>("partial S floats B * H * ceil(T / 256) * bits * D", {b, heads, t / 256 + 1, bz.bits, d});
 
     AddAttentionProblem p;
     p.batch = b; p.tokens = t; p.heads = heads; p.depth = d; p.bits = bz.bits; p.words = bz.words;
@@ -181,7 +188,8 @@ struct AddAttentionKernel {
       if (rows == 0)
         throw Error{"mask must be [B|1, T], [B|1, 1, 1|T, T] or [B|1, 1|T, T] with B = " + std::to_string(b) +
                     ", T = " + std::to_string(t) + ", got " + Shape(s)};
-      keep.resize(static_cast<size_t>(b * t));
+      keep.resize(static_cast<size_t>(CheckedProduct<Error>("B * T", {b, t})));
+      CheckedProduct<Error>("mask size", {s[0], rows, t});
       for (int64_t i = 0; i < b; ++i) {
         const int64_t mb = s[0] == 1 ? 0 : i;
         const float* row0 = mask.data + mb * rows * t;
@@ -205,7 +213,12 @@ struct AddAttentionKernel {
         p.conv_rank = 2;
         p.conv_k = s[1];
       } else if (s.size() == 3 && s[0] == heads && s[1] % 2 == 1 && s[2] % 2 == 1) {
-        if (grid_h <= 0 || grid_w <= 0 || t != prefix + grid_h * grid_w)
+        int64_t grid_tokens = 0, needed = 0;   // overflow-checked: a wrapped product must not match T
+        const bool fits = MulOk(grid_h, grid_w, &grid_tokens) && AddOk(prefix, grid_tokens, &needed);
+        if (!fits)
+          throw Error{"prefix_tokens + grid_h * grid_w = " + std::to_string(prefix) + " + " + std::to_string(grid_h) +
+                      " * " + std::to_string(grid_w) + " does not fit int64"};
+        if (grid_h <= 0 || grid_w <= 0 || t != needed)
           throw Error{"a [H, kh, kw] conv_weight needs T = prefix_tokens + grid_h * grid_w; T = " + std::to_string(t) +
                       ", prefix_tokens = " + std::to_string(prefix) + ", grid = " + std::to_string(grid_h) + "x" +
                       std::to_string(grid_w)};
@@ -222,12 +235,12 @@ struct AddAttentionKernel {
 
     auto out = ctx.GetOutput(0, q.shape);
     p.y = out.GetTensorMutableData<float>();
-    if (b * t * c == 0) return;
+    if (b == 0 || t == 0 || c == 0) return;
 
-    std::vector<uint64_t> qc(static_cast<size_t>(b * heads * t * bz.words));
+    std::vector<uint64_t> qc(static_cast<size_t>(code_words));
     std::vector<uint64_t> kc(ksh ? 0 : qc.size());   // sign: K's own codes (K absent: from Q)
     const float* k_data = k.present ? k.data : q.data;
-    std::vector<float> s_buf(static_cast<size_t>(b * heads * bz.bits * d));
+    std::vector<float> s_buf(static_cast<size_t>(s_floats));
     const Parallel par(context);
     constexpr int64_t kTokensPerTask = 128;
     const int64_t chunks = (t + kTokensPerTask - 1) / kTokensPerTask;
@@ -261,21 +274,30 @@ struct AddAttentionOp : Ort::CustomOpBase<AddAttentionOp, AddAttentionKernel, tr
       node = ki.GetNodeName();
       auto k = std::make_unique<AddAttentionKernel>();
       k->name = node;
-      k->heads = ki.GetAttribute<int64_t>("num_heads");
-      std::string binarizer = "sign";
-      try { binarizer = ki.GetAttribute<std::string>("binarizer"); } catch (const Ort::Exception&) {}
-      auto opt = [&](const char* a) -> int64_t {
-        try { return ki.GetAttribute<int64_t>(a); } catch (const Ort::Exception&) { return 0; }
+      // Absent attributes take their defaults (num_heads is required); another type is an error.
+      auto int_attr = [&](const char* a, bool required) -> int64_t {
+        int64_t value = 0;
+        bool present = false;
+        const std::string err = ReadIntAttr(info, a, &value, &present);
+        if (!err.empty()) throw Error{err};
+        if (!present && required) throw Error{std::string("missing required attribute ") + a};
+        return present ? value : 0;
       };
-      k->grid_h = opt("grid_h");
-      k->grid_w = opt("grid_w");
-      k->prefix = opt("prefix_tokens");
+      k->heads = int_attr("num_heads", true);
+      std::string binarizer = "sign";
+      bool present = false;
+      const std::string err = ReadStringAttr(info, "binarizer", &binarizer, &present);
+      if (!err.empty()) throw Error{err};
+      if (!present) binarizer = "sign";
+      k->grid_h = int_attr("grid_h", false);
+      k->grid_w = int_attr("grid_w", false);
+      k->prefix = int_attr("prefix_tokens", false);
       if (k->heads < 1) throw Error{"num_heads must be >= 1"};
       if (binarizer != "sign" && binarizer != "ksh") throw Error{"binarizer must be 'sign' or 'ksh', got '" + binarizer + "'"};
       if (k->grid_h < 0 || k->grid_w < 0 || k->prefix < 0) throw Error{"grid_h, grid_w and prefix_tokens must be >= 0"};
       k->ksh = binarizer == "ksh";
-      std::string err;
-      if (!SelectIsa(&k->isa, &err)) throw Error{err};
+      std::string isa_err;
+      if (!SelectIsa(&k->isa, &isa_err)) throw Error{isa_err};
       *kernel = k.release();
     } catch (const Error& e) {
       return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, ("AddLinearAttention node '" + node + "': " + e.message).c_str());

@@ -3,7 +3,9 @@
 
 #include <cstddef>
 #include <cstdlib>
+#include <mutex>
 #include <new>
+#include <vector>
 
 namespace mfconvert {
 
@@ -49,8 +51,30 @@ class AlignedBuffer {
   size_t size_ = 0;
 };
 
-// A per-thread scratch buffer, reused across Compute calls of every ShiftLinear kernel run on
-// that thread (Compute may run concurrently on different threads, never twice on one).
-AlignedBuffer& ThreadScratch(int slot);
+// The scratch buffers of one kernel: a Compute takes one for its duration (Computes of one
+// session may run concurrently) and gives it back for the next; they are freed with the kernel,
+// i.e. with the session (a thread-local buffer outlived it).
+class ScratchPool {
+ public:
+  class Lease {
+   public:
+    explicit Lease(ScratchPool& pool) : pool_(pool), buffer_(pool.Take()) {}
+    ~Lease() { pool_.Give(std::move(buffer_)); }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    AlignedBuffer& buffer() { return buffer_; }
+
+   private:
+    ScratchPool& pool_;
+    AlignedBuffer buffer_;
+  };
+
+ private:
+  AlignedBuffer Take();
+  void Give(AlignedBuffer buffer) noexcept;
+
+  std::mutex mutex_;
+  std::vector<AlignedBuffer> free_;
+};
 
 }  // namespace mfconvert

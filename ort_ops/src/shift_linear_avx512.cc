@@ -26,6 +26,7 @@ namespace {
 constexpr int kLutTokens = 4;       // tokens per task (4 x 4 zmm accumulators)
 constexpr int64_t kInBlock = 64;     // inputs per block: 4 tokens' tables are 32 KiB (L1)
 constexpr int64_t kGroupTasks = 8;   // from this many token groups on, one task per group
+constexpr int64_t kLutBudget = int64_t{8} << 20;  // few rows: all tables at once up to this size
 
 MF_AVX512 inline __m512i Quantize16(__m512 x, const ActQuant& q) {
   const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(q.scale)),
@@ -121,11 +122,11 @@ MF_AVX512 void LutSpanN(int nt, const int32_t* lut, int64_t lut_stride, const Pa
 
 // Tokens [r0, r0 + nt) x output groups [g0, g1). `lut` holds those tokens' tables for all
 // inputs (in * 32 int32 per token) or is null: then they are built here, one input block at a
-// time, into this thread's scratch.
+// time, into the task's own scratch (accumulators and one block's tables: 16 * out bytes + 32 KiB).
 void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int64_t r0, int nt,
              int64_t g0, int64_t g1, float* y) {
   const int64_t in = p.attrs.in_features, out = p.attrs.out_features;
-  AlignedBuffer& scratch = ThreadScratch(1);
+  AlignedBuffer scratch;
   const size_t acc_bytes = static_cast<size_t>((g1 - g0) * 16 * 64);
   const size_t lut_bytes = lut ? 0 : static_cast<size_t>(kLutTokens * kInBlock * 32 * 4);
   scratch.Reserve(acc_bytes + lut_bytes);
@@ -152,7 +153,7 @@ void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int
 }  // namespace
 
 void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,
-                       const Parallel& par) {
+                       const Parallel& par, AlignedBuffer& scratch) {
   if (rows <= 0) return;
   const int64_t in = p.attrs.in_features;
   const int64_t token_groups = (rows + kLutTokens - 1) / kLutTokens;
@@ -165,13 +166,17 @@ void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows,
     });
     return;
   }
-  // Few rows: build every table once, then split the outputs too.
-  AlignedBuffer& scratch = ThreadScratch(0);
-  scratch.Reserve(static_cast<size_t>(rows * in * 32 * 4));
-  int32_t* lut = scratch.As<int32_t>();
-  par.For(static_cast<size_t>(rows), [&](size_t r) {
-    BuildLuts(x + r * in, in, p.quant, lut + r * in * 32);
-  });
+  // Few rows: split the outputs too. The tables of every row are built once when they fit
+  // kLutBudget; else (a wide layer) every task builds its tokens' tables block by block.
+  const bool shared = rows * in * 32 * 4 <= kLutBudget;
+  int32_t* lut = nullptr;
+  if (shared) {
+    scratch.Reserve(static_cast<size_t>(rows * in * 32 * 4));
+    lut = scratch.As<int32_t>();
+    par.For(static_cast<size_t>(rows), [&](size_t r) {
+      BuildLuts(x + r * in, in, p.quant, lut + r * in * 32);
+    });
+  }
   const int64_t per_task = std::max<int64_t>(1, p.lut_groups * token_groups / kGroupTasks);
   const int64_t chunks = (p.lut_groups + per_task - 1) / per_task;
   par.For(static_cast<size_t>(token_groups * chunks), [&](size_t task) {

@@ -10,18 +10,20 @@
 
 namespace mfconvert {
 
+// `scratch`: the calling kernel's buffer for this Compute (bounded: a few MiB at any size).
 void ShiftLinearScalar(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,
                        const Parallel& par);
 void ShiftLinearAvx2(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,
-                     const Parallel& par);
+                     const Parallel& par, AlignedBuffer& scratch);
 void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,
-                       const Parallel& par);
+                       const Parallel& par, AlignedBuffer& scratch);
 
 // Planning of the token-vectorised kernel (AVX2).
 namespace token_plan {
 
-// Bytes of one block's activation buffer: per input the x_q and ~x_q rows, then a zero row.
-inline int64_t BlockBytes(int64_t in) { return in * kInputBytes + kRowBytes; }
+// Bytes of one block's activation buffer: per input of a chunk the x_q and ~x_q rows, then a
+// zero row.
+inline int64_t BlockBytes(int64_t in) { return std::min(in, kInChunk) * kInputBytes + kRowBytes; }
 
 // Blocks quantised per pass, so the activation buffer stays below ~8 MiB.
 inline int64_t BlocksPerPass(int64_t in) {

@@ -1,21 +1,16 @@
 #include "shift_linear_op.h"
 
+#include <climits>
 #include <vector>
 
+#include "attrs.h"
+#include "checked.h"
 #include "custom_ops.h"
 #include "shift_linear_kernels.h"
 
 namespace mfconvert {
 
 namespace {
-
-// The int attribute `name`, or `fallback` when the node does not have it.
-bool IntAttr(const OrtKernelInfo* info, const char* name, int64_t* value) {
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, value);
-  if (status == nullptr) return true;
-  Ort::GetApi().ReleaseStatus(status);
-  return false;
-}
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -51,7 +46,11 @@ std::string CheckVector(const Ort::ConstValue& v, const char* name, ONNXTensorEl
 std::string CheckAndPack(const ShiftLinearAttrs& a, Isa isa, const Ort::ConstValue& codes,
                          const Ort::ConstValue& exponent, const Ort::ConstValue& bias,
                          PackedShiftLinear* out) {
-  const int64_t n_codes = (a.terms * a.in_features * a.out_features * a.weight_bits + 7) / 8;
+  int64_t bits_total = 0;
+  if (!ProductOk({a.terms, a.out_features, a.in_features, a.weight_bits}, &bits_total) || bits_total > INT64_MAX - 7)
+    return "W_codes length terms * out_features * in_features * weight_bits = " +
+           ProductString({a.terms, a.out_features, a.in_features, a.weight_bits}) + " bits does not fit int64";
+  const int64_t n_codes = (bits_total + 7) / 8;
   std::string err = CheckVector(codes, "W_codes", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, n_codes);
   if (!err.empty()) {
     return err + " (ceil(terms * out_features * in_features * weight_bits / 8) = ceil(" +
@@ -78,15 +77,20 @@ void ShiftLinearKernel::Fail(const std::string& what) const {
 ShiftLinearKernel::ShiftLinearKernel(const OrtApi& api, const OrtKernelInfo* info) {
   Ort::ConstKernelInfo ki(info);
   node_ = ki.GetNodeName();
-  int64_t v = 0;
-  if (!IntAttr(info, "in_features", &v)) Fail("missing required attribute in_features");
-  attrs_.in_features = v;
-  if (!IntAttr(info, "out_features", &v)) Fail("missing required attribute out_features");
-  attrs_.out_features = v;
+  // An int attribute: absent gives `def` (required: an error), another type is an error.
+  auto read = [&](const char* name, int64_t def, bool required) {
+    int64_t x = def;
+    bool present = false;
+    const std::string err = ReadIntAttr(info, name, &x, &present);
+    if (!err.empty()) Fail(err);
+    if (!present && required) Fail(std::string("missing required attribute ") + name);
+    return present ? x : def;
+  };
+  attrs_.in_features = read("in_features", 0, true);
+  attrs_.out_features = read("out_features", 0, true);
   // Narrow only after the range check (CheckAttrs), so huge values cannot wrap into range.
   auto narrow = [&](const char* name, int64_t def, int* dst) {
-    int64_t x = def;
-    IntAttr(info, name, &x);
+    const int64_t x = read(name, def, false);
     if (x < -1024 || x > 1024) Fail(std::string("attribute ") + name + "=" + std::to_string(x) + " is out of range");
     *dst = static_cast<int>(x);
   };
@@ -132,8 +136,16 @@ void ShiftLinearKernel::Compute(OrtKernelContext* context) {
   if (shape.back() != attrs_.in_features)
     Fail("last dimension of X " + ShapeString(shape) + " must be in_features=" +
          std::to_string(attrs_.in_features));
+  // rows = the product of the leading dims (0 if any is 0; a product that wraps is an error).
   int64_t rows = 1;
-  for (size_t k = 0; k + 1 < shape.size(); ++k) rows *= shape[k];
+  bool empty = false;
+  for (size_t k = 0; k + 1 < shape.size(); ++k) empty |= shape[k] == 0;
+  for (size_t k = 0; k + 1 < shape.size() && !empty; ++k)
+    if (shape[k] < 0 || !MulOk(rows, shape[k], &rows)) Fail("X " + ShapeString(shape) + " has more rows than fit int64");
+  if (empty) rows = 0;
+  int64_t y_size = 0, wide_size = 0;
+  if (!ProductOk({rows, attrs_.out_features}, &y_size) || !ProductOk({rows, attrs_.in_features, attrs_.terms}, &wide_size))
+    Fail("X " + ShapeString(shape) + ": rows * out_features or rows * terms * in_features does not fit int64");
 
   PackedShiftLinear local;
   const PackedShiftLinear* p = packed_.get();
@@ -156,9 +168,10 @@ void ShiftLinearKernel::Compute(OrtKernelContext* context) {
   }
   float* yd = y.GetTensorMutableData<float>();
   const Parallel par(context);
+  ScratchPool::Lease scratch(scratch_);
   switch (isa_) {
-    case Isa::kAvx512: ShiftLinearAvx512(*p, xd, rows, yd, par); break;
-    case Isa::kAvx2: ShiftLinearAvx2(*p, xd, rows, yd, par); break;
+    case Isa::kAvx512: ShiftLinearAvx512(*p, xd, rows, yd, par, scratch.buffer()); break;
+    case Isa::kAvx2: ShiftLinearAvx2(*p, xd, rows, yd, par, scratch.buffer()); break;
     case Isa::kScalar: ShiftLinearScalar(*p, xd, rows, yd, par); break;
   }
 }

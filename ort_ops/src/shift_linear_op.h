@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 
+#include "aligned_buffer.h"
 #include "cpu_isa.h"
 #include "ort_api.h"
 #include "shift_linear_pack.h"
@@ -25,6 +26,7 @@ class ShiftLinearKernel {
   ShiftLinearAttrs attrs_;
   Isa isa_ = Isa::kScalar;
   std::unique_ptr<PackedShiftLinear> packed_;  // null: weights are packed on every Compute
+  ScratchPool scratch_;                          // the kernels' activation buffers
 };
 
 struct ShiftLinearOp : Ort::CustomOpBase<ShiftLinearOp, ShiftLinearKernel, true> {

@@ -1,5 +1,6 @@
 #include "shift_linear_pack.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -7,7 +8,7 @@ namespace mfconvert {
 
 namespace {
 
-constexpr int64_t kMaxFeatures = int64_t{1} << 22;  // keeps TileEntry offsets within 32 bits
+constexpr int64_t kMaxFeatures = int64_t{1} << 22;  // docs/ops.md: in, out, terms * in
 
 // The B-bit code j of the LSB-first bit stream `bytes` (of `n` bytes).
 inline unsigned CodeAt(const uint8_t* bytes, int64_t n, int64_t j, int bits) {
@@ -129,16 +130,17 @@ std::string PackShiftLinear(const ShiftLinearAttrs& attrs, Isa isa, const uint8_
   // Token-vectorised kernel (AVX2): TileEntry [tile][in][kTileOut].
   p.tile_entries.Reserve(static_cast<size_t>(p.tiles * in * kTileOut) * sizeof(TileEntry));
   TileEntry* e = p.tile_entries.As<TileEntry>();
-  const uint32_t zero_row = static_cast<uint32_t>(in * kInputBytes);
   for (int64_t t = 0; t < p.tiles; ++t) {
     for (int64_t i = 0; i < in; ++i) {
+      const int64_t chunk0 = i / kInChunk * kInChunk, local = i - chunk0;
+      const uint32_t zero_row = static_cast<uint32_t>(std::min(kInChunk, in - chunk0) * kInputBytes);
       for (int r = 0; r < kTileOut; ++r, ++e) {
         const int64_t o = t * kTileOut + r;
         const uint8_t c = o < outf ? codes[o * in + i] : kZeroCode;
         if (c == kZeroCode) {
           *e = TileEntry{0, zero_row};
         } else {
-          *e = TileEntry{c & 15, static_cast<uint32_t>(i * kInputBytes + (c >> 4) * kRowBytes)};
+          *e = TileEntry{c & 15, static_cast<uint32_t>(local * kInputBytes + (c >> 4) * kRowBytes)};
         }
       }
     }

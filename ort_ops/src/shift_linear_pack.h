@@ -45,10 +45,13 @@ inline constexpr int kTileOut = 6;
 inline constexpr int kBlockTokens = 64;
 inline constexpr int64_t kRowBytes = kBlockTokens * 4;
 inline constexpr int64_t kInputBytes = 2 * kRowBytes;
+// Inputs are quantised kInChunk at a time (a block's buffer stays <= 4 MiB at any in_features),
+// so offsets count from the start of input i's chunk, c = i / kInChunk.
+inline constexpr int64_t kInChunk = 8192;
 struct TileEntry {
   int32_t shift;    // m (0 for a zero weight)
-  uint32_t offset;  // byte offset of the row in the block: i*kInputBytes (+kRowBytes if
-                    // negative), or the zero row at in_features*kInputBytes
+  uint32_t offset;  // byte offset of the row in the block: (i - c*kInChunk)*kInputBytes
+                    // (+kRowBytes if negative), or the zero row after the chunk's inputs
 };
 
 // Output-vectorised lookup-table kernel (AVX-512): codes as bytes in [group][i][kLutOut].
