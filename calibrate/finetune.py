@@ -263,6 +263,11 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     distill_losses, shift_fractions = [], []
     if resuming:
         state = load_checkpoint(cfg.checkpoint, device)
+        mine, theirs = module.state_dict(), state["student"]
+        differ = sorted(set(mine) ^ set(theirs)) or [k for k in mine if getattr(theirs[k], "shape", None) != mine[k].shape]
+        if differ:
+            raise ConversionError(f"{cfg.checkpoint}: a checkpoint of another model (it differs at {differ[0]!r}; "
+                                  "same student and --attention-conv?)")
         try:
             module.load_state_dict(state["student"])
             optimizer.load_state_dict(state["optimizer"])

@@ -159,6 +159,13 @@ def test_a_crafted_checkpoint_runs_no_code(work):
     res = finetune(work, "-o", work / "ft2.onnx", "--checkpoint", work / "ck.pt", "--resume", "--steps", "3")
     assert res.exit_code == 0 and "finetuned 3 steps" in res.output, res.output
     assert torch.load(work / "ck.pt", weights_only=True)["step"] == 3 and no_temp_files(work)
+    # A checkpoint of another student (fc2 left float) is named as such, before training.
+    convert_onnx(str(work / "mlp.onnx"), ConvertConfig(shift_linear=ShiftLinearConfig(weight_bits=3, exclude=["fc2"])),
+                 output=str(work / "other.onnx"))
+    res = runner.invoke(finetune_cli.app, [str(work / "other.onnx"), "--teacher", str(work / "mlp.onnx"), "--data",
+                                           str(work / "x.npz"), "--checkpoint", str(work / "ck.pt"), "--resume"])
+    one_line_error(res, f"{work / 'ck.pt'}: a checkpoint of another model (it differs at ", "mfconvert finetune: error: ")
+    assert "finetuned" not in res.output
 
 
 # Finding 4: temporary files are created exclusively, never through a planted name.
@@ -229,6 +236,7 @@ def test_bad_initializer_and_missing_checkpoint_dir(bad_inputs):
     one_line_error(res, "--checkpoint /missing/dir/ck.pt: directory /missing/dir does not exist",
                    "mfconvert finetune: error: ")
     assert "training on" not in res.output and not (w / "ft.onnx").exists()   # refused before training
+    one_line_error(finetune(w, "--resume"), "--resume needs --checkpoint", "mfconvert finetune: error: ")
 
 
 def test_an_unwritable_directory_is_found_before_converting(work, monkeypatch):
