@@ -143,11 +143,15 @@ def exclude_hint(name: str) -> str:
     return f"--exclude '^{re.escape(name)}$'"
 
 
-def weight_warnings(name: str, weight: np.ndarray, exponent: np.ndarray, cfg) -> list[str]:
+def weight_warnings(name: str, weight: np.ndarray, exponent: np.ndarray | None, cfg) -> list[str]:
     """Report lines for float weights [out, in] that the format could not hold with the channel
-    exponents chosen: clamped to the channel's largest code, or (a large share) flushed to zero.
-    Counted in chunks of rows, like the rounding."""
+    exponents chosen (None: those of cfg.weight_scale): clamped to the channel's largest code, or
+    (a large share) flushed to zero. Counted in chunks of rows, like the rounding. `name`: what
+    --exclude should name."""
     out_features, in_features = weight.shape
+    if exponent is None:
+        exponent = pow2.channel_exponents(torch.from_numpy(np.asarray(weight, dtype=np.float64)),
+                                          cfg.weight_scale).numpy()
     rows = max(1, CHECK_ELEMENTS // max(in_features, 1))
     e = np.asarray(exponent, dtype=np.int32)
     clamped = flushed = nonzero = 0
@@ -385,7 +389,8 @@ def annotate_accumulators(changes: list, checks: list[AccumulatorCheck]) -> None
             if not owners:
                 continue   # a ShiftLinear that was already in the input model
             change = max(owners, key=lambda c: len(c.node))
-            warning = warning and f"ShiftLinear '{check.node}': {warning}"
+            warning = warning and (f"ShiftLinear '{check.node}': "
+                                   + warning.replace(exclude_hint(check.node), exclude_hint(change.node)))
         old = (change.accumulator or {}).get(check.node, {}).get("warning")
         if old in change.warnings:
             change.warnings.remove(old)

@@ -14,7 +14,7 @@ from mfconvert.nn import pow2
 from mfconvert.nn.moe_mlp import router_init
 from mfconvert.passes.activation import Activation, copy_nodes, find_activation
 from mfconvert.passes.graph import claim, claimant, graph_opset, node_label
-from mfconvert.passes.linear import LinearMatch, match_linear, shift_linear_node
+from mfconvert.passes.linear import LinearMatch, match_linear, shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
 from mfconvert.passes.targeting import compile_patterns, exclusion_reason
@@ -197,6 +197,7 @@ def run(graph: gs.Graph, cfg: MoEMLPConfig) -> PassResult:
             result.changes.append(LayerChange(
                 NAME, name, "ShiftMoEMLP", in_f, out_f, _weight_bytes(linear),
                 _weight_bytes(linear) + share, activation=activation,
+                warnings=weight_warnings(label, linear.weight, None, cfg),   # --exclude names the block
                 detail=f"block {label} ({d}→{hidden}→{d_out}, {block.act.name}): float Mult expert + "
                        f"{cfg.weight_bits}-bit Shift expert; MACs removed if every token takes Shift"))
     if routes:

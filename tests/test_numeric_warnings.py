@@ -255,3 +255,26 @@ def test_range_counts_agree_with_the_rounding(weight_bits):
     expect_clamped = np.count_nonzero((m == 0) & (np.round(np.log2(np.where(mag > 0, mag, 1.0))) > e[:, None]))
     assert clamped == expect_clamped > 0
     assert flushed == np.count_nonzero((m == z) & (w != 0)) > 0 and nonzero == np.count_nonzero(w)
+
+
+def test_moe_expert_layers_are_checked_too():
+    """The moe-mlp pass's Shift expert: clamped weights per fc, and an accumulator that can wrap
+    (fc2 sums 1,000 ReLU outputs with weight +1), named by its ShiftLinear, fixed by excluding the block."""
+    from mfconvert.passes.moe_mlp import MoEMLPConfig
+
+    w1 = np.random.default_rng(4).standard_normal((16, 1000)).astype(np.float32) / 4
+    w1[2, 5] = 1e38
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.ones((1000, 4), np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, moe_mlp=MoEMLPConfig()))
+    fc1, fc2 = result.report.changes
+    assert fc1.warnings[0].startswith("1 of 16000 weights lie beyond the largest code 2^100")
+    assert fc1.warnings[0].endswith("fix: --exclude '^fc1$' keeps the layer float")
+    (wrap,) = [w for w in fc1.warnings if "accumulator" in w]
+    assert wrap.startswith("ShiftLinear 'fc1/moe/shift.fc2': int32 accumulator wraps around for inputs beyond "
+                           "|x| = 32.77") and wrap.endswith("or --exclude '^fc1$' to keep the layer float")
+    assert fc2.warnings == [] and set(fc1.accumulator) == {"fc1/moe/shift.fc1", "fc1/moe/shift.fc2"}
