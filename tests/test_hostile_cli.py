@@ -8,6 +8,7 @@ import os
 import pickle
 import resource
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,38 @@ def test_a_real_file_size_limit(work):
         signal.signal(signal.SIGXFSZ, handler)
     one_line_error(res, f"{out}: cannot write (File too large)")
     assert len(res.output.strip().splitlines()) == 1 and not out.exists() and no_temp_files(work)
+
+
+@pytest.fixture
+def small_mount(work):
+    """mount(options) → a fresh tmpfs folder under `work` (root with CAP_SYS_ADMIN only; unmounted after)."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        folder = work / f"mnt{len(mounted)}"
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_full_disk_and_a_real_read_only_mount(work, small_mount):
+    full = small_mount("size=4k")                 # room for the probe, not for the model
+    res = convert(work / "mlp.onnx", "-o", full / "o.onnx")
+    one_line_error(res, f"{full / 'o.onnx'}: cannot write (No space left on device)")
+    assert os.listdir(full) == []                 # no half-written model, no temporary file
+    ro = small_mount("ro")
+    res = convert(work / "mlp.onnx", "-o", ro / "o.onnx")
+    one_line_error(res, f"-o {ro / 'o.onnx'}: cannot write in {ro} (Read-only file system)")
+    res = finetune(work, "-o", work / "ft.onnx", "--checkpoint", ro / "ck.pt")
+    one_line_error(res, f"--checkpoint {ro / 'ck.pt'}: cannot write in {ro} (Read-only file system)",
+                   "mfconvert finetune: error: ")
+    assert "training on" not in res.output and not (work / "ft.onnx").exists()
 
 
 def test_a_failed_side_file_keeps_the_finished_model(work, monkeypatch):
