@@ -126,3 +126,37 @@ def _rotary(a, x, cos, sin, position_ids=None):
     if three_d:
         return out.reshape(out.shape[0], out.shape[1], -1)
     return out.transpose(1, 2)
+
+
+def _heads(x, n):
+    b, t, hd = x.shape
+    return x.reshape(b, t, n, hd // n).transpose(1, 2)
+
+
+@op("LinearAttention", 1)
+def _linear_attention(a, q, k, v, past=None, decay=None, beta=None):
+    rule = a.get("update_rule", "gated_delta")
+    qh, kvh = a["q_num_heads"], a["kv_num_heads"]
+    gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+    b, t, _ = q.shape
+    dk, dv = q.shape[-1] // qh, v.shape[-1] // kvh
+    q4, k4, v4 = (_heads(x, n).float() for x, n in ((q, qh), (k, kvh), (v, kvh)))
+    if decay is not None:
+        d4 = (decay.reshape(b, t, kvh, 1).transpose(1, 2) if decay.shape[-1] == kvh else _heads(decay, kvh)).float()
+    if beta is not None:
+        b4 = beta.reshape(b, t, beta.shape[-1], 1).transpose(1, 2).float()
+    state = past.float() if past is not None else torch.zeros(b, kvh, dk, dv)
+    scale = a.get("scale") or 1.0 / math.sqrt(dk)
+    outs = []
+    for i in range(t):
+        vt = v4[:, :, i]
+        kt = k4[:, :, i]
+        if gating:
+            state = state * torch.exp(d4[:, :, i]).unsqueeze(-1)
+        if delta:
+            vt = b4[:, :, i] * (vt - torch.einsum("bhdm,bhd->bhm", state, kt))
+        state = state + kt.unsqueeze(-1) * vt.unsqueeze(-2)
+        read = state.repeat_interleave(qh // kvh, 1) if qh != kvh else state
+        outs.append(scale * torch.einsum("bhd,bhdm->bhm", q4[:, :, i], read))
+    y = torch.stack(outs, 2).transpose(1, 2).reshape(b, t, qh * dv).to(q.dtype)
+    return y, state.to(past.dtype if past is not None else q.dtype)

@@ -187,7 +187,8 @@ def _depth_to_space(a, x):
 def _space_to_depth(a, x):
     b, c, h, w = x.shape
     s = a["blocksize"]
-    y = x.reshape(b, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4)
+    y = x.reshape(b, c, h // s, s, w // s, s)
+    y = y.permute(0, 1, 3, 5, 2, 4) if a.get("mode", "DCR") == "CRD" else y.permute(0, 3, 5, 1, 2, 4)
     return y.reshape(b, c * s * s, h // s, w // s)
 
 
