@@ -42,15 +42,19 @@ def _compile(node: onnx.NodeProto, opsets: dict[str, int]) -> dict:
     domain = norm_domain(node.domain)
     opset = opsets.get(domain, 1)
     fn = lookup(domain, node.op_type, opset)
-    if fn is None and node.op_type != "If":
+    if fn is None and node.op_type not in _CONTROL_FLOW:
         label = node.name or node.output[0]
         raise UnsupportedOp(f"node '{label}': op {domain + '.' if domain else ''}"
                             f"{node.op_type} is not supported by the PyTorch executor")
     attrs = attributes(node, opset)
     attrs.update(_fn=fn, _opset=opset, _nout=len(node.output), _op=node.op_type)
-    if node.op_type == "If" and domain == "":
-        attrs["_branches"] = {name: _compile_graph(attrs[name], opsets) for name in ("then_branch", "else_branch")}
+    if node.op_type in _CONTROL_FLOW and domain == "":
+        attrs["_branches"] = {name: _compile_graph(attrs[name], opsets) for name in _CONTROL_FLOW[node.op_type]}
     return attrs
+
+
+# Control-flow ops and their subgraph attributes; they run eagerly, their bodies op by op.
+_CONTROL_FLOW = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 
 
 def _compile_graph(graph: onnx.GraphProto, opsets: dict[str, int]) -> tuple:
@@ -62,18 +66,14 @@ def _compile_graph(graph: onnx.GraphProto, opsets: dict[str, int]) -> tuple:
             consts[node.output[0]] = to_tensor(_constant_value(node))
         else:
             nodes.append((node, _compile(node, opsets)))
-    return consts, nodes, [o.name for o in graph.output]
+    return consts, nodes, [o.name for o in graph.output], [i.name for i in graph.input]
 
 
 def _run_node(node: onnx.NodeProto, attrs: dict, env: dict, lookup_value) -> None:
     """Run one standard node, writing its outputs into env (If: its chosen branch, eagerly)."""
     args = [None if not n else env[n] if n in env else lookup_value(n) for n in node.input]
-    if node.op_type == "If" and "_branches" in attrs:
-        consts, nodes, outs = attrs["_branches"]["then_branch" if bool(args[0].reshape(-1)[0]) else "else_branch"]
-        inner = {**env, **consts}
-        for sub, sub_attrs in nodes:
-            _run_node(sub, sub_attrs, inner, lookup_value)
-        outputs = [inner[n] if n in inner else lookup_value(n) for n in outs]
+    if node.op_type in _CONTROL_FLOW and "_branches" in attrs:
+        outputs = _CONTROL_FLOW_RUN[node.op_type](attrs, args, env, lookup_value)
     else:
         outputs = attrs["_fn"](attrs, *args)
         if not isinstance(outputs, (tuple, list)):
@@ -250,6 +250,72 @@ class OnnxModule(nn.Module):
                 init.CopyFrom(numpy_helper.from_array(values[init.name].astype(dtype), init.name))
         model.graph.initializer.extend(added)
         return model
+
+
+def _run_graph(graph: tuple, feeds: dict, env: dict, lookup_value) -> list:
+    consts, nodes, outs, _ = graph
+    inner = {**env, **consts, **feeds}
+    for sub, sub_attrs in nodes:
+        _run_node(sub, sub_attrs, inner, lookup_value)
+    return [inner[n] if n in inner else lookup_value(n) for n in outs]
+
+
+def _run_if(attrs, args, env, lookup_value):
+    branch = "then_branch" if bool(args[0].reshape(-1)[0]) else "else_branch"
+    return _run_graph(attrs["_branches"][branch], {}, env, lookup_value)
+
+
+def _run_loop(attrs, args, env, lookup_value):
+    body = attrs["_branches"]["body"]
+    names = body[3]
+    trip = int(args[0].reshape(-1)[0]) if len(args) > 0 and args[0] is not None else None
+    cond = bool(args[1].reshape(-1)[0]) if len(args) > 1 and args[1] is not None else True
+    carried = list(args[2:])
+    scans: list[list] = []
+    i = 0
+    while cond and (trip is None or i < trip):
+        feeds = dict(zip(names, [torch.tensor(i, dtype=torch.int64), torch.tensor(cond), *carried]))
+        out = _run_graph(body, feeds, env, lookup_value)
+        cond = bool(out[0].reshape(-1)[0])
+        carried = out[1:1 + len(carried)]
+        for k, v in enumerate(out[1 + len(carried):]):
+            (scans.append([]) if k >= len(scans) else None)
+            scans[k].append(v)
+        i += 1
+    n_scan = len(body[2]) - 1 - len(carried)
+    stacked = [torch.stack(v) if v else torch.zeros(0) for v in (scans + [[]] * (n_scan - len(scans)))]
+    return [*carried, *stacked]
+
+
+def _run_scan(attrs, args, env, lookup_value):
+    body = attrs["_branches"]["body"]
+    m = attrs["num_scan_inputs"]
+    n = len(args) - m
+    states, xs = list(args[:n]), args[n:]
+    in_axes = list(attrs.get("scan_input_axes") or [0] * m)
+    in_dirs = list(attrs.get("scan_input_directions") or [0] * m)
+    xs = [x.movedim(ax % x.dim(), 0) for x, ax in zip(xs, in_axes)]
+    xs = [x.flip(0) if d else x for x, d in zip(xs, in_dirs)]
+    steps = xs[0].shape[0] if xs else 0
+    scans: list[list] = []
+    for t in range(steps):
+        out = _run_graph(body, dict(zip(body[3], [*states, *[x[t] for x in xs]])), env, lookup_value)
+        states = out[:n]
+        for k, v in enumerate(out[n:]):
+            (scans.append([]) if k >= len(scans) else None)
+            scans[k].append(v)
+    k_out = len(body[2]) - n
+    out_axes = list(attrs.get("scan_output_axes") or [0] * k_out)
+    out_dirs = list(attrs.get("scan_output_directions") or [0] * k_out)
+    ys = []
+    for k in range(k_out):
+        y = torch.stack(scans[k]) if k < len(scans) else torch.zeros(0)
+        y = y.flip(0) if out_dirs[k] else y
+        ys.append(y.movedim(0, out_axes[k] % y.dim()))
+    return [*states, *ys]
+
+
+_CONTROL_FLOW_RUN = {"If": _run_if, "Loop": _run_loop, "Scan": _run_scan}
 
 
 # Leading inputs of our ops that are activations (computed by the graph); the rest are constants.
