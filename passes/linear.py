@@ -220,34 +220,64 @@ def _upstream(model: onnx.ModelProto, tensor: str) -> list[tuple[str, onnx.NodeP
         tensor = node.input[0]
 
 
-def known_input_bound(model: onnx.ModelProto, tensor: str, width: int) -> tuple[np.ndarray, str] | None:
-    """Per-column |x| bound [width] of `tensor` from the op that produces it (through
-    pass-through ops): 1 for Softmax/Sigmoid/Tanh-like ops, max(|lo|, |hi|) for a constant Clip,
-    and √(n−1)·|γ| + |β| for LayerNormalization over n elements (|x̂| ≤ √(n−1) when Σx̂ = 0 and
-    Σx̂² ≤ n); None when unknown."""
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+# LayerNormalization's bounds hold for exact arithmetic; ORT's float32 result may exceed them by
+# a few ulps.
+_LN_MARGIN = 1 + 2 ** -12
+
+
+def known_input_bound(model: onnx.ModelProto, tensor: str, width: int):
+    """(bound, label, ln) for `tensor` from the op that produces it (through pass-through ops), or
+    None: `bound` [width] bounds |x| per column — 1 for Softmax/Sigmoid/Tanh-like ops,
+    max(|lo|, |hi|) for a Clip with both bounds constant, √(n−1)·|γ| + |β| for
+    LayerNormalization over its last axis of n elements (|x̂| ≤ √(n−1) as Σx̂ = 0, Σx̂² ≤ n);
+    `ln` = (|γ|, |β|, n) per column when the LayerNorm feeds the layer directly, for the tighter
+    row bound Σ|x_i|·u_i ≤ √n·‖γ ⊙ u‖₂ + Σ|β_i|·u_i (Cauchy–Schwarz on ‖x̂‖₂ ≤ √n)."""
     inits = _initializers(model)
     for through, (_, node) in enumerate(_upstream(model, tensor)):
-        if node is None:
+        if node is None or (node.domain or "") not in ("", "ai.onnx"):
             return None
         label = f"{node.op_type} '{node.name or node.output[0]}'"
-        if node.op_type in _BOUNDED and (node.domain or "") in ("", "ai.onnx"):
-            return np.full(width, _BOUNDED[node.op_type]), label
+        if node.op_type in _BOUNDED:
+            return np.full(width, _BOUNDED[node.op_type]), label, None
         if node.op_type == "Clip":
-            lo = _constant(model, inits, node.input[1]) if len(node.input) > 1 and node.input[1] else None
-            hi = _constant(model, inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            if lo is None or hi is None:
+            lo, hi = _attr(node, "min"), _attr(node, "max")   # opset < 11: attributes
+            if len(node.input) > 1 and node.input[1]:
+                lo = _constant(model, inits, node.input[1])
+            if len(node.input) > 2 and node.input[2]:
+                hi = _constant(model, inits, node.input[2])
+            if lo is None or hi is None or np.size(lo) != 1 or np.size(hi) != 1:
                 return None
-            return np.full(width, max(abs(float(lo)), abs(float(hi)))), label
+            return np.full(width, max(abs(float(np.ravel(lo)[0])), abs(float(np.ravel(hi)[0])))), label, None
         if node.op_type == "LayerNormalization":
-            scale = _constant(model, inits, node.input[1])
-            bias = _constant(model, inits, node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
-            if scale is None or bias is None:
+            axis, rank = _attr(node, "axis", -1), _rank(model, node.input[0])
+            scale = _constant(model, inits, node.input[1]) if len(node.input) > 1 else None
+            bias = _constant(model, inits, node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+            if scale is None or bias is None or not (axis == -1 or (rank is not None and axis == rank - 1)):
                 return None
-            n = scale.size
-            bound = np.sqrt(max(n - 1, 0)) * np.abs(scale) + np.abs(bias)
-            if through or bound.ndim != 1 or bound.size != width:
-                bound = np.full(width, float(np.max(bound)))
-            return bound.astype(np.float64), label
+            # n: the normalised axis, the linear's width when nothing lies between, else the Scale's
+            n = width if through == 0 else (scale.size if scale.size > 1 else None)
+            if n is None or scale.size not in (1, n) or bias.size not in (1, n):
+                return None
+            gamma = np.broadcast_to(np.abs(scale.reshape(-1).astype(np.float64)), (n,))
+            beta = np.broadcast_to(np.abs(bias.reshape(-1).astype(np.float64)), (n,))
+            bound = (np.sqrt(n - 1) * gamma + beta) * _LN_MARGIN
+            if through:
+                return np.full(width, float(np.max(bound))), label, None
+            return bound, label, (gamma * _LN_MARGIN, beta * _LN_MARGIN, n)
     return None
 
 
@@ -298,6 +328,18 @@ class _Codes:
         """Per row, the largest |acc| inputs with |x_q| ≤ x_max_q can give (pow2.accumulator_bound)."""
         return np.concatenate([pow2.accumulator_bound(s, x_max_q) for s in self.chunks()])
 
+    def norm_bound(self, gamma: np.ndarray, beta: np.ndarray, n: int, frac_bits: int) -> np.ndarray:
+        """Per row, a bound on |acc| for LayerNorm outputs y = γ ⊙ x̂ + β (‖x̂‖₂ ≤ √n) in
+        Q·.frac_bits: with u_i = Σ_t 2^−m_ti, Σ ceil(|x_q,i| / 2^m) ≤ 2^F · Σ|y_i|·u_i + S_o + n_o
+        and Σ|y_i|·u_i ≤ √n·‖γ ⊙ u‖₂ + Σ β_i·u_i (γ, β ≥ 0 here)."""
+        rows = []
+        for shifts in self.chunks():
+            nonzero = shifts >= 0
+            u = np.where(nonzero, np.exp2(-np.maximum(shifts, 0).astype(np.float64)), 0.0).sum(axis=0)
+            y = np.sqrt(n) * np.sqrt(((gamma * u) ** 2).sum(axis=1)) + (beta * u).sum(axis=1)
+            rows.append(np.ceil(2.0 ** frac_bits * y + u.sum(axis=1) + nonzero.sum(axis=(0, 2))))
+        return np.minimum(np.concatenate(rows), 2.0 ** 62).astype(np.int64)
+
     def magnitudes(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [pow2.row_magnitudes(s) for s in self.chunks()]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -317,11 +359,15 @@ def accumulator_checks(model: onnx.ModelProto, input_ranges: dict[str, np.ndarra
         if node.op_type != "ShiftLinear" or node.domain != DOMAIN:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        n_in, n_out = attrs["in_features"], attrs["out_features"]
+        n_in, n_out = attrs.get("in_features"), attrs.get("out_features")
         bits, terms = attrs.get("weight_bits", 5), attrs.get("terms", 1)
         a_bits, f_bits = attrs.get("act_bits", 32), attrs.get("act_frac_bits", 16)
+        if not (all(isinstance(v, int) for v in (n_in, n_out, bits, terms, a_bits, f_bits)) and n_in >= 1
+                and n_out >= 1 and 2 <= bits <= 5 and 1 <= terms <= 4 and 2 <= a_bits <= 32 and -32 <= f_bits <= 32
+                and len(node.input) > 1):
+            continue   # not one this conversion wrote (the kernel refuses a malformed one)
         packed = _constant(model, inits, node.input[1])
-        if packed is None or packed.size * 8 < terms * n_out * n_in * bits:
+        if packed is None or packed.dtype != np.uint8 or packed.size * 8 < terms * n_out * n_in * bits:
             continue   # not readable here (or malformed, which the kernel refuses)
         codes = _Codes(packed.reshape(-1), terms, n_out, n_in, bits)
         name = node.name or node.output[0]
@@ -339,8 +385,10 @@ def accumulator_checks(model: onnx.ModelProto, input_ranges: dict[str, np.ndarra
         fix = (f"lower --act-frac-bits (now {f_bits}), or {narrower}, or {exclude_hint(name)} to keep "
                "the layer float")
         if known is not None:
-            bound, source = known
+            bound, source, ln = known
             worst = codes.bound(pow2.max_abs_fixed(bound, a_bits, f_bits))
+            if ln is not None:
+                worst = np.minimum(worst, codes.norm_bound(*ln, f_bits))
             check.input_bound, check.bound_source, check.worst = float(bound.max()), source, int(worst.max())
             if worst.max() <= pow2.ACC_MAX:
                 continue   # proved safe for anything the producer can give
@@ -359,7 +407,7 @@ def accumulator_checks(model: onnx.ModelProto, input_ranges: dict[str, np.ndarra
                     + f"{narrower}, or {exclude_hint(name)} to keep the layer float")
         elif known is not None:
             check.warning = (f"int32 accumulator can wrap around: its input comes from {check.bound_source} (|x| ≤ "
-                             f"{check.input_bound:.4g}), which can give row {int(worst.argmax())} a sum of "
+                             f"{check.input_bound:.4g}), which can give row {int(worst.argmax())} a sum of up to "
                              f"{worst.max():.4g} > 2^31 − 1; no wrap for |x| ≤ {check.safe_abs_input:.4g}; fix: {fix}")
         elif check.safe_abs_input < UNBOUNDED_WARN_BELOW:
             check.warning = (f"int32 accumulator wraps around for inputs beyond |x| = {check.safe_abs_input:.4g} "

@@ -278,3 +278,36 @@ def test_moe_expert_layers_are_checked_too():
     assert wrap.startswith("ShiftLinear 'fc1/moe/shift.fc2': int32 accumulator wraps around for inputs beyond "
                            "|x| = 32.77") and wrap.endswith("or --exclude '^fc1$' to keep the layer float")
     assert fc2.warnings == [] and set(fc1.accumulator) == {"fc1/moe/shift.fc1", "fc1/moe/shift.fc2"}
+
+
+@pytest.mark.parametrize("gamma", [30.0, 40.0])
+def test_layernorm_bound_by_its_norm(gamma):
+    """LayerNorm outputs over n = 1000 have ‖x̂‖₂ ≤ √n, so a row of ±1 weights sums at most
+    √n·γ·√n = 1000·γ: in Q16.16, γ = 30 gives 1.97·10^9 (safe, though one |y_i| may reach
+    √999·30 = 948 and the per-element bound says otherwise), γ = 40 gives 2.6·10^9 (can wrap).
+    The input with x̂ = ±1 matching the weights' signs reaches it, in ORT."""
+    n = 1000
+    signs = np.where(np.arange(n) < n // 2, 1.0, -1.0).astype(np.float32)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["r", 2])],
+                              [numpy_helper.from_array(np.full(n, gamma, np.float32), "g"),
+                               numpy_helper.from_array(np.zeros(n, np.float32), "b"),
+                               numpy_helper.from_array(np.stack([signs, signs], axis=1), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert_onnx(model, ONLY_SHIFT)
+    (change,) = result.report.changes
+    check = change.accumulator["fc"]
+    assert check["bound_source"] == "LayerNormalization 'ln'" and check["input_bound"] == pytest.approx(
+        math.sqrt(n - 1) * gamma, rel=1e-3)
+    # The norm bound (plus S_o + n_o = 2000 for the ceilings), 2^-12 margin for float32 LayerNorm.
+    assert check["worst_row_sum"] == pytest.approx(2 ** 16 * n * gamma + 2 * n, rel=3e-4)
+    got = run(result.model, signs[None])[0, 0]                       # x̂ = ±1/√(1 + ε)
+    reference = n * gamma / math.sqrt(1 + 1e-5)
+    if gamma == 30.0:
+        assert change.warnings == [] and got == pytest.approx(reference, rel=1e-6)
+    else:
+        (warning,) = change.warnings
+        assert "its input comes from LayerNormalization 'ln' (|x| ≤ 1265)" in warning   # √999·40, 2^-12 margin
+        assert got == pytest.approx(reference - 2 ** 32 / 2 ** 16, rel=1e-6) and got < 0   # wrapped once
