@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -241,7 +242,9 @@ def _scatter_nd(data, indices, updates, reduction):
     elif reduction == "add":
         out = flat.index_add(0, lin, upd)
     else:
-        out = flat.index_reduce(0, lin, upd, {"mul": "prod", "max": "amax", "min": "amin"}[reduction])
+        with warnings.catch_warnings():   # index_reduce is "beta" in torch 2.x; its semantics are the op's
+            warnings.simplefilter("ignore", UserWarning)
+            out = flat.index_reduce(0, lin, upd, {"mul": "prod", "max": "amax", "min": "amin"}[reduction])
     return out.reshape(data.shape)
 
 
