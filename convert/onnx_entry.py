@@ -75,8 +75,9 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
             change.rows = rows.get(change.activation)
     open_rows = [c.node for r in results for c in r.changes if c.rows is None]
     if open_rows and not notes:
-        notes.append(f"multiplication counts unknown for {len(open_rows)} layers (first: {open_rows[0]}): shape "
-                     "inference left their input shapes open")
+        notes.append(f"multiplication counts unknown for {len(open_rows)} layer(s) (first: {open_rows[0]}): shape "
+                     f"inference at {shapes} left their input shapes open"
+                     + ("" if input_shapes else "; dynamic dims were taken as 1, --input-shape sets them"))
     size_after = converted.ByteSize()
     if output is not None:
         size_after = save_model_atomic(converted, output)

@@ -311,3 +311,18 @@ def test_layernorm_bound_by_its_norm(gamma):
         (warning,) = change.warnings
         assert "its input comes from LayerNormalization 'ln' (|x| ≤ 1265)" in warning   # √999·40, 2^-12 margin
         assert got == pytest.approx(reference - 2 ** 32 / 2 ** 16, rel=1e-6) and got < 0   # wrapped once
+
+
+def test_counts_left_open_by_shape_inference_are_explained():
+    """A Compress keeps its row count for run time: the report says the count is open, and where."""
+    nodes = [helper.make_node("Compress", ["x", "keep"], ["h"], axis=0), helper.make_node("MatMul", ["h", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256]),
+                                           helper.make_tensor_value_info("keep", TensorProto.BOOL, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 4])],
+                              [numpy_helper.from_array(np.ones((256, 4), np.float32) / 256, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert_onnx(model, ONLY_SHIFT)
+    assert result.report.changes[0].rows is None
+    assert result.report.notes == ["multiplication counts unknown for 1 layer(s) (first: fc): shape inference at "
+                                   "{'x': [1, 256], 'keep': [1]} left their input shapes open; dynamic dims were "
+                                   "taken as 1, --input-shape sets them"]
