@@ -157,8 +157,8 @@ class ConversionReport:
                    if v["input_bound"] is None and v["safe_abs_input"] is not None]
         if unknown:
             limit, name = min(unknown)
-            lines.append(f"int32 accumulators: inputs within |x| ≤ {limit:.4g} cannot wrap any layer (lowest: "
-                         f"{name}); {len(unknown)} of unknown input range (--data checks them)")
+            lines.append(f"int32 accumulators of the {len(unknown)} layer(s) with inputs of unknown range: no wrap "
+                         f"for |x| ≤ {limit:.4g} (lowest: {name}; --data checks them)")
         if self.warnings:
             lines += ["", "warnings:"] + [f"  {c.node}: {w}" for c, w in self.warnings]
         return "\n".join(lines)

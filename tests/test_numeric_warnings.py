@@ -163,7 +163,8 @@ def test_a_normal_model_has_no_warning():
     text = result.report.table()
     assert "warnings:" not in text
     safe = result.report.changes[0].accumulator["fc"]["safe_abs_input"]
-    assert safe > UNBOUNDED_WARN_BELOW and f"inputs within |x| ≤ {safe:.4g} cannot wrap any layer" in text
+    assert safe > UNBOUNDED_WARN_BELOW and (f"int32 accumulators of the 1 layer(s) with inputs of unknown range: "
+                                            f"no wrap for |x| ≤ {safe:.4g} (lowest: fc;") in text
 
 
 def test_cli_prints_the_warnings_and_writes_them_to_json(ones, tmp_path):
