@@ -118,7 +118,8 @@ def depthwise_conv(vm: np.ndarray, weight: np.ndarray, grid=None, prefix_tokens:
         k = w.shape[1]
         for u in range(k):
             shift = u - k // 2                       # out[t] += w[u] · V'[t + shift]
-            lo, hi = max(0, -shift), min(t, t - shift)
+            lo = max(0, -shift)
+            hi = max(lo, min(t, t - shift))          # lo = hi when |shift| >= T: no tap
             out[:, :, lo:hi] += w[None, :, u, None, None] * vm[:, :, lo + shift:hi + shift]
         return out
     kh, kw = w.shape[1:]
