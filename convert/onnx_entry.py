@@ -1,7 +1,6 @@
 """convert_onnx: run the enabled passes over an ONNX model and report what changed."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -10,8 +9,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from mfconvert.convert.config import ConvertConfig
-from mfconvert.convert.onnx_model import (ConversionError, check_model, check_output_path,
-                                          load_model, save_model_atomic)
+from mfconvert.convert.onnx_model import (ConversionError, attach_external_data, check_model,
+                                          check_output_path, data_path_for, read_model,
+                                          infer_shapes, light_copy, load_external_data,
+                                          model_bytes, save_model_atomic, writes_external,
+                                          PROTO_LIMIT)
+from mfconvert.convert.files import check_outputs
 from mfconvert.ort_ops import DOMAIN, OPSET_VERSION
 from mfconvert.passes import pass_for
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
@@ -24,6 +27,7 @@ class ConversionResult:
     model: onnx.ModelProto
     report: ConversionReport
     output: str | None
+    data_file: str | None = None   # OUTPUT.data: the tensors of a model written with external data
 
 
 def convert_onnx(source, config: ConvertConfig | None = None, output: str | None = None,
@@ -41,15 +45,23 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
     the data instead of the weights alone.
     """
     config = config or ConvertConfig()
-    model, label, size_before = load_model(source)
+    model, label, size_before, data_files = read_model(source, lazy=True)   # large external tensors stay on disk
     input_path = None if isinstance(source, onnx.ModelProto) else os.fspath(source)
+    base_dir = input_path and os.path.dirname(os.path.abspath(input_path))
+    # A model read with external data, or too large for one protobuf, is written with external data.
+    external = bool(data_files) or size_before > PROTO_LIMIT // 2
     if output is not None:
         check_output_path(output, input_path, force)
-    check_model(model, label)
+        if external:
+            check_outputs({"": data_path_for(output)}, {"the input model": input_path,
+                          **{f"the input's external data {f}": f for f in data_files}}, force)
+    check_model(model, label, path=input_path)
     shapes = resolve_input_shapes(model, input_shapes or {}, label)
-    typed = onnx.shape_inference.infer_shapes(model)   # dtypes let passes check activations
+    typed = infer_shapes(model)   # dtypes let passes check activations
 
     graph = gs.import_onnx(typed)
+    if base_dir:
+        attach_external_data(graph, base_dir)
     results = []
     for cfg in config.enabled():
         spec = pass_for(cfg)
@@ -66,6 +78,8 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         raise ConversionError(f"{label}: nothing to convert ({len(skips)} candidates skipped"
                               + (f": {why})" if skips else ", none found)"))
     converted = _export(graph, model, config, results)
+    if base_dir:
+        load_external_data(converted, base_dir, label)   # external tensors no pass changed
     check_model(converted, f"{label} (converted)")
     annotate_accumulators([c for r in results for c in r.changes], accumulator_checks(converted, input_ranges))
     notes: list[str] = []
@@ -78,11 +92,14 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         notes.append(f"multiplication counts unknown for {len(open_rows)} layer(s) (first: {open_rows[0]}): shape "
                      f"inference at {shapes} left their input shapes open"
                      + ("" if input_shapes else "; dynamic dims were taken as 1, --input-shape sets them"))
-    size_after = converted.ByteSize()
+    size_after = model_bytes(converted)
+    data_file = None
     if output is not None:
-        size_after = save_model_atomic(converted, output)
+        external = writes_external(converted, external)
+        size_after = save_model_atomic(converted, output, external=external)
+        data_file = data_path_for(output) if external else None
     report = ConversionReport(results, shapes, size_before, size_after, notes=notes)
-    return ConversionResult(converted, report, output)
+    return ConversionResult(converted, report, output, data_file)
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig, results) -> onnx.ModelProto:
@@ -130,7 +147,7 @@ def activation_rows(model: onnx.ModelProto, shapes: dict[str, list[int]],
                     notes: list[str] | None = None) -> dict[str, int]:
     """Rows (product of all dims but the last) of every tensor, at the given input shapes; when
     shape inference fails, none, and `notes` gets why (the error's first line)."""
-    fixed = copy.deepcopy(model)
+    fixed = light_copy(model)   # without the large tensors' bytes
     for inp in fixed.graph.input:
         if inp.name in shapes:
             for dim, value in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):

@@ -88,26 +88,61 @@ def _bias_add(graph: gs.Graph, y: gs.Tensor, out_features: int, opset: int):
     return b.reshape(-1), add
 
 
+# Weights are rounded this many elements at a time (whole rows), so that a layer of 2 GiB does not
+# take several float64/int32 copies of itself at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(out_features: int, in_features: int, weight_bits: int, terms: int = 1) -> int:
+    """Rows of a weight [out, in] to round at a time: all of them for a small weight or when the
+    terms' code streams do not start on a byte, else a multiple of 8 near CHUNK_ELEMENTS."""
+    if out_features * in_features <= CHUNK_ELEMENTS or (terms > 1 and out_features * in_features * weight_bits % 8):
+        return max(out_features, 1)
+    return max(8, CHUNK_ELEMENTS // in_features // 8 * 8)
+
+
+def _rows(weight: np.ndarray, start: int, rows: int) -> torch.Tensor:
+    """Rows of a weight as a tensor; rounding reads float32 values, so float32 stays float32."""
+    part = weight[start:start + rows]
+    return torch.from_numpy(np.asarray(part, dtype=np.float32 if part.dtype == np.float32 else np.float64))
+
+
 def shift_linear_node(name: str, x: gs.Tensor, y: gs.Tensor, weight: np.ndarray,
                       bias: np.ndarray | None, cfg) -> tuple[gs.Node, int]:
     """The ShiftLinear node computing y from x with `weight` [out, in] rounded to codes in the
     format of `cfg` (weight_bits, act_bits, act_frac_bits, weight_scale, and terms where the
     config has them), and the bytes its constants take."""
-    if not np.isfinite(weight).all():
+    out_features, in_features = weight.shape
+    terms = getattr(cfg, "terms", 1)
+    rows = chunk_rows(out_features, in_features, cfg.weight_bits, terms)
+    starts = range(0, out_features, rows) or [0]
+    if not all(np.isfinite(weight[o:o + rows]).all() for o in starts):
         raise PassError(f"node '{name}': weight has NaN or Inf values")
     if bias is not None and not np.isfinite(bias).all():
         raise PassError(f"node '{name}': bias has NaN or Inf values")
-    out_features, in_features = weight.shape
-    w = torch.from_numpy(np.asarray(weight, dtype=np.float64))
-    exponent = pow2.channel_exponents(w, cfg.weight_scale)
+    if cfg.weight_scale == "tensor" and rows < out_features:
+        peak = max(float(np.abs(weight[o:o + rows].astype(np.float32)).max(initial=0.0)) for o in starts)
+        exponent = pow2.channel_exponents(torch.tensor([[peak]]), "tensor").repeat(out_features)
+    else:
+        exponent = torch.cat([pow2.channel_exponents(_rows(weight, o, rows), cfg.weight_scale) for o in starts])
     bad = (exponent.to(torch.int32) - cfg.act_frac_bits)
-    if bad.min() < -126 or bad.max() > 127:
+    if bad.numel() and (bad.min() < -126 or bad.max() > 127):
         raise PassError(f"node '{name}': weight exponents with act_frac_bits={cfg.act_frac_bits} leave "
                         "the float32 range of the final rescale")
-    terms = getattr(cfg, "terms", 1)
-    codes = pow2.round_to_term_codes(w, exponent, cfg.weight_bits, terms)   # [terms, out, in], packed flat
+    # Codes [terms, out, in] packed flat, in chunks of whole rows: term t's codes of rows o… start
+    # at bit (t·out·in + o·in)·B, on a byte when o is a multiple of 8 (chunk_rows).
+    packed = np.zeros(-(-terms * out_features * in_features * cfg.weight_bits // 8), dtype=np.uint8)
+    for o in starts:
+        codes = pow2.round_to_term_codes(_rows(weight, o, rows), exponent[o:o + rows], cfg.weight_bits, terms)
+        if rows >= out_features:
+            packed = pow2.pack_codes(codes.numpy(), cfg.weight_bits)
+            break
+        for t in range(terms):
+            part = pow2.pack_codes(codes[t].numpy(), cfg.weight_bits)
+            start = (t * out_features + o) * in_features * cfg.weight_bits // 8
+            packed[start:start + part.size] = part
     inputs = [x,
-              gs.Constant(f"{name}.codes", pow2.pack_codes(codes.numpy(), cfg.weight_bits)),
+              gs.Constant(f"{name}.codes", packed),
               gs.Constant(f"{name}.exponent", exponent.numpy().astype(np.int8))]
     if bias is not None:
         inputs.append(gs.Constant(f"{name}.bias", np.asarray(bias, dtype=np.float32)))
