@@ -279,6 +279,13 @@ CASES = [
                                           c([[[0.9, 0.8, 0.7, 0.95]]], np.float32), c([3], np.int64), c([0.5], np.float32),
                                           c([0.0], np.float32)], 1),
     ("affinegrid", "AffineGrid", 20, {}, [f(2, 2, 3), c([2, 1, 3, 4], np.int64)], 1),
+    # experimental ops of opsets ≤ 9 that old exporters wrote and ONNX Runtime still runs
+    ("imagescaler", "ImageScaler", 8, {"scale": 0.5, "bias": [1.0, 2.0, 3.0]}, [f(1, 3, 4, 5)], 1),
+    ("scaledtanh", "ScaledTanh", 8, {"alpha": 2.0, "beta": 0.5}, [f(3, 4)], 1),
+    ("parametricsoftplus", "ParametricSoftplus", 8, {"alpha": 2.0, "beta": 0.5}, [f(3, 4)], 1),
+    ("crop", "Crop", 8, {"border": [1, 2, 0, 0], "scale": [2, 3]}, [f(1, 2, 5, 6)], 1),
+    ("maxroipool", "MaxRoiPool", 1, {"pooled_shape": [2, 3], "spatial_scale": 0.5},
+     [f(2, 2, 8, 8), c([[0, 1, 2, 9, 11], [1, 0, 0, 15, 5], [0, 14, 14, 15, 15]], np.float32)], 1),
     ("centercroppad", "CenterCropPad", 18, {"axes": [1, 2]}, [f(3, 5, 4), c([3, 7], np.int64)], 1),
     # com.microsoft fused ops of onnxruntime.transformers.optimizer
     ("ms_gelu", "com.microsoft:Gelu", 17, {}, [f(3, 4)], 1),

@@ -302,3 +302,45 @@ def _mvn(a, x):
     mean = x.mean(dim=axes, keepdim=True)
     var = x.square().mean(dim=axes, keepdim=True) - mean.square()
     return (x - mean) / (torch.sqrt(var) + 1e-9)
+
+
+@op("MaxRoiPool")
+def _max_roi_pool(a, x, rois):
+    ph_n, pw_n = a["pooled_shape"]
+    scale = a.get("spatial_scale", 1.0)
+    H, W = x.shape[2], x.shape[3]
+    rnd = lambda v: int(math.floor(v + 0.5)) if v >= 0 else -int(math.floor(-v + 0.5))
+    outs = []
+    for roi in rois.tolist():
+        b = int(roi[0])
+        sw, sh, ew, eh = (rnd(v * scale) for v in roi[1:5])
+        bin_h, bin_w = max(eh - sh + 1, 1) / ph_n, max(ew - sw + 1, 1) / pw_n
+        rows = []
+        for ph in range(ph_n):
+            h0 = min(max(math.floor(ph * bin_h) + sh, 0), H)
+            h1 = min(max(math.ceil((ph + 1) * bin_h) + sh, 0), H)
+            cols = []
+            for pw in range(pw_n):
+                w0 = min(max(math.floor(pw * bin_w) + sw, 0), W)
+                w1 = min(max(math.ceil((pw + 1) * bin_w) + sw, 0), W)
+                cols.append(x[b, :, h0:h1, w0:w1].amax((1, 2)) if h1 > h0 and w1 > w0 else x.new_zeros(x.shape[1]))
+            rows.append(torch.stack(cols, -1))
+        outs.append(torch.stack(rows, -2))
+    return torch.stack(outs)
+
+
+# Experimental ops of opsets ≤ 9 that ONNX Runtime still runs (old exporters wrote them).
+op("ImageScaler")(lambda a, x: x * a.get("scale", 1.0) + torch.tensor(a.get("bias") or [0.0] * x.shape[1],
+                                                                    dtype=x.dtype).reshape(1, -1, 1, 1))
+op("Affine")(lambda a, x: a.get("alpha", 1.0) * x + a.get("beta", 0.0))
+op("ScaledTanh")(lambda a, x: a.get("alpha", 1.0) * torch.tanh(a.get("beta", 1.0) * x))
+op("ParametricSoftplus")(lambda a, x: a.get("alpha", 1.0) * F.softplus(a.get("beta", 1.0) * x))
+
+
+@op("Crop")
+def _crop(a, x):
+    left, top, right, bottom = (list(a.get("border") or [0, 0, 0, 0]) + [0, 0, 0, 0])[:4]
+    if a.get("scale"):
+        h, w = a["scale"]
+        return x[:, :, top:top + h, left:left + w]
+    return x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
