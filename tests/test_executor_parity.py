@@ -400,3 +400,85 @@ def test_executor_gradients(case):
     leaves = [torch.from_numpy(feeds[n]).requires_grad_() for n in names]
     fn = lambda *xs: module(**dict(zip(names, xs)), **consts)[0]
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5)
+
+
+# Every dtype an op's schema allows that torch has: the executor against onnx.reference (ORT lacks
+# kernels for many integer types), one op per family.
+_DTYPE_OPS = [
+    ("Add", 14, {}, 2), ("Sub", 14, {}, 2), ("Mul", 14, {}, 2), ("Div", 14, {}, 2), ("Max", 13, {}, 2),
+    ("Min", 13, {}, 2), ("Sum", 13, {}, 2), ("Equal", 19, {}, 2), ("Less", 13, {}, 2), ("Greater", 13, {}, 2),
+    ("Abs", 13, {}, 1), ("Neg", 13, {}, 1), ("Sign", 13, {}, 1), ("Relu", 14, {}, 1), ("Identity", 21, {}, 1),
+    ("Mod", 13, {}, 2), ("BitwiseAnd", 18, {}, 2), ("BitwiseNot", 18, {}, 1), ("Clip", 13, {}, 1),
+    ("Transpose", 21, {"perm": [1, 0, 2]}, 1), ("Flatten", 21, {"axis": 2}, 1), ("Concat", 13, {"axis": 1}, "concat"),
+    ("Tile", 13, {}, "tile"), ("Expand", 13, {}, "expand"), ("Reshape", 21, {}, "reshape"), ("Slice", 13, {}, "slice"),
+    ("Pad", 21, {"mode": "edge"}, "pad"), ("Gather", 13, {"axis": 1}, "gather"), ("Where", 16, {}, "where"),
+    ("ReduceSum", 13, {}, 1), ("ReduceMax", 20, {}, "axes"), ("ReduceProd", 13, {"axes": [2]}, 1),
+    ("ArgMax", 13, {"axis": 2}, 1), ("TopK", 11, {}, "topk"), ("CumSum", 14, {}, "cumsum"), ("Trilu", 14, {}, 1),
+    ("GatherElements", 13, {"axis": 2}, "gather_elements"), ("ScatterElements", 18, {"axis": 1}, "scatter"),
+    ("Cast", 21, {"to": P.FLOAT}, 1), ("Cast", 21, {"to": P.INT64}, 1), ("Cast", 21, {"to": P.UINT8}, 1),
+    ("Cast", 21, {"to": P.BOOL}, 1), ("Cast", 21, {"to": P.FLOAT16}, 1), ("Cast", 21, {"to": P.UINT32}, 1),
+]
+_TORCH_TYPES = ["float16", "float", "double", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                "bool"]
+
+
+def _allowed(op, opset):
+    schema = onnx.defs.get_schema(op, opset)
+    first = schema.inputs[0].type_str
+    for tc in schema.type_constraints:
+        if tc.type_param_str == first:
+            return {t[7:-1] for t in tc.allowed_type_strs}
+    return {first[7:-1]}
+
+
+_DTYPE_CASES = [(op, opset, attrs, kind, t) for op, opset, attrs, kind in _DTYPE_OPS for t in _TORCH_TYPES
+                if t in _allowed(op, opset)]
+
+
+def _data(t, shape, gen):
+    dtype = np.dtype(h.tensor_dtype_to_np_dtype(getattr(P, t.upper())))
+    if dtype == np.bool_:
+        return gen.integers(0, 2, shape).astype(bool)
+    if np.issubdtype(dtype, np.floating):
+        return gen.uniform(-3, 3, shape).round(2).astype(dtype)
+    lo = 0 if np.issubdtype(dtype, np.unsignedinteger) else -5
+    return gen.integers(lo, 6, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("case", _DTYPE_CASES, ids=[f"{c[0]}{c[1]}-{c[2].get('to', '')}-{c[4]}" for c in _DTYPE_CASES])
+def test_executor_dtypes_match_reference(case):
+    from onnx.reference import ReferenceEvaluator
+    op, opset, attrs, kind, t = case
+    gen = np.random.default_rng(3)
+    x = _data(t, (2, 3, 4), gen)
+    extra = {"tile": [c([1, 2, 1], np.int64)], "expand": [c([2, 2, 3, 4], np.int64)],
+             "reshape": [c([0, 4, -1], np.int64)], "concat": [c(_data(t, (2, 1, 4), gen))],
+             "axes": [c([1], np.int64)], "slice": [c([2], np.int64), c([-10], np.int64), c([2], np.int64),
+                                                           c([-1], np.int64)],
+             "pad": [c([0, 1, 0, 0, 0, 2], np.int64)], "gather": [c([[2, 0], [1, 1]], np.int64)],
+             "where": [c(gen.integers(0, 2, (3, 4)).astype(bool)), c(x)], "topk": [c([2], np.int64)],
+             "cumsum": [c(2, np.int64)], "gather_elements": [c(gen.integers(0, 4, (2, 3, 2)).astype(np.int64))],
+             "scatter": [c(gen.integers(0, 3, (2, 1, 4)).astype(np.int64)), c(_data(t, (2, 1, 4), gen))]}
+    if kind == 2:
+        y = _data(t, (3, 4), gen)
+        if op in ("Div", "Mod") and not np.issubdtype(y.dtype, np.floating):
+            y = np.where(y == 0, np.ones_like(y), y)
+        inputs = [c(x), c(y)]
+    elif kind == 1:
+        inputs = [c(x)]
+    elif kind == "where":
+        inputs = [extra["where"][0], c(x), c(_data(t, (4,), gen))]
+    else:
+        inputs = [c(x)] + extra[kind]
+    n_out = 2 if kind == "topk" else 1
+    model, feeds = _model(op, opset, attrs, inputs, n_out)
+    want = ReferenceEvaluator(model).run(None, feeds)
+    with torch.no_grad():
+        got = OnnxModule(model)(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    for g, w in zip(got, want):
+        g, w = g.numpy(), np.asarray(w)
+        assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, w.dtype, g.shape, w.shape)
+        if np.issubdtype(w.dtype, np.floating):
+            np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-2 if w.dtype == np.float16 else 1e-5)
+        else:
+            np.testing.assert_array_equal(g, w)
