@@ -237,6 +237,30 @@ def test_add_attention_empty_inputs(shape):
         assert y.shape == shape
 
 
+def test_add_attention_empty_query_key_mask():
+    """T = 0 with a query × key mask [B, 1, 0, 0] or [B, 0, 0] is an empty result, not a mask
+    shape error (found by the fuzz harness)."""
+    x = np.zeros((2, 0, 8), np.float32)
+    m = model("AddLinearAttention", ["Q", "", "V", "mask"], dict(num_heads=2))
+    for mask in (np.zeros((2, 1, 0, 0), np.float32), np.zeros((2, 0, 0), np.float32)):
+        assert run(m, {"Q": x, "V": x, "mask": mask}).shape == x.shape
+
+
+def test_add_attention_norm_of_huge_values():
+    """|Z| above ~1.8e19 overflowed ‖Z‖² in float32 and the row came out 0 (found by the fuzz
+    harness: V = -3e38 in one channel); the norm is now taken on Z scaled by a power of two."""
+    rng = np.random.default_rng(4)
+    q, k = (rng.standard_normal((1, 3, 6)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((1, 3, 6)).astype(np.float32)
+    v[0, 0, 2], v[0, 1, 4], v[0, 2, 3] = -3e38, 1e25, 2e20
+    m = model("AddLinearAttention", ["Q", "K", "V"], dict(num_heads=2))
+    expect = ref.add_linear_attention(q, k, v, 2)
+    for isa in SL_ISAS:
+        y = run(m, {"Q": q, "K": k, "V": v}, isa)
+        np.testing.assert_allclose(y, expect, rtol=0, atol=1e-6)
+        assert np.abs(y).max() > 0.5            # the rows are unit vectors, not 0
+
+
 def test_add_attention_mask_and_conv_shapes_are_checked_before_reading():
     """A mask of the right rank but too short, and a conv of too few heads, are errors (the
     kernel would read past them)."""

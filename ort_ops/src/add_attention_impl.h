@@ -111,6 +111,23 @@ void Queries(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t0, int
     float sq = 0.0f;
     for (; i < d; ++i) sq += acc[i] * acc[i];
     for (int l = 0; l < kLanes; ++l) sq += lanes[l];
+    if (std::isinf(sq)) {
+      // ‖z‖² overflowed float32 (some |z| above ~1.8e19, z finite): the same quotient from
+      // z·2^-e, 2^e the binade of max|z| (exact scaling). Finite sums keep the path above.
+      float big = 0.0f;
+      for (int64_t i = 0; i < d; ++i) big = std::max(big, std::fabs(acc[i]));
+      if (std::isfinite(big)) {
+        int e = 0;
+        std::frexp(big, &e);
+        const float down = std::ldexp(1.0f, -e);
+        float s2 = 0.0f;
+        for (int64_t i = 0; i < d; ++i) s2 += (acc[i] * down) * (acc[i] * down);
+        const float root = std::sqrt(s2);
+        for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] * down / root;
+        if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);
+        continue;
+      }
+    }
     const float norm = std::max(std::sqrt(sq), 1e-12f);
     for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] / norm;
     if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);

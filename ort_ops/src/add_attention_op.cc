@@ -181,11 +181,11 @@ struct AddAttentionKernel {
       const auto& s = mask.shape;
       const size_t r = s.size();
       const bool batch_ok = r >= 2 && (s[0] == 1 || s[0] == b) && s.back() == t;
-      int64_t rows = 0;   // query rows per batch item
+      int64_t rows = -1;  // query rows per batch item (0 when T = 0); -1: not a mask shape
       if (batch_ok && r == 2) rows = 1;
       if (batch_ok && r == 3 && (s[1] == 1 || s[1] == t)) rows = s[1];
       if (batch_ok && r == 4 && s[1] == 1 && (s[2] == 1 || s[2] == t)) rows = s[2];
-      if (rows == 0)
+      if (rows < 0)
         throw Error{"mask must be [B|1, T], [B|1, 1, 1|T, T] or [B|1, 1|T, T] with B = " + std::to_string(b) +
                     ", T = " + std::to_string(t) + ", got " + Shape(s)};
       keep.resize(static_cast<size_t>(CheckedProduct<Error>("B * T", {b, t})));
