@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 from onnx import numpy_helper
 from torch import nn
@@ -94,6 +95,8 @@ class OnnxModule(nn.Module):
     def __init__(self, model: onnx.ModelProto, latent_weights: dict[str, np.ndarray] | None = None,
                  shift_mode: str = "Q", train_lookup_tables: bool = False):
         super().__init__()
+        if model.functions:   # model-local functions (the dynamo exporter's): run their bodies inline
+            model = onnx.inliner.inline_local_functions(model)
         self.model = model
         self.input_names = [i.name for i in model.graph.input
                             if i.name not in {t.name for t in model.graph.initializer}]

@@ -482,3 +482,28 @@ def test_executor_dtypes_match_reference(case):
             np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-2 if w.dtype == np.float16 else 1e-5)
         else:
             np.testing.assert_array_equal(g, w)
+
+
+def test_model_local_functions_run_inline():
+    """A model-local function (as the dynamo exporter writes) runs as its body."""
+    fn = h.make_function("local", "Swishy", ["x"], ["y"],
+                         [h.make_node("Sigmoid", ["x"], ["s"]), h.make_node("Mul", ["x", "s"], ["y"])],
+                         [h.make_opsetid("", 18)])
+    graph = h.make_graph([h.make_node("Swishy", ["x"], ["y"], domain="local")], "g",
+                         [h.make_tensor_value_info("x", P.FLOAT, [3])], [h.make_tensor_value_info("y", P.FLOAT, [3])])
+    model = h.make_model(graph, functions=[fn], opset_imports=[h.make_opsetid("", 18), h.make_opsetid("local", 1)])
+    x = torch.tensor([-1.0, 0.5, 2.0])
+    np.testing.assert_allclose(OnnxModule(model)(x=x)[0].numpy(), (x * torch.sigmoid(x)).numpy(), rtol=1e-6)
+
+
+def test_if_runs_the_branch_its_condition_picks():
+    branch = lambda op: h.make_graph([h.make_node(op, ["x", "x"], ["out"])], op, [],
+                                     [h.make_tensor_value_info("out", P.FLOAT, [2])])
+    node = h.make_node("If", ["c"], ["y"], then_branch=branch("Add"), else_branch=branch("Mul"))
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("c", P.BOOL, []),
+                                       h.make_tensor_value_info("x", P.FLOAT, [2])],
+                         [h.make_tensor_value_info("y", P.FLOAT, [2])])
+    module = OnnxModule(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    x = torch.tensor([3.0, -2.0])
+    assert module(c=torch.tensor(True), x=x)[0].tolist() == [6.0, -4.0]
+    assert module(c=torch.tensor(False), x=x)[0].tolist() == [9.0, 4.0]
