@@ -32,6 +32,9 @@ ACTS = {"relu": (nn.ReLU(), lambda h: np.maximum(h, 0.0), 1.0),
 def mlp(request, tmp_path_factory):
     torch.manual_seed(7)
     fc1, fc2 = nn.Linear(D, HIDDEN), nn.Linear(HIDDEN, D)
+    with torch.no_grad():      # rows of different scales: per-channel exponents differ (−3 … +1 apart)
+        for fc in (fc1, fc2):
+            fc.weight.mul_(torch.exp2(torch.randint(-3, 2, (fc.out_features, 1)).float()))
     path = tmp_path_factory.mktemp("moe_ref") / f"{request.param}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # TorchScript exporter deprecation notice
@@ -119,8 +122,8 @@ def test_pass_graph_and_layer_match_numpy_reference(mlp, routing):
     assert {"soft": np.mean(g < 0.9) > 0.7 and 0.2 < shift < 0.8,
             "mixed": 0.3 < shift < 0.7 and np.mean(g > 0.999) > 0.9, "all_shift": shift == 1.0}[routing], (g, shift)
 
-    # Measured (max |diff| / bound): ORT 0.19–0.33, the layer 0.21–0.31 with ReLU; with GELU the
-    # layer reaches 0.998 where one fc2 input flips by one LSB (the bound allows exactly that step).
+    # Measured (max |diff| / bound): 0.22–0.50 (ReLU, and GELU with mixed gates); with GELU and
+    # all-Shift routing 0.99, where one fc2 input flips by one LSB (the bound allows that step).
     # No token is ambiguous; soft routing: 76 % of gates below 0.9, mean 0.77, 44 % to Shift.
     converted = convert_onnx(str(path), ConvertConfig(shift_linear=None, add_attention=None,
                                                       moe_mlp=MoEMLPConfig(**cfg))).model
