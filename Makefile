@@ -3,13 +3,14 @@
 # make sanitize — the kernel tests against an ASan+UBSan build of the ops (build/asan/)
 # make fuzz  — the long fuzz run (kernels and CLI; kernels also under the sanitizers)
 # make reliability — sanitize + fuzz
+# make mutation — plant each bug of tools/mutants.py in a copy and check that its tests catch it
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 OPS_LIB := ort_ops/libmfconvert_ops.so
 OPS_SRC := $(wildcard ort_ops/src/*.cc ort_ops/src/*.h) ort_ops/src/exports.map
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup build demo test bench clean sanitize sanitize-quick fuzz reliability
+.PHONY: setup build demo test bench clean sanitize sanitize-quick fuzz reliability mutation
 setup: .venv/.installed $(OPS_LIB)
 
 # The CPU build of torch is pinned first so that resolving the other dependencies never pulls a
@@ -83,6 +84,10 @@ fuzz: setup $(ASAN_LIB)
 	    tests/test_kernel_fuzz.py || $(ASAN_REPORT)
 
 reliability: sanitize fuzz
+
+# Result in BENCHMARKS.md ("Mutation check"); exit status 1 when a mutant survives.
+mutation: setup
+	$(PY) tools/mutation.py
 
 bench: setup
 	$(PY) bench/bench_shift_linear.py --threads 2
