@@ -49,8 +49,9 @@ def _compile(node: onnx.NodeProto, opsets: dict[str, int]) -> dict:
                             f"{node.op_type} is not supported by the PyTorch executor")
     attrs = attributes(node, opset)
     attrs.update(_fn=fn, _opset=opset, _nout=len(node.output), _op=node.op_type)
-    if node.op_type in _CONTROL_FLOW and domain == "":
-        attrs["_branches"] = {name: _compile_graph(attrs[name], opsets) for name in _CONTROL_FLOW[node.op_type]}
+    graphs = {name: v for name, v in attrs.items() if isinstance(v, onnx.GraphProto)}
+    if graphs:   # subgraph attributes: control flow bodies, FlexAttention's score/prob mods
+        attrs["_branches"] = {name: _compile_graph(g, opsets) for name, g in graphs.items()}
     return attrs
 
 
@@ -73,9 +74,12 @@ def _compile_graph(graph: onnx.GraphProto, opsets: dict[str, int]) -> tuple:
 def _run_node(node: onnx.NodeProto, attrs: dict, env: dict, lookup_value) -> None:
     """Run one standard node, writing its outputs into env (If: its chosen branch, eagerly)."""
     args = [None if not n else env[n] if n in env else lookup_value(n) for n in node.input]
-    if node.op_type in _CONTROL_FLOW and "_branches" in attrs:
+    if node.op_type in _CONTROL_FLOW and norm_domain(node.domain) == "" and "_branches" in attrs:
         outputs = _CONTROL_FLOW_RUN[node.op_type](attrs, args, env, lookup_value)
     else:
+        if "_branches" in attrs:   # the op calls its subgraphs as functions of tensors
+            attrs = {**attrs, "_call": lambda name, xs: _run_graph(
+                attrs["_branches"][name], dict(zip(attrs["_branches"][name][3], xs)), env, lookup_value)}
         outputs = attrs["_fn"](attrs, *args)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)

@@ -160,3 +160,22 @@ def _linear_attention(a, q, k, v, past=None, decay=None, beta=None):
         outs.append(scale * torch.einsum("bhd,bhdm->bhm", q4[:, :, i], read))
     y = torch.stack(outs, 2).transpose(1, 2).reshape(b, t, qh * dv).to(q.dtype)
     return y, state.to(past.dtype if past is not None else q.dtype)
+
+
+@op("FlexAttention", 1, "ai.onnx.preview")
+def _flex_attention(a, q, k, v):
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    s = torch.tensor(math.sqrt(scale), dtype=torch.float32).to(q.dtype)
+    scores = torch.matmul(q * s, (k * s).transpose(-1, -2))
+    precision = a.get("softmax_precision")
+    dtype = tdtype(precision) if precision else (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
+    scores = scores.to(dtype)
+    if "score_mod" in a.get("_branches", {}):
+        scores = a["_call"]("score_mod", [scores])[0].to(dtype)
+    probs = torch.softmax(scores, -1)
+    if "prob_mod" in a.get("_branches", {}):
+        probs = a["_call"]("prob_mod", [probs])[0].to(dtype)
+    return torch.matmul(probs, v.to(dtype)).to(v.dtype)
