@@ -86,7 +86,8 @@ NARROW_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 def tdtype(onnx_type: int) -> torch.dtype:
     if onnx_type not in DTYPES:
-        raise ValueError(f"ONNX element type {onnx.helper.tensor_dtype_to_string(onnx_type)} has no torch dtype")
+        raise ValueError(f"ONNX element type {onnx.helper.tensor_dtype_to_string(onnx_type)} has no torch dtype "
+                         "(2-bit, 4-bit and 8-bit float types are left out)")
     return DTYPES[onnx_type]
 
 
