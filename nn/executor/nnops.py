@@ -222,6 +222,13 @@ def _bcast(t, x, axis=1):
 @op("BatchNormalization")
 def _batch_norm(a, x, scale, bias, mean, var, *rest):
     shape = [1, -1] + [1] * (x.dim() - 2)
+    if a.get("training_mode", 0):   # opset ≥ 14: batch statistics, and the updated running ones
+        dims = [0] + list(range(2, x.dim()))
+        cur_mean, cur_var = x.mean(dims), x.var(dims, unbiased=False)
+        y = (x - cur_mean.reshape(shape)) / torch.sqrt(cur_var.reshape(shape) + a.get("epsilon", 1e-5))
+        y = (y * scale.reshape(shape) + bias.reshape(shape)).to(x.dtype)
+        m = a.get("momentum", 0.9)
+        return (y, mean * m + cur_mean * (1 - m), var * m + cur_var * (1 - m))[:a["_nout"]]
     y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + a.get("epsilon", 1e-5))
     return (y * scale.reshape(shape) + bias.reshape(shape)).to(x.dtype)
 
