@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 from tqdm import tqdm
 
 from mfconvert.calibrate.activation_stats import calibrated_frac_bits, column_ranges
@@ -80,7 +81,26 @@ def read_config(path: Path) -> ConvertConfig:
         fail(f"--config {path}: {str(err).splitlines()[0]}")
 
 
-@app.command()
+try:
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError   # typer vendors click
+except ImportError:
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+
+class OneLineUsageErrors(typer.core.TyperCommand):
+    """A bad flag or value exits 1 with one `mfconvert: error:` line, as every other error does
+    (click's way: exit 2 and a framed usage message)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as err:
+            if isinstance(err, NoArgsIsHelpError):
+                raise
+            fail(" ".join(err.format_message().split()))
+
+
+@app.command(cls=OneLineUsageErrors)
 def convert(
     model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path [default: MODEL.mf.onnx]."),
