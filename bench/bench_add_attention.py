@@ -1,15 +1,17 @@
 """Benchmark the AddLinearAttention op against the softmax attention core it replaces, both in
 ONNX Runtime fp32.
 
-    .venv/bin/python bench/bench_add_attention.py [--threads 2] [--repeats 30]
+    .venv/bin/python bench/bench_add_attention.py [--threads 2] [--repeats 30] [--runs 5]
 
 Both models take Q, K, V [1, T, C] (the projection outputs) and produce the merged context
 [1, T, C]. The original is the core as exporters write it: head Reshape/Transpose, Q·Kᵀ, scale,
 Softmax, ·V, Transpose/Reshape. Ours is one AddLinearAttention node (sign binariser, 9-tap token
-conv per head: the faithful configuration). Runs are interleaved (warm-up, then `repeats`
-samples, each the mean of enough runs to last >= 2 ms); the table gives medians, the per-token
-time as median / minimum (the minimum is the least disturbed by other load on a shared machine)
-and "speed-up" = t_softmax / t_ours of the medians (> 1: ours is faster).
+conv per head: the faithful configuration). Both sessions run with thread spinning off. A run
+times the two interleaved (warm-up, then `repeats` samples, each the mean of enough calls to last
+>= 2 ms) and takes medians; `runs` runs cycle over the token counts, so that load from other
+processes spreads over all of them. "speed-up" = t_softmax / t_ours of one run's medians (> 1:
+ours is faster), given as min / median / max over the runs; times are the median over runs of
+each run's median, per-token times the median and the fastest sample of all runs.
 """
 from __future__ import annotations
 
@@ -87,10 +89,15 @@ def time_interleaved(runs, repeats, warmup_s=0.3, sample_s=0.002):
     return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
 
 
+def spread(values):
+    return min(values), statistics.median(values), max(values)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=5, help="interleaved runs; the speed-up's spread is over these")
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -98,21 +105,26 @@ def main():
     rng = np.random.default_rng(args.seed)
     ours = session(add_attention(args.dim, args.heads, rng).SerializeToString(), threads=args.threads, spinning=False)
     base = plain_session(softmax_core(args.dim, args.heads).SerializeToString(), args.threads)
-    rows = []
-    for t in TOKENS:
-        feeds = {k: rng.standard_normal((1, t, args.dim)).astype(np.float32) for k in "QKV"}
-        runs = {"ours": lambda: ours.run(None, feeds), "softmax": lambda: base.run(None, feeds)}
-        rows.append((t, time_interleaved(runs, args.repeats)))
+    feeds = {t: {k: rng.standard_normal((1, t, args.dim)).astype(np.float32) for k in "QKV"} for t in TOKENS}
+    results = {t: [] for t in TOKENS}
+    for _ in range(args.runs):
+        for t in TOKENS:
+            runs = {"ours": lambda: ours.run(None, feeds[t]), "softmax": lambda: base.run(None, feeds[t])}
+            results[t].append(time_interleaved(runs, args.repeats))
     print(f"AddLinearAttention vs softmax attention core, ONNX Runtime {ort.__version__} fp32 on {cpu_name()}, "
-          f"dim {args.dim}, {args.heads} heads, batch 1, {args.threads} threads, "
-          f"median of {args.repeats} interleaved samples\n")
-    print("| tokens | AddLinearAttention µs | softmax attention µs | speed-up (t_softmax/t_ours) "
+          f"dim {args.dim}, {args.heads} heads, batch 1, {args.threads} threads, spinning off, "
+          f"{args.runs} runs of {args.repeats} interleaved samples\n")
+    print("| tokens | AddLinearAttention µs | softmax attention µs | speed-up (t_softmax/t_ours) min / median / max "
           "| ours ns/token (median / min) | softmax ns/token (median / min) |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for t, r in rows:
-        (om, omin), (sm, smin) = r["ours"], r["softmax"]
-        print(f"| {t} | {om * 1e6:.1f} | {sm * 1e6:.1f} | {sm / om:.2f}× "
+    for t, rs in results.items():
+        om = statistics.median(r["ours"][0] for r in rs)
+        sm = statistics.median(r["softmax"][0] for r in rs)
+        omin, smin = min(r["ours"][1] for r in rs), min(r["softmax"][1] for r in rs)
+        lo, mid, hi = spread([r["softmax"][0] / r["ours"][0] for r in rs])
+        print(f"| {t} | {om * 1e6:.1f} | {sm * 1e6:.1f} | {lo:.2f}× / {mid:.2f}× / {hi:.2f}× "
               f"| {om / t * 1e9:.0f} / {omin / t * 1e9:.0f} | {sm / t * 1e9:.0f} / {smin / t * 1e9:.0f} |")
+
 
 if __name__ == "__main__":
     main()
