@@ -117,6 +117,7 @@ class Library:
 
 
 def run_tests(root: str, args: list[str], timeout: float) -> tuple[int, float, str]:
+    """(pytest's exit status (−1: timed out), seconds, its summary line and FAILED/ERROR lines)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MFCONVERT_OPS_LIBRARY", "MFCONVERT_ISA")}
     env.update(PYTHONPATH=os.path.dirname(root) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONDONTWRITEBYTECODE="1")
     t0 = time.monotonic()
@@ -126,11 +127,13 @@ def run_tests(root: str, args: list[str], timeout: float) -> tuple[int, float, s
     except subprocess.TimeoutExpired:
         return -1, time.monotonic() - t0, "timeout"
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
-    return out.returncode, time.monotonic() - t0, lines[-1] if lines else out.stderr.strip()[-300:]
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    summary = lines[-1] if lines else out.stderr.strip()[-300:]
+    return out.returncode, time.monotonic() - t0, "\n".join([summary] + failed)
 
 
 def first_failure(summary: str) -> str:
-    return re.sub(r"\s+", " ", summary)[:90]
+    return re.sub(r"\s+", " ", summary)[:160]
 
 
 def main() -> None:
@@ -170,14 +173,20 @@ def main() -> None:
         print(f"copy {root} ({args.rev or 'working tree'}), library built in {time.monotonic() - t0:.0f} s",
               flush=True)
 
+        # The unmutated copy runs every mutant's tests: the plain file lists as one union, the
+        # selections with options (-k …) each as given.
         union: list[str] = []
+        selections: list[tuple[str, ...]] = []
         for m in mutants:
-            files = [a for a in m.tests if a.startswith("tests/")]
-            union += [f for f in files if f not in union]
-        rc, secs, summary = run_tests(root, union, args.timeout)
-        print(f"unmutated copy: {summary} ({secs:.0f} s)", flush=True)
-        if rc != 0:
-            fail(f"the unmutated copy fails its tests ({summary}); nothing to measure")
+            if all(a.startswith("tests/") for a in m.tests):
+                union += [f for f in m.tests if f not in union]
+            elif m.tests not in selections:
+                selections.append(m.tests)
+        for sel in ([tuple(union)] if union else []) + selections:
+            rc, secs, summary = run_tests(root, list(sel), args.timeout)
+            print(f"unmutated copy: {summary} ({secs:.0f} s)", flush=True)
+            if rc != 0:
+                fail(f"the unmutated copy fails its tests ({summary}); nothing to measure")
 
         rows, survived = [], []
         for m in mutants:
