@@ -507,3 +507,94 @@ def test_if_runs_the_branch_its_condition_picks():
     x = torch.tensor([3.0, -2.0])
     assert module(c=torch.tensor(True), x=x)[0].tolist() == [6.0, -4.0]
     assert module(c=torch.tensor(False), x=x)[0].tolist() == [9.0, 4.0]
+
+
+def _export(module, args, names):
+    import io
+    import warnings
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, input_names=names, opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "b"} for n in names})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _same_as_ort(model, feeds, atol=1e-5):
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with torch.no_grad():
+        got = OnnxModule(model)(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=atol)
+
+
+class _Bert(torch.nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+        torch.manual_seed(0)
+        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=100, attn_implementation=attn)
+        self.bert = BertModel(cfg).eval()
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+def _bert_feeds():
+    gen = np.random.default_rng(4)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, 5:] = 0
+    return {"input_ids": gen.integers(0, 100, (2, 7)), "attention_mask": mask,
+            "token_type_ids": np.zeros((2, 7), np.int64)}
+
+
+def test_third_party_exports_run_as_in_ort():
+    """What stopped finetuning on others' models: a transformers BERT with SDPA attention
+    (TorchScript exporter: IsNaN, Where, GatherElements) and a ViT with an interpolated position
+    embedding (Resize bicubic)."""
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTModel
+    feeds = _bert_feeds()
+    names = list(feeds)
+    model = _export(_Bert("sdpa").eval(), tuple(torch.from_numpy(v) for v in feeds.values()), names)
+    assert {"IsNaN", "Where"} <= {n.op_type for n in model.graph.node}
+    _same_as_ort(model, feeds)
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8)).eval()
+
+    class Interpolated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, pixel_values):
+            return self.vit(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+    x = np.random.default_rng(5).normal(size=(1, 3, 48, 40)).astype(np.float32)
+    model = _export(Interpolated().eval(), (torch.from_numpy(x),), ["pixel_values"])
+    assert "Resize" in {n.op_type for n in model.graph.node}
+    _same_as_ort(model, {"pixel_values": x})
+
+
+@pytest.mark.parametrize("gelu_approximation", [False, True])
+def test_transformers_optimizer_fused_bert_runs_as_in_ort(gelu_approximation):
+    """onnxruntime.transformers.optimizer's fusion of BERT: EmbedLayerNormalization, Attention,
+    SkipLayerNormalization, BiasGelu or FastGelu (com.microsoft)."""
+    import logging
+    pytest.importorskip("transformers")
+    from onnxruntime.transformers import optimizer
+    feeds = _bert_feeds()
+    model = _export(_Bert("eager").eval(), tuple(torch.from_numpy(v) for v in feeds.values()), list(feeds))
+    options = optimizer.FusionOptions("bert")
+    options.enable_gelu_approximation = gelu_approximation
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    fused = optimizer.optimize_model(model, model_type="bert", num_heads=4, hidden_size=32,
+                                     optimization_options=options, opt_level=0).model
+    ops = {n.op_type for n in fused.graph.node if n.domain == "com.microsoft"}
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization",
+            "FastGelu" if gelu_approximation else "BiasGelu"} <= ops
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in fused.graph.input}}
+    _same_as_ort(fused, feeds)
