@@ -1,7 +1,8 @@
 """OnnxModule: run an ONNX model as a differentiable PyTorch module, for finetuning.
 
 Float initializers become nn.Parameters, other initializers buffers; standard ONNX ops map to
-torch functions (nn/onnx_ops.py) and our own ops to the mfconvert.nn layers, so gradients flow
+torch functions (nn/executor/: the implementation for the model's opset, attribute defaults from
+the op's schema; If/Loop/Scan run eagerly) and our own ops to the mfconvert.nn layers, so gradients flow
 through the whole graph with the straight-through rules of those layers. After training,
 `to_onnx()` writes the trained values back into a copy of the model (shift weights repacked).
 

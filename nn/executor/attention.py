@@ -171,7 +171,8 @@ def _flex_attention(a, q, k, v):
     s = torch.tensor(math.sqrt(scale), dtype=torch.float32).to(q.dtype)
     scores = torch.matmul(q * s, (k * s).transpose(-1, -2))
     precision = a.get("softmax_precision")
-    dtype = tdtype(precision) if precision else (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    dtype = tdtype(precision) if precision else torch.float32 if low else q.dtype
     scores = scores.to(dtype)
     if "score_mod" in a.get("_branches", {}):
         scores = a["_call"]("score_mod", [scores])[0].to(dtype)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from mfconvert.nn.executor.registry import NARROW_UNSIGNED, floats, ints, op, scalar, tdtype, to_tensor, wide
+from mfconvert.nn.executor.registry import NARROW_UNSIGNED, ints, op, scalar, tdtype, to_tensor, wide
 
 
 # ------------------------------------------------------------------------ shape and layout
@@ -304,7 +304,8 @@ def _unique(a, x):
     xn = x.detach().numpy() if x.dtype != torch.bfloat16 else x.detach().float().numpy()
     if axis is None:
         flat = x.reshape(-1)
-        _, first, inverse, counts = np.unique(xn.reshape(-1), return_index=True, return_inverse=True, return_counts=True)
+        _, first, inverse, counts = np.unique(xn.reshape(-1), return_index=True, return_inverse=True,
+                                              return_counts=True)
     else:
         axis %= x.dim()
         flat = x
