@@ -10,7 +10,7 @@ OPS_LIB := ort_ops/libmfconvert_ops.so
 OPS_SRC := $(wildcard ort_ops/src/*.cc ort_ops/src/*.h) ort_ops/src/exports.map
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup build demo test bench clean sanitize sanitize-quick fuzz reliability mutation
+.PHONY: setup build demo test bench clean sanitize sanitize-quick fuzz reliability mutation FORCE
 setup: .venv/.installed $(OPS_LIB)
 
 # The CPU build of torch is pinned first so that resolving the other dependencies never pulls a
@@ -34,7 +34,8 @@ test: setup
 	$(PY) -m pytest -q tests
 	$(MAKE) --no-print-directory sanitize-quick
 
-# The op library with AddressSanitizer and UBSan (every UB finding aborts), beside the shared
+# The op library with AddressSanitizer and UBSan (every UB finding aborts; float-to-int
+# conversions out of range included, which -fsanitize=undefined leaves out), beside the shared
 # library, never over it. Python is not built with ASan: libasan is preloaded (with libstdc++,
 # whose __cxa_throw ASan must find at start-up), and its leak check is off (the interpreter
 # leaks by design). Reports go to build/asan/report.PID (pytest captures stderr, and a process
@@ -42,7 +43,8 @@ test: setup
 # mfconvert.ort_ops.library_path() return this build.
 ASAN_DIR    := build/asan
 ASAN_LIB    := $(ASAN_DIR)/libmfconvert_ops.so
-ASAN_FLAGS  := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+ASAN_FLAGS  := -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=undefined,float-cast-overflow \
+               -fno-omit-frame-pointer
 ASAN_CXX    := -std=c++17 -O1 -g $(ASAN_FLAGS) -fPIC -fvisibility=hidden -fno-math-errno \
                -ffp-contract=off -Wall -Wextra -Wno-unused-parameter
 ASAN_OBJS   := $(patsubst ort_ops/src/%.cc,$(ASAN_DIR)/%.o,$(wildcard ort_ops/src/*.cc))
@@ -59,8 +61,12 @@ FUZZ_QUICK  ?= 60
 FUZZ_LONG   ?= 2000
 FUZZ_ASAN   ?= 300
 
-$(ASAN_DIR)/%.o: ort_ops/src/%.cc $(wildcard ort_ops/src/*.h) | .venv/.installed
+# The objects are rebuilt when these flags change (the stamp is rewritten only then).
+$(ASAN_DIR)/flags: FORCE
 	@mkdir -p $(ASAN_DIR)
+	@echo '$(CXX) $(ASAN_CXX)' | cmp -s - $@ || echo '$(CXX) $(ASAN_CXX)' > $@
+
+$(ASAN_DIR)/%.o: ort_ops/src/%.cc $(wildcard ort_ops/src/*.h) $(ASAN_DIR)/flags | .venv/.installed
 	$(CXX) $(ASAN_CXX) -Iort_ops/src -I$(ORT_INC) -c $< -o $@
 
 $(ASAN_LIB): $(ASAN_OBJS) ort_ops/src/exports.map
