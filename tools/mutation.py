@@ -151,6 +151,11 @@ def main() -> None:
             fail(f"--only: no mutant named {', '.join(sorted(unknown))}")
         mutants = [m for m in MUTANTS if m.name in args.only]
 
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", args.rev or "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    if not args.rev and subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True).stdout.strip():
+        commit += " + uncommitted changes"
     work = tempfile.mkdtemp(prefix="mfconvert-mutation-")
     root = os.path.join(work, "mfconvert")
     try:
@@ -170,8 +175,8 @@ def main() -> None:
         except RuntimeError as err:
             fail(f"building the unmutated library failed:\n{err}")
         lib.link()
-        print(f"copy {root} ({args.rev or 'working tree'}), library built in {time.monotonic() - t0:.0f} s",
-              flush=True)
+        print(f"copy {root} of {commit} ({args.rev or 'working tree'}), library built in "
+              f"{time.monotonic() - t0:.0f} s", flush=True)
 
         # The unmutated copy runs every mutant's tests: the plain file lists as one union, the
         # selections with options (-k …) each as given.
@@ -218,7 +223,8 @@ def main() -> None:
             print(f"{m.name}: {verdict} — {first_failure(summary)} ({secs:.0f} s)", flush=True)
         print("\n| mutant | face | file | tests run | result | time |\n|---|---|---|---|---|---:|")
         print("\n".join(rows))
-        print(f"\n{len(mutants) - len(survived)} of {len(mutants)} mutants killed"
+        print(f"\n{len(mutants) - len(survived)} of {len(mutants)} mutants killed at {commit}, "
+              f"{time.strftime('%Y-%m-%d')}"
               + (f"; survived or errored: {', '.join(survived)}" if survived else ""))
         sys.exit(1 if survived else 0)
     finally:
