@@ -219,9 +219,12 @@ def main() -> None:
             if rc == 0 or rc > 2:
                 survived.append(m.name)
             tests = " ".join(a.removeprefix("tests/") for a in m.tests)
-            rows.append(f"| `{m.name}` | {m.face} | `{m.path}` | {tests} | {verdict} | {secs:.0f} s |")
+            caught = re.findall(r"^FAILED tests/(\S+)", summary, re.M) + re.findall(r"^ERROR tests/(\S+)", summary, re.M)
+            by = f"`{caught[0]}`" if caught and rc in (1, 2) else ""
+            rows.append(f"| `{m.name}` | {m.face} | `{m.path}` | {tests} | {verdict} | {by} | {secs:.0f} s |")
             print(f"{m.name}: {verdict} — {first_failure(summary)} ({secs:.0f} s)", flush=True)
-        print("\n| mutant | face | file | tests run | result | time |\n|---|---|---|---|---|---:|")
+        print("\n| mutant | face | file | tests run | result | first failing test | time |\n"
+              "|---|---|---|---|---|---|---:|")
         print("\n".join(rows))
         print(f"\n{len(mutants) - len(survived)} of {len(mutants)} mutants killed at {commit}, "
               f"{time.strftime('%Y-%m-%d')}"
