@@ -174,7 +174,19 @@ def _native_ok(a, x):
                                                                                                dilations, pads[:n])
 
 
+def _half_as_float(fn):
+    """float16 / bfloat16 pooled in float32 (torch's CPU kernels lack some half forms), cast back."""
+    def run(a, x):
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return fn(a, x)
+        out = fn(a, x.float())
+        return tuple(o.to(x.dtype) if o.is_floating_point() else o for o in out) if isinstance(out, tuple) \
+            else out.to(x.dtype)
+    return run
+
+
 @op("MaxPool")
+@_half_as_float
 def _max_pool(a, x):
     ok, (kernel, strides, dilations, pads) = _native_ok(a, x)
     if ok and a["_nout"] < 2:
@@ -183,6 +195,7 @@ def _max_pool(a, x):
 
 
 @op("AveragePool")
+@_half_as_float
 def _avg_pool(a, x):
     ok, (kernel, strides, dilations, pads) = _native_ok(a, x)
     if ok and all(d == 1 for d in dilations):
@@ -190,7 +203,7 @@ def _avg_pool(a, x):
     return _generic_pool("avg", a, x)
 
 
-op("LpPool")(lambda a, x: _generic_pool("lp", a, x, a.get("p", 2)))
+op("LpPool")(_half_as_float(lambda a, x: _generic_pool("lp", a, x, a.get("p", 2))))
 op("GlobalAveragePool")(lambda a, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True))
 op("GlobalMaxPool")(lambda a, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True))
 op("GlobalLpPool", 2)(lambda a, x: x.abs().pow(a.get("p", 2)).sum(dim=tuple(range(2, x.dim())), keepdim=True).pow(
