@@ -14,7 +14,7 @@ from mfconvert.calibrate.data import DataError, Examples, check_against_model, l
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.convert.files import check_outputs, write_text_atomic
-from mfconvert.convert.onnx_model import ConversionError, load_model
+from mfconvert.convert.onnx_model import ConversionError, external_data_reads, load_model
 from mfconvert.moe import routes, routing_split, split_table
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY
 
@@ -147,7 +147,8 @@ def main(
         # another; existing ones only with --force (a checkpoint to --resume is read, then rewritten).
         check_outputs({"-o": out, "--report-json": report_json, "--checkpoint": checkpoint},
                       {"the input model": student, "the teacher model": teacher, "the --data file": data,
-                       "the --tokenizer file": tokenizer}, force, reused=("--checkpoint",) if resume else ())
+                       "the --tokenizer file": tokenizer, **external_data_reads(student, teacher)}, force,
+                      reused=("--checkpoint",) if resume else ())
         model, _, _ = load_model(str(student))
         examples = load_data(data, model, tokenizer, max_length, image_preset)
         figures = run_finetune(str(student), str(teacher), examples, cfg, out, held_out, logits=loss == "kl")

@@ -23,7 +23,8 @@ from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
 from mfconvert.convert.files import check_outputs, write_text_atomic
-from mfconvert.convert.onnx_model import check_output_path, load_model, output_path_for, save_model_atomic
+from mfconvert.convert.onnx_model import (check_output_path, external_data_reads, load_model, output_path_for,
+                                          save_model_atomic)
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.moe_mlp import MoEMLPConfig
@@ -164,7 +165,7 @@ def convert(
     try:   # every file written, checked before any work: never a file read, never one another
         check_outputs({"-o": out, "--save-config": save_config, "--report-json": report_json},
                       {"the input model": model, "the --config file": config_file, "the --data file": data,
-                       "the --tokenizer file": tokenizer}, force)
+                       "the --tokenizer file": tokenizer, **external_data_reads(model)}, force)
     except ConversionError as err:
         fail(str(err))
     shapes = parse_input_shapes(input_shape)

@@ -52,9 +52,9 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
     external = bool(data_files) or size_before > PROTO_LIMIT // 2
     if output is not None:
         check_output_path(output, input_path, force)
-        if external:
-            check_outputs({"": data_path_for(output)}, {"the input model": input_path,
-                          **{f"the input's external data {f}": f for f in data_files}}, force)
+        reads = {"the input model": input_path, **{f"the input's external data {f}": f for f in data_files}}
+        for path in [output] + ([data_path_for(output)] if external else []):
+            check_outputs({"": path}, reads, force)
     check_model(model, label, path=input_path)
     shapes = resolve_input_shapes(model, input_shapes or {}, label)
     typed = infer_shapes(model)   # dtypes let passes check activations

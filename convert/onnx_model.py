@@ -228,6 +228,26 @@ def external_data_files(model: onnx.ModelProto, base_dir: str, label: str) -> di
     return files
 
 
+def external_data_reads(*paths) -> dict[str, str]:
+    """{label: path} of the external-data files the models at `paths` refer to, for check_outputs
+    (a file the command reads is never written); a model that cannot be read gives none (loading
+    it says why)."""
+    reads = {}
+    for path in paths:
+        if path is None or not os.path.isfile(path):
+            continue
+        try:
+            model = onnx.load(os.fspath(path), load_external_data=False)
+        except Exception:
+            continue
+        base = os.path.dirname(os.path.abspath(path))
+        for tensor in _tensors(model):
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if external_data_helper.uses_external_data(tensor) and location:
+                reads[f"the external data of {os.fspath(path)} ({location})"] = os.path.join(base, location)
+    return reads
+
+
 def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
     """Copy the set fields of protobuf message `src` into `dst`, but for those named in `skip`
     (never read: reading a bytes field copies it, ListFields reads them all)."""

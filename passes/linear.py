@@ -67,7 +67,9 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearMatch | str:
         if add is not None:
             nodes.append(add)
             output = add.outputs[0]
-    return LinearMatch(nodes, x, np.ascontiguousarray(w.T), bias, output)
+    # A large weight stays a transposed view (rounding reads it a few rows at a time): a
+    # contiguous copy of a 2 GiB weight would double the memory the conversion needs.
+    return LinearMatch(nodes, x, w.T if w.size > CHUNK_ELEMENTS else np.ascontiguousarray(w.T), bias, output)
 
 
 def _bias_add(graph: gs.Graph, y: gs.Tensor, out_features: int, opset: int):

@@ -64,8 +64,10 @@ def test_rounding_in_chunks_gives_the_same_bytes(monkeypatch, scale, terms, bits
     rows = linear.chunk_rows(*shape, bits, terms)
     assert rows == (shape[0] if terms > 1 and shape[0] * shape[1] * bits % 8 else 8)
     chunked, _ = shift_linear_node("fc", gs.Variable("x"), gs.Variable("y"), w, None, cfg)
-    for a, b in zip(whole.inputs[1:], chunked.inputs[1:]):
+    strided, _ = shift_linear_node("fc", gs.Variable("x"), gs.Variable("y"), np.asfortranarray(w), None, cfg)
+    for a, b, c in zip(whole.inputs[1:], chunked.inputs[1:], strided.inputs[1:]):   # a MatMul's weight.T view
         np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.values, c.values)
 
 
 def test_external_data_round_trip(tmp_path):
@@ -125,6 +127,19 @@ def test_refuses_to_write_the_inputs_external_data(tmp_path):
     assert res.exit_code == 1
     assert res.output.strip() == f"mfconvert: error: {data}: refusing to overwrite the input's external data {data}; choose another output"
     assert sha256(data) == before and not (tmp_path / "m.mf.onnx").exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report-json", "--save-config"])
+def test_no_output_over_the_inputs_external_data(tmp_path, flag):
+    """-o or a side file pointed at the input's data file is refused before any work, --force or not."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(mlp(np.random.default_rng(0)), path, save_as_external_data=True, location="w.bin")
+    data = tmp_path / "w.bin"
+    before = sha256(data)
+    args = [str(path), "--force", flag, str(data)] + (["-o", str(tmp_path / "o.onnx")] if flag != "-o" else [])
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1 and "refusing to overwrite the external data of" in res.output, res.output
+    assert sha256(data) == before and not (tmp_path / "o.onnx").exists()
 
 
 @pytest.mark.parametrize("location,length,error", [
@@ -274,7 +289,7 @@ def test_weight_over_2gib_is_converted(tmp_path):
     run, peak = convert_measured([path, "-o", out])
     assert run.returncode == 0, run.stderr[-2000:]
     print(f"peak RSS {peak / GIB:.2f} GiB = {peak / weight_bytes:.2f}× the weight")
-    # The weight is read once (1×), transposed to [out, in] (1×) and rounded a few rows at a time
+    # The weight is read once (1×) and rounded a few rows at a time, through a transposed view,
     # into 5-bit codes (0.16×); Python, torch and onnx take ~0.5 GiB besides.
     assert peak < 3 * weight_bytes
     assert {p: sha256(p) for p in before} == before
