@@ -240,6 +240,8 @@ CASES = [
     ("batchnorm15", "BatchNormalization", 15, {"epsilon": 1e-2}, [f(2, 3, 4), f(3), f(3), f(3), pos(3)], 1),
     ("lrn", "LRN", 13, {"size": 3, "alpha": 0.01, "beta": 0.6, "bias": 1.5}, [f(1, 5, 3, 3)], 1),
     ("mvn", "MeanVarianceNormalization", 13, {}, [f(2, 3, 4, 4)], 1),
+    ("mvn8_across", "MeanVarianceNormalization", 8, {"across_channels": 1}, [f(2, 3, 4, 4)], 1),
+    ("mvn8_centre", "MeanVarianceNormalization", 8, {"normalize_variance": 0}, [f(2, 3, 4, 4)], 1),
     ("rmsnorm", "RMSNormalization", 23, {"axis": -1}, [f(2, 3, 4), f(4)], 1),
     ("lpnorm_l1", "LpNormalization", 1, {"p": 1, "axis": 0}, [f(3, 4)], 1),
     # quantization

@@ -327,6 +327,17 @@ def _mvn(a, x):
     return (x - mean) / (torch.sqrt(var) + 1e-9)
 
 
+@op("MeanVarianceNormalization", 1)
+def _mvn1(a, x):
+    """Opsets < 9 as ONNX Runtime runs them: over N, H, W (and C with across_channels);
+    normalize_variance=0 only centres."""
+    axes = (0, 1, 2, 3) if a.get("across_channels", 0) else (0, 2, 3)
+    y = x - x.mean(dim=axes, keepdim=True)
+    if a.get("normalize_variance", 1):
+        y = y / (torch.sqrt(y.square().mean(dim=axes, keepdim=True)) + 1e-9)
+    return y
+
+
 @op("MaxRoiPool")
 def _max_roi_pool(a, x, rois):
     ph_n, pw_n = a["pooled_shape"]
