@@ -47,8 +47,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, lazy: bool = False) 
         raise ConversionError(f"{path}: not an ONNX model with a graph (empty or truncated file?)")
     base = os.path.dirname(os.path.abspath(path))
     files = external_data_files(model, base, path)
-    for tensor in _tensors(model):
-        if external_data_helper.uses_external_data(tensor) and not (lazy and _nbytes(tensor) >= BIG_TENSOR):
+    initializers = [t for graph in _graphs(model.graph) for t in graph.initializer]
+    on_disk = {id(t) for t in initializers if lazy and _nbytes(t) >= BIG_TENSOR}   # attach_external_data's
+    for tensor in initializers + list(_attribute_tensors(model)):
+        if external_data_helper.uses_external_data(tensor) and id(tensor) not in on_disk:
             try:
                 external_data_helper.load_external_data_for_tensor(tensor, base)
             except Exception as err:
@@ -179,15 +181,21 @@ def _graphs(graph: onnx.GraphProto):
                 yield from _graphs(sub)
 
 
-def _tensors(model: onnx.ModelProto):
-    """Every TensorProto that can hold weights: initializers and tensor attributes, in all graphs."""
+def _attribute_tensors(model: onnx.ModelProto):
+    """Tensors in node attributes (a Constant's value, ...), in all graphs."""
     for graph in _graphs(model.graph):
-        yield from graph.initializer
         for node in graph.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
+
+
+def _tensors(model: onnx.ModelProto):
+    """Every TensorProto that can hold weights: initializers and tensor attributes, in all graphs."""
+    for graph in _graphs(model.graph):
+        yield from graph.initializer
+    yield from _attribute_tensors(model)
 
 
 def inline_bytes(model: onnx.ModelProto) -> int:

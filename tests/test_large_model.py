@@ -245,6 +245,7 @@ def test_model_over_2gib_converts(tmp_path):
     print(f"peak RSS {peak / GIB:.2f} GiB = {peak / table_bytes:.2f}× the model")
     # The table is read once into the converted model (1×) and written out tensor by tensor (a
     # second copy of one tensor at a time: 1×); Python, torch and onnx take ~0.5 GiB besides.
+    # Measured 2.14× (2026-12-01).
     assert peak < 3 * table_bytes
     assert {p: sha256(p) for p in before} == before
     assert sorted(os.listdir(out.parent)) == ["big.mf.onnx", "big.mf.onnx.data"]   # no temporary files
@@ -290,8 +291,9 @@ def test_weight_over_2gib_is_converted(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     print(f"peak RSS {peak / GIB:.2f} GiB = {peak / weight_bytes:.2f}× the weight")
     # The weight is read once (1×) and rounded a few rows at a time, through a transposed view,
-    # into 5-bit codes (0.16×); Python, torch and onnx take ~0.5 GiB besides.
-    assert peak < 3 * weight_bytes
+    # into 5-bit codes (0.16×, twice: the node's and the exported model's); Python, torch and onnx
+    # take ~0.5 GiB (0.25×) besides. Measured 1.90× (2026-12-01).
+    assert peak < 2.5 * weight_bytes
     assert {p: sha256(p) for p in before} == before
     assert sorted(os.listdir(out.parent)) == ["big.mf.onnx", "big.mf.onnx.data"]
     os.unlink(tmp_path / "big.onnx.data")
