@@ -8,6 +8,12 @@ from dataclasses import dataclass
 import onnx
 import onnx_graphsurgeon as gs
 
+# graphsurgeon prints its warnings to stdout (and asks for the `colored` module on the first):
+# shadowed names in subgraphs and duplicate node names are valid ONNX, and what matters reaches the
+# report in our words. Every mfconvert import runs this module (mfconvert/__init__.py).
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+gs.logger.G_LOGGER.colors = False
+
 from mfconvert.convert.config import ConvertConfig
 from mfconvert.convert.onnx_model import (ConversionError, attach_external_data, check_model,
                                           check_output_path, data_path_for, read_model,
@@ -15,6 +21,7 @@ from mfconvert.convert.onnx_model import (ConversionError, attach_external_data,
                                           model_bytes, save_model_atomic, writes_external,
                                           PROTO_LIMIT)
 from mfconvert.convert.files import check_outputs
+from mfconvert.convert.canonicalize import canonical_rows
 from mfconvert.ort_ops import DOMAIN, OPSET_VERSION
 from mfconvert.passes import pass_for
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
@@ -77,13 +84,29 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         why = "; ".join(f"{s.node}: {s.reason}" for s in skips[:3]) + (" …" if len(skips) > 3 else "")
         raise ConversionError(f"{label}: nothing to convert ({len(skips)} candidates skipped"
                               + (f": {why})" if skips else ", none found)"))
-    converted = _export(graph, model, config, results)
+    if any(r.changes for r in results):
+        converted = _export(graph, model, config, results)
+    else:   # nothing converted: the graph verbatim (a graphsurgeon round trip reorders nodes and
+        converted = onnx.ModelProto()   # makes subgraph Constants initializers)
+        converted.CopyFrom(model)
+        onnx.helper.set_model_props(converted, {**{p.key: p.value for p in model.metadata_props},
+                                                **{k: v for r in results for k, v in r.metadata.items()},
+                                                "mfconvert.config": json.dumps(config.to_dict())})
     if base_dir:
         load_external_data(converted, base_dir, label)   # external tensors no pass changed
     check_model(converted, f"{label} (converted)")
     annotate_accumulators([c for r in results for c in r.changes], accumulator_checks(converted, input_ranges))
     notes: list[str] = []
     rows = activation_rows(model, shapes, notes)
+    wanted = {c.activation for r in results for c in r.changes
+              if c.activation is not None and rows.get(c.activation, -1) < 0}
+    if wanted:   # left open (or negative) by onnx's inference: ORT's symbolic one (canonicalize.py)
+        more: list[str] = []
+        for name in wanted:
+            rows.pop(name, None)
+        rows.update(canonical_rows(model, shapes, wanted, more))
+        if not notes or all(a in rows for a in wanted):
+            notes[:] = more
     for result in results:
         for change in result.changes:
             change.rows = rows.get(change.activation)

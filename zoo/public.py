@@ -187,3 +187,51 @@ def sample(name: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
 def input_shapes(name: str) -> dict[str, list[int]]:
     """The sample's shapes, for convert_onnx(input_shapes=...)."""
     return {k: list(v.shape) for k, v in sample(name).items()}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
+
+
+def table(names=None, batch: int = 8) -> str:
+    """BENCHMARKS.md's zoo table: the default conversion of each entry at the sample shapes, its
+    skips, and its first output against the original's in ORT on `batch` sample inputs (cosine
+    over the whole output; top-1 agreement where the output is [B, classes])."""
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    from mfconvert.convert.onnx_entry import convert_onnx
+    from mfconvert.runtime import session
+
+    rows = ["| model | exporter, opset | converted / skipped (top reasons) | runs in ORT | fidelity (first output) "
+            "| multiplications removed |", "|---|---|---|---|---|---|"]
+    for name in names or ZOO:
+        entry, path = ZOO[name], fetch(name)
+        result = convert_onnx(path, input_shapes=input_shapes(name), allow_unchanged=True)
+        report = result.report
+        reasons = Counter(s.reason.split(":")[0][:50] for s in report.skips)
+        why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(2))
+        if not report.changes:
+            rows.append(f"| {name} | {entry.exporter} | 0 / {len(report.skips)}{' (' + why + ')' if why else ''} "
+                        "| unchanged | identical | 0 |")
+            continue
+        feeds = [sample(name, seed=s) for s in range(batch)]
+        plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ours = session(result.model.SerializeToString(), threads=1)
+        want = np.concatenate([plain.run(None, f)[0] for f in feeds])
+        got = np.concatenate([ours.run(None, f)[0] for f in feeds])
+        fid = f"cos {_cosine(want, got):.4f}"
+        if want.ndim == 2 and want.shape[1] > 1:
+            fid += f", top-1 {np.mean(want.argmax(1) == got.argmax(1)):.0%}"
+        macs = [c.macs_removed for c in report.changes]
+        count = "unknown" if None in macs else f"{sum(macs):,}"
+        rows.append(f"| {name} | {entry.exporter} | {len(report.changes)} / {len(report.skips)}"
+                    f"{' (' + why + ')' if why else ''} | {'yes' if np.isfinite(got).all() else 'NaN/inf'} "
+                    f"| {fid} | {count} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":   # python -m mfconvert.zoo.public [NAME ...]
+    print(table(sys.argv[1:] or None))
