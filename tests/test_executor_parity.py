@@ -304,6 +304,8 @@ CASES = [
     ("imagescaler", "ImageScaler", 8, {"scale": 0.5, "bias": [1.0, 2.0, 3.0]}, [f(1, 3, 4, 5)], 1),
     ("scaledtanh", "ScaledTanh", 8, {"alpha": 2.0, "beta": 0.5}, [f(3, 4)], 1),
     ("parametricsoftplus", "ParametricSoftplus", 8, {"alpha": 2.0, "beta": 0.5}, [f(3, 4)], 1),
+    ("scale", "Scale", 8, {"scale": 2.5}, [f(3, 4)], 1),
+    ("dynamicslice", "DynamicSlice", 8, {}, [f(3, 5), c([1, 1], np.int64), c([3, 4], np.int64)], 1),
     ("crop", "Crop", 8, {"border": [1, 2, 0, 0], "scale": [2, 3]}, [f(1, 2, 5, 6)], 1),
     ("maxroipool", "MaxRoiPool", 1, {"pooled_shape": [2, 3], "spatial_scale": 0.5},
      [f(2, 2, 8, 8), c([[0, 1, 2, 9, 11], [1, 0, 0, 15, 5], [0, 14, 14, 15, 15]], np.float32)], 1),

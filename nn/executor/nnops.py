@@ -367,6 +367,7 @@ def _max_roi_pool(a, x, rois):
 op("ImageScaler")(lambda a, x: x * a.get("scale", 1.0) + torch.tensor(a.get("bias") or [0.0] * x.shape[1],
                                                                     dtype=x.dtype).reshape(1, -1, 1, 1))
 op("Affine")(lambda a, x: a.get("alpha", 1.0) * x + a.get("beta", 0.0))
+op("Scale")(lambda a, x: a.get("scale", 1.0) * x)
 op("ScaledTanh")(lambda a, x: a.get("alpha", 1.0) * torch.tanh(a.get("beta", 1.0) * x))
 op("ParametricSoftplus")(lambda a, x: a.get("alpha", 1.0) * F.softplus(a.get("beta", 1.0) * x))
 

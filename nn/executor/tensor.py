@@ -100,8 +100,13 @@ def _slice(x, starts, ends, axes, steps):
 
 
 op("Slice", 1)(lambda a, x: _slice(x, a["starts"], a["ends"], a.get("axes"), None))
-op("Slice", 10)(lambda a, x, starts, ends, axes=None, steps=None: _slice(
-    x, ints(starts), ints(ends), ints(axes) if axes is not None else None, ints(steps) if steps is not None else None))
+def _slice_inputs(a, x, starts, ends, axes=None, steps=None):
+    return _slice(x, ints(starts), ints(ends), ints(axes) if axes is not None else None,
+                  ints(steps) if steps is not None else None)
+
+
+op("Slice", 10)(_slice_inputs)
+op("DynamicSlice")(_slice_inputs)   # experimental (opsets ≤ 9): Slice-10 without steps
 
 
 @op("Shape", 1)
