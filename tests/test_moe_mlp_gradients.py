@@ -80,13 +80,13 @@ def np_balance_grad(logits, latency):
     return c_i + c_l, grad
 
 
-def surrogate(logits, latency, counts):
+def surrogate(logits, latency, counts, imp0):
     """The straight-through loss as a smooth function for finite differences: load = counts +
-    I(l) − I(l₀), with the counts frozen at l₀."""
+    I(l) − I(l₀), with the counts and I(l₀) = imp0 frozen at l₀."""
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     imp = p.sum(0)
-    return np_cv2_grad(latency * imp)[0] + np_cv2_grad(latency * (counts + imp - surrogate.imp0))[0]
+    return np_cv2_grad(latency * imp)[0] + np_cv2_grad(latency * (counts + imp - imp0))[0]
 
 
 @pytest.mark.parametrize("skew", [0.0, 1.5])
@@ -94,7 +94,8 @@ def test_load_term_has_the_straight_through_gradient(skew):
     """Autograd's gradient of the balancing loss (balance_loss, balance_loss_from_logits and the
     layer's aux_loss through the router) equals the analytic gradient of the spec's definition and
     a central finite difference of its smooth surrogate. Without the straight-through term
-    (load = counts only) the load half of the gradient is missing: off by ~50 % here."""
+    (load = counts only) the load term's part is missing: measured 0.53× and 5.9× the largest
+    entry of the full gradient for the two skews."""
     rng = np.random.default_rng(5)
     logits = (rng.standard_normal((40, 2)) + [0.0, skew]).astype(np.float32)   # skewed: unbalanced loads
     latency = np.array([2.8, 4.4])
@@ -103,13 +104,12 @@ def test_load_term_has_the_straight_through_gradient(skew):
     l64 = logits.astype(np.float64)
     p0 = np.exp(l64 - l64.max(1, keepdims=True))
     p0 /= p0.sum(1, keepdims=True)
-    surrogate.imp0 = p0.sum(0)
     counts = np.bincount(l64.argmax(1), minlength=2).astype(np.float64)
     fd = np.zeros_like(l64)
     for idx in np.ndindex(*l64.shape):
         e = np.zeros_like(l64)
         e[idx] = 1e-6
-        fd[idx] = (surrogate(l64 + e, latency, counts) - surrogate(l64 - e, latency, counts)) / 2e-6
+        fd[idx] = (surrogate(l64 + e, latency, counts, p0.sum(0)) - surrogate(l64 - e, latency, counts, p0.sum(0))) / 2e-6
     np.testing.assert_allclose(fd, expect, rtol=1e-6, atol=1e-9)
     # The load term's share of the gradient is not negligible (so dropping it is caught).
     _, g_imp_only = np_cv2_grad(latency * p0.sum(0))
