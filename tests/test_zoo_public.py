@@ -132,3 +132,33 @@ def test_fetch_reports_an_unreachable_index(tmp_path, monkeypatch):
     with pytest.raises(public.ZooUnavailable, match=r"pip download silero-vad==6.2.3 failed: .*silero"):
         public.fetch("silero-vad")
     assert not public.cached_path("silero-vad").exists()
+
+
+def test_canonical_shapes_fold_shape_arithmetic_and_keep_the_model(tmp_path, monkeypatch):
+    """Shape → Gather → Concat → Reshape ahead of a MatMul: symbolic where the input dim is dynamic,
+    concrete at the shapes given; the model is not modified and no file is written (ORT's own
+    infer_shapes saves sym_shape_infer_temp.onnx into the working directory when a shape stays open)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mfconvert.convert.canonicalize import canonical_rows, canonical_shapes
+
+    monkeypatch.chdir(tmp_path)
+    const = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)   # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "minus1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [const("zero", [0]), const("minus1", [-1]),
+                               numpy_helper.from_array(np.ones((8, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    assert canonical_shapes(model)["y"] == ["batch", 3]
+    assert canonical_shapes(model, {"x": [5, 4, 2]})["h"] == [5, 8]
+    assert canonical_rows(model, {"x": [5, 4, 2]}, ["h", "y"]) == {"h": 5, "y": 5}
+    assert model.SerializeToString() == before and list(tmp_path.iterdir()) == []
+    notes = []
+    assert canonical_rows(model, {"x": [5, 4, 3]}, ["h"], notes) == {}   # h is [5, 12]: MatMul with [8, 3] fails
+    assert len(notes) == 1 and notes[0].startswith("multiplication counts unknown: symbolic shape inference at "
+                                                   "{'x': [5, 4, 3]} failed: ")
+    assert list(tmp_path.iterdir()) == []
