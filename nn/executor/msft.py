@@ -1,6 +1,9 @@
-"""com.microsoft fused ops that onnxruntime.transformers.optimizer emits (ORT contrib-op semantics):
-Attention, MultiHeadAttention, SkipLayerNormalization, SkipSimplifiedLayerNormalization,
-SimplifiedLayerNormalization, EmbedLayerNormalization, BiasGelu, FastGelu, Gelu, QuickGelu, FusedMatMul."""
+"""com.microsoft ops with ORT's contrib-op semantics: the fusions onnxruntime.transformers.optimizer
+emits (Attention, MultiHeadAttention, SkipLayerNormalization, SkipSimplifiedLayerNormalization,
+SimplifiedLayerNormalization, EmbedLayerNormalization, BiasGelu, FastGelu, Gelu, QuickGelu,
+FusedMatMul, FusedConv, FusedGemm) and the ops of ORT's quantization tool (QuantizeLinear,
+DequantizeLinear, MatMulIntegerToFloat, DynamicQuantizeMatMul, QLinearAdd/Mul/Sigmoid/LeakyRelu/
+Concat/GlobalAveragePool, QGemm)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mfconvert.nn.executor import quant as _q
+from mfconvert.nn.executor.elementwise import _gemm
+from mfconvert.nn.executor.nnops import _conv
 from mfconvert.nn.executor.registry import MS, ints, op
 
 
@@ -167,3 +173,110 @@ def _ms_mha(a, q, k=None, v=None, bias=None, key_padding_mask=None, attention_bi
     scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
     y = _mha(q, k, v, add, scale, a.get("unidirectional", 0), filter_value)
     return (y, k, v)[:a["_nout"]]
+
+
+# ------------------------------------------------- ORT's quantization tool (com.microsoft)
+op("QuantizeLinear", 1, MS)(_q._quantize)
+op("DequantizeLinear", 1, MS)(_q._dequantize)
+
+
+def _deq(x, scale, zero):
+    v = x.to(torch.float32) if x.dtype != torch.float64 else x
+    if zero is not None:
+        v = v - zero.to(v.dtype)
+    return v * scale.to(v.dtype)
+
+
+def _qout(y, scale, zero, like):
+    dtype = zero.dtype if zero is not None else like
+    lo, hi = _q._RANGES[dtype]
+    q = torch.round(y / scale.to(y.dtype)) + (zero.to(y.dtype) if zero is not None else 0)
+    return q.clamp(lo, hi).to(dtype)
+
+
+def _col_scale(scale, x):
+    return scale.reshape(-1) if scale.numel() > 1 else scale.reshape(())
+
+
+@op("MatMulIntegerToFloat", 1, MS)
+def _matmul_int_to_float(a, x, w, xs, ws, xz=None, wz=None, bias=None):
+    acc = _q._matmul_integer(a, x, w, xz, wz).to(torch.float32)
+    out = acc * xs.reshape(()).float() * _col_scale(ws, w).float()
+    return out + bias if bias is not None else out
+
+
+@op("DynamicQuantizeMatMul", 1, MS)
+def _dynamic_quantize_matmul(a, x, w, ws, wz=None, bias=None):
+    xq, xs, xz = _q._dynamic_quantize(a, x)
+    return _matmul_int_to_float(a, xq, w, xs, ws, xz, wz, bias)
+
+
+def _qlinear_binary(fn):
+    def run(a, x, xs, xz, y, ys, yz, cs, cz=None):
+        return _qout(fn(_deq(x, xs, xz), _deq(y, ys, yz)), cs, cz, x.dtype)
+    return run
+
+
+op("QLinearAdd", 1, MS)(_qlinear_binary(torch.add))
+op("QLinearMul", 1, MS)(_qlinear_binary(torch.mul))
+
+
+def _qlinear_unary(fn):
+    def run(a, x, xs, xz, ys, yz=None):
+        return _qout(fn(a, _deq(x, xs, xz)), ys, yz, x.dtype)
+    return run
+
+
+op("QLinearSigmoid", 1, MS)(_qlinear_unary(lambda a, v: torch.sigmoid(v)))
+op("QLinearLeakyRelu", 1, MS)(_qlinear_unary(lambda a, v: torch.where(v >= 0, v, a.get("alpha", 0.01) * v)))
+op("QLinearGlobalAveragePool", 1, MS)(_qlinear_unary(
+    lambda a, v: v.mean(dim=tuple(range(1, v.dim() - 1)) if a.get("channels_last", 0) else tuple(range(2, v.dim())),
+                        keepdim=True)))
+
+
+@op("QLinearConcat", 1, MS)
+def _qlinear_concat(a, ys, yz, *triples):
+    parts = [_deq(triples[i], triples[i + 1], triples[i + 2]) for i in range(0, len(triples), 3)]
+    return _qout(torch.cat(parts, a.get("axis", 0)), ys, yz, triples[0].dtype)
+
+
+@op("QGemm", 1, MS)
+def _qgemm(a, x, xs, xz, w, ws, wz, c=None, ys=None, yz=None):
+    xa = x.transpose(0, 1) if a.get("transA", 0) else x
+    wa = w.transpose(0, 1) if a.get("transB", 0) else w
+    acc = _q._matmul_integer(a, xa, wa, xz, wz if wz is None or wz.numel() == 1 else wz.reshape(-1)).to(torch.float64)
+    wscale = ws.to(torch.float64).reshape(-1) if ws.numel() > 1 else ws.to(torch.float64).reshape(())
+    out = acc * xs.to(torch.float64).reshape(()) * wscale * a.get("alpha", 1.0)
+    if c is not None:
+        out = out + (c.to(torch.float64) * xs.to(torch.float64) * wscale if not c.is_floating_point() else c)
+    if ys is None:
+        return out.to(torch.float32)
+    return _qout(out.to(torch.float32), ys, yz, x.dtype)
+
+
+_FUSED_ACTIVATIONS = {
+    "Relu": lambda v, p: torch.relu(v), "Tanh": lambda v, p: torch.tanh(v), "Sigmoid": lambda v, p: torch.sigmoid(v),
+    "LeakyRelu": lambda v, p: torch.where(v >= 0, v, (p[0] if p else 0.01) * v),
+    "Clip": lambda v, p: torch.clamp(v, p[0], p[1]), "HardSigmoid": lambda v, p: torch.clamp(p[0] * v + p[1], 0, 1),
+}
+
+
+def _activate(a, v):
+    name = a.get("activation")
+    if not name:
+        return v
+    if name not in _FUSED_ACTIVATIONS:
+        raise ValueError(f"fused activation '{name}' is not supported by the PyTorch executor")
+    return _FUSED_ACTIVATIONS[name](v, list(a.get("activation_params") or []))
+
+
+@op("FusedConv", 1, MS)
+def _fused_conv(a, x, w, b=None, z=None):
+    y = _conv(x, w, b, a)
+    return _activate(a, y + z if z is not None else y)
+
+
+@op("FusedGemm", 1, MS)
+def _fused_gemm(a, x, w, c=None):
+    return _activate(a, _gemm(a, x, w, c))
+
