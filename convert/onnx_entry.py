@@ -15,11 +15,11 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 gs.logger.G_LOGGER.colors = False
 
 from mfconvert.convert.config import ConvertConfig
-from mfconvert.convert.onnx_model import (ConversionError, attach_external_data, check_model,
-                                          check_output_path, data_path_for, read_model,
-                                          infer_shapes, light_copy, load_external_data,
-                                          model_bytes, save_model_atomic, writes_external,
-                                          PROTO_LIMIT)
+from mfconvert.convert.onnx_model import (_PACKED_BITS, ConversionError, _first_line, _nbytes,
+                                          attach_external_data, check_model, check_output_path,
+                                          data_path_for, read_model, infer_shapes, light_copy,
+                                          load_external_data, model_bytes, save_model_atomic,
+                                          writes_external, PROTO_LIMIT)
 from mfconvert.convert.files import check_outputs
 from mfconvert.convert.canonicalize import canonical_rows
 from mfconvert.ort_ops import DOMAIN, OPSET_VERSION
@@ -85,7 +85,14 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         raise ConversionError(f"{label}: nothing to convert ({len(skips)} candidates skipped"
                               + (f": {why})" if skips else ", none found)"))
     if any(r.changes for r in results):
-        converted = _export(graph, model, config, results)
+        try:
+            converted = _export(graph, model, config, results)
+        except ValueError as err:   # graphsurgeon cannot write back the 2/4-bit tensors it has read
+            packed = [t.name for t in model.graph.initializer if _nbytes(t) >= 0 and
+                      onnx.TensorProto.DataType.Name(t.data_type) in _PACKED_BITS]
+            raise ConversionError(f"{label}: cannot write the converted graph ({_first_line(err)})"
+                                  + (f"; 2/4-bit initializers such as '{packed[0]}' are not supported"
+                                     if packed else "")) from None
     else:   # nothing converted: the graph verbatim (a graphsurgeon round trip reorders nodes and
         converted = onnx.ModelProto()   # makes subgraph Constants initializers)
         converted.CopyFrom(model)

@@ -86,10 +86,11 @@ def check_initializers(model: onnx.ModelProto, label: str) -> None:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
         except Exception:
             continue   # UNDEFINED or a type numpy has no dtype for: the checker's business
-        if onnx.TensorProto.DataType.Name(init.data_type) in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2"):
-            continue   # packed several values a byte
+        packed = onnx.TensorProto.DataType.Name(init.data_type) in _PACKED_BITS   # several values a byte
+        if packed and not init.HasField("raw_data"):
+            continue
         if init.HasField("raw_data"):
-            have, want = len(init.raw_data), math.prod(init.dims) * dtype.itemsize
+            have, want = len(init.raw_data), _nbytes(init)
             unit = "bytes of raw data"
         else:
             try:
