@@ -1,8 +1,9 @@
 """Fuzzing the `mfconvert` command (issue 10, "Keep it fixed"): small valid models (an MLP, a
 Gemm, a ViT block with attention), mutated field by field (dims, data types, raw data, attributes,
-node inputs, names, cycles, opsets, external data) and converted with random flags. Every run must
-end with exit 0, or exit 1 and one `mfconvert: error: ` line on stderr, leave the input's files
-byte for byte as they were, and leave no temporary file beside the output.
+node inputs, names, cycles, opsets, external data, unusual linears) and converted with random
+flags. Every run must end with exit 0, or exit 1 and one `mfconvert: error: ` line on stderr, leave
+the input's files byte for byte as they were and no temporary file beside the output; a model
+written passes onnx's checker and loads in ONNX Runtime whenever the input does.
 
 MFCONVERT_FUZZ_EXAMPLES sets the examples per test (default: a slice that takes ~20 s); a set
 value also makes the run random instead of the same fixed examples each time. With
@@ -28,6 +29,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from mfconvert.cli.main import app
+from mfconvert.convert.onnx_model import output_path_for
+from mfconvert.runtime import session
 
 EXAMPLES = int(os.environ.get("MFCONVERT_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(max_examples=EXAMPLES or 100, deadline=None, database=None, derandomize=EXAMPLES is None,
@@ -436,6 +439,21 @@ def check_run(code: int, stderr: str, exception, in_dir: str, out_dir: str, befo
         assert not left, f"temporary files left in {d}: {left}"
 
 
+def check_output(code: int, argv: list[str], path: str) -> None:
+    """A model written with exit 0 passes onnx's checker, and loads in ONNX Runtime (with our ops)
+    when the input does."""
+    if code != 0 or "--dry-run" in argv:
+        return
+    written = argv[argv.index("-o") + 1] if "-o" in argv else output_path_for(path)
+    assert os.path.isfile(written), "exit 0 without the output"
+    onnx.checker.check_model(written)
+    try:
+        session(path, threads=1)
+    except Exception:
+        return   # ONNX Runtime refuses the input too
+    session(written, threads=1)
+
+
 @FUZZ
 @given(st.data())
 def test_mutated_models_through_the_cli(data):
@@ -450,6 +468,7 @@ def test_mutated_models_through_the_cli(data):
         event(f"exit {result.exit_code}")
         event(re.sub(r"(/\S*|\d+)", "#", result.stderr.strip()[18:])[:48] or "no error")
         check_run(result.exit_code, result.stderr, result.exception, os.path.dirname(path), out_dir, before)
+        check_output(result.exit_code, argv, path)
 
 
 @settings(FUZZ, max_examples=max(2, (EXAMPLES or 100) // 50))
@@ -464,6 +483,7 @@ def test_mutated_models_through_the_real_command(data):
                              timeout=300, cwd=tmp)
         note(f"argv {argv}\nexit {run.returncode}\nstderr {run.stderr}")
         check_run(run.returncode, run.stderr, None, os.path.dirname(path), os.path.join(tmp, "out"), before)
+        check_output(run.returncode, argv, path)
 
 
 # --- What the harness found, kept as plain regression tests -------------------------------------
