@@ -188,6 +188,7 @@ def _deq(x, scale, zero):
 
 
 def _qout(y, scale, zero, like):
+    """Quantized as ORT's lookup tables and MlasRequantizeOutput do: rounded, then the zero point."""
     dtype = zero.dtype if zero is not None else like
     lo, hi = _q._RANGES[dtype]
     q = torch.round(y / scale.to(y.dtype)) + (zero.to(y.dtype) if zero is not None else 0)
@@ -211,14 +212,28 @@ def _dynamic_quantize_matmul(a, x, w, ws, wz=None, bias=None):
     return _matmul_int_to_float(a, xq, w, xs, ws, xz, wz, bias)
 
 
-def _qlinear_binary(fn):
-    def run(a, x, xs, xz, y, ys, yz, cs, cz=None):
-        return _qout(fn(_deq(x, xs, xz), _deq(y, ys, yz)), cs, cz, x.dtype)
-    return run
+def _centred(x, zero):
+    v = x.to(torch.float32)
+    return v - zero.to(torch.float32) if zero is not None else v
 
 
-op("QLinearAdd", 1, MS)(_qlinear_binary(torch.add))
-op("QLinearMul", 1, MS)(_qlinear_binary(torch.mul))
+def _requant(v, zero, dtype):
+    lo, hi = _q._RANGES[dtype]
+    return torch.round(v + (zero.to(torch.float32) if zero is not None else 0)).clamp(lo, hi).to(dtype)
+
+
+@op("QLinearAdd", 1, MS)
+def _qlinear_add(a, x, xs, xz, y, ys, yz, cs, cz=None):
+    """MLAS's order: (x - zx)·(sx/sc) + (y - zy)·(sy/sc) + zc in float32, rounded half to even."""
+    v = _centred(x, xz) * (xs.float() / cs.float()) + _centred(y, yz) * (ys.float() / cs.float())
+    return _requant(v, cz, cz.dtype if cz is not None else x.dtype)
+
+
+@op("QLinearMul", 1, MS)
+def _qlinear_mul(a, x, xs, xz, y, ys, yz, cs, cz=None):
+    """MLAS's order: (x - zx)·(y - zy)·(sx·sy/sc) + zc in float32."""
+    v = _centred(x, xz) * _centred(y, yz) * (xs.float() * ys.float() / cs.float())
+    return _requant(v, cz, cz.dtype if cz is not None else x.dtype)
 
 
 def _qlinear_unary(fn):
@@ -229,9 +244,13 @@ def _qlinear_unary(fn):
 
 op("QLinearSigmoid", 1, MS)(_qlinear_unary(lambda a, v: torch.sigmoid(v)))
 op("QLinearLeakyRelu", 1, MS)(_qlinear_unary(lambda a, v: torch.where(v >= 0, v, a.get("alpha", 0.01) * v)))
-op("QLinearGlobalAveragePool", 1, MS)(_qlinear_unary(
-    lambda a, v: v.mean(dim=tuple(range(1, v.dim() - 1)) if a.get("channels_last", 0) else tuple(range(2, v.dim())),
-                        keepdim=True)))
+@op("QLinearGlobalAveragePool", 1, MS)
+def _qlinear_global_avg_pool(a, x, xs, xz, ys, yz=None):
+    """MLAS: the int sum of x − zx times one float32 multiplier sx / (sy · count)."""
+    dims = tuple(range(1, x.dim() - 1)) if a.get("channels_last", 0) else tuple(range(2, x.dim()))
+    total = _centred(x, xz).to(torch.float64).sum(dim=dims, keepdim=True).to(torch.float32)
+    count = math.prod(x.shape[d] for d in dims)
+    return _qout(total * (xs.float() / (ys.float() * count)), torch.ones(()), yz, x.dtype)
 
 
 @op("QLinearConcat", 1, MS)
@@ -242,16 +261,17 @@ def _qlinear_concat(a, ys, yz, *triples):
 
 @op("QGemm", 1, MS)
 def _qgemm(a, x, xs, xz, w, ws, wz, c=None, ys=None, yz=None):
+    """int32 accumulation (plus the int32 bias C), one float32 multiplier alpha·sx·sw(/sy), as MLAS."""
     xa = x.transpose(0, 1) if a.get("transA", 0) else x
     wa = w.transpose(0, 1) if a.get("transB", 0) else w
-    acc = _q._matmul_integer(a, xa, wa, xz, wz if wz is None or wz.numel() == 1 else wz.reshape(-1)).to(torch.float64)
-    wscale = ws.to(torch.float64).reshape(-1) if ws.numel() > 1 else ws.to(torch.float64).reshape(())
-    out = acc * xs.to(torch.float64).reshape(()) * wscale * a.get("alpha", 1.0)
+    acc = _q._matmul_integer(a, xa, wa, xz, wz if wz is None or wz.numel() == 1 else wz.reshape(-1))
     if c is not None:
-        out = out + (c.to(torch.float64) * xs.to(torch.float64) * wscale if not c.is_floating_point() else c)
+        acc = acc + c.to(torch.int32)
+    wscale = ws.float().reshape(-1) if ws.numel() > 1 else ws.float().reshape(())
+    multiplier = a.get("alpha", 1.0) * xs.float().reshape(()) * wscale
     if ys is None:
-        return out.to(torch.float32)
-    return _qout(out.to(torch.float32), ys, yz, x.dtype)
+        return acc.float() * multiplier
+    return _qout(acc.float() * (multiplier / ys.float()), torch.ones(()), yz, x.dtype)
 
 
 _FUSED_ACTIVATIONS = {
