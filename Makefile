@@ -1,4 +1,4 @@
-# make demo  — set up .venv, build the custom ops, convert all-MiniLM-L6-v2 and print the report
+# make demo  — set up .venv, build the custom ops; a digit ViT through --moe-mlp + finetune, served; then MiniLM
 # make test  — set up if needed, run the test suite, then a bounded sanitizer + fuzz slice
 # make sanitize — the kernel tests against an ASan+UBSan build of the ops (build/asan/)
 # make fuzz  — the long fuzz run (kernels and CLI; kernels also under the sanitizers)
