@@ -43,8 +43,8 @@ def converted(tmp_path_factory):
 def test_cpp_example_matches_python_session(converted, tmp_path):
     # Same library, same ORT build, one thread each: the same arithmetic in the same order, so
     # the float parts (attention sums, LayerNorm, the Mult expert) must match exactly too.
-    if not shutil.which(os.environ.get("CXX", "g++")):
-        pytest.skip("no C++ compiler (g++ or $CXX) to build examples/serve_cpp")
+    if not shutil.which(os.environ.get("CXX", "g++")) or not shutil.which("make"):
+        pytest.skip("no C++ compiler (g++ or $CXX) or make to build examples/serve_cpp")
     models, expected = converted
     build = tmp_path / "build"
     subprocess.run(["make", "-s", "-C", str(EXAMPLES / "serve_cpp"), f"BUILD={build}", f"PY={sys.executable}"],
