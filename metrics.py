@@ -64,3 +64,44 @@ def sqnr_db(ref, test) -> float:
     if noise == 0.0:
         return float("inf")
     return float(20.0 * np.log10(np.linalg.norm(ref) / noise))
+
+
+# Outputs of several batches cannot be stacked into one [N, D] array when an output is
+# token-level ([B, T, C], T varying by batch): these take one array per example, any shapes,
+# ref and test pairwise alike, and aggregate over all of them.
+
+def _pairs(refs, tests) -> list[tuple[np.ndarray, np.ndarray]]:
+    if len(refs) != len(tests):
+        raise ValueError(f"{len(refs)} reference examples vs {len(tests)} test examples")
+    pairs = []
+    for i, (r, t) in enumerate(zip(refs, tests)):
+        r, t = np.asarray(r, dtype=np.float64), np.asarray(t, dtype=np.float64)
+        if r.shape != t.shape:
+            raise ValueError(f"example {i}: shape mismatch: ref {r.shape} vs test {t.shape}")
+        pairs.append((r.reshape(-1), t.reshape(-1)))
+    return pairs
+
+
+def cosine_per_example(refs, tests) -> np.ndarray:
+    """Cosine of each example's whole (flattened) test output to its reference, shape [N]."""
+    return np.array([float(r @ t / max(np.linalg.norm(r) * np.linalg.norm(t), _EPS))
+                     for r, t in _pairs(refs, tests)])
+
+
+def sqnr_db_examples(refs, tests) -> float:
+    """sqnr_db over every value of every example (as if all were one array)."""
+    pairs = _pairs(refs, tests)
+    signal = sum(float(r @ r) for r, _ in pairs)
+    noise = sum(float((r - t) @ (r - t)) for r, t in pairs)
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+def top1_agreement_examples(refs, tests) -> float:
+    """Fraction of positions (each example's rows over its last axis: one per example for
+    [C] class scores, one per token for [T, C]) whose arg-max class is the same."""
+    _pairs(refs, tests)   # the same shapes
+    rows = lambda a: np.reshape(a, (-1, np.shape(a)[-1] if np.ndim(a) else 1))  # noqa: E731
+    same = [np.argmax(rows(r), -1) == np.argmax(rows(t), -1) for r, t in zip(refs, tests) if np.size(r)]
+    return float(np.mean(np.concatenate(same))) if same else float("nan")

@@ -65,6 +65,7 @@ def routing_split(model, feeds: dict | Iterable[dict], threads: int | None = Non
     tokens each MoE block routed to each expert. Where a feed has `mask_input` with one entry
     per routed token (text models' attention mask), padding tokens (mask 0) are not counted:
     they exist only because of batching."""
+    from mfconvert.calibrate.data import chunks, model_fixed_batch
     from mfconvert.runtime import session
 
     model = onnx.load(model) if not isinstance(model, onnx.ModelProto) else model
@@ -76,17 +77,22 @@ def routing_split(model, feeds: dict | Iterable[dict], threads: int | None = Non
     for tensor in blocks.values():
         probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.INT64, None))
     sess = session(probe.SerializeToString(), threads=threads)
+    limit = model_fixed_batch(model)
     names = list(blocks.values())
     splits = {block: RoutingSplit() for block in blocks}
     for feed in [feeds] if isinstance(feeds, dict) else feeds:
-        mask = np.asarray(feed[mask_input]).reshape(-1) != 0 if mask_input in feed else None
-        for block, route in zip(blocks, sess.run(names, feed)):
-            route = np.asarray(route).reshape(-1)
-            if mask is not None and mask.size == route.size:
-                route = route[mask]
-            counts = np.bincount(route, minlength=2)
-            splits[block].mult += int(counts[0])
-            splits[block].shift += int(counts[1])
+        for piece, real in chunks({k: np.asarray(v) for k, v in feed.items()}, limit):   # inputs [1, …]
+            rows = len(next(iter(piece.values())))
+            mask = piece[mask_input][:real].reshape(-1) != 0 if mask_input in piece else None
+            for block, route in zip(blocks, sess.run(names, piece)):
+                route = np.asarray(route).reshape(-1)
+                if real < rows and route.size % rows == 0:   # fill rows: each the same share of the routes
+                    route = route[: route.size // rows * real]
+                if mask is not None and mask.size == route.size:
+                    route = route[mask]
+                counts = np.bincount(route, minlength=2)
+                splits[block].mult += int(counts[0])
+                splits[block].shift += int(counts[1])
     return splits
 
 

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import onnx
 
-from mfconvert.calibrate.data import Examples
+from mfconvert.calibrate.data import Examples, chunks, model_fixed_batch
 from mfconvert.runtime import session
 
 
@@ -28,6 +28,17 @@ def linear_inputs(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def _run(sess, tensors: list[str], batch: dict, limit: int | None):
+    """(tensor, value) over `batch`, piece by piece for a model that fixes its batch size; a
+    value never joins another piece's (a tensor of flattened tokens has no batch axis to join
+    on); fill rows are dropped where the value has the piece's batch axis."""
+    for piece, real in chunks(batch, limit):
+        rows = len(next(iter(piece.values())))
+        for name, value in zip(tensors, sess.run(tensors, piece)):
+            value = np.asarray(value)
+            yield name, value[:real] if real < rows and value.ndim and value.shape[0] == rows else value
+
+
 def activation_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[str],
                       percentile: float | None = None, batch_size: int = 32) -> dict[str, float]:
     """max |x| (or the given percentile of |x|) of each tensor over the examples."""
@@ -35,9 +46,10 @@ def activation_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[
     outputs = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
     sess = session(augmented.SerializeToString())
+    limit = model_fixed_batch(model)   # inputs [1, …]: run piece by piece
     seen: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     for batch in examples.batches(batch_size):
-        for name, value in zip(tensors, sess.run(tensors, batch)):
+        for name, value in _run(sess, tensors, batch, limit):
             seen[name].append(np.abs(value).reshape(-1))
     ranges = {}
     for name, parts in seen.items():
@@ -55,9 +67,10 @@ def column_ranges(model: onnx.ModelProto, examples: Examples, tensors: list[str]
     outputs = {o.name for o in augmented.graph.output}
     augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
     sess = session(augmented.SerializeToString())
+    limit = model_fixed_batch(model)   # inputs [1, …]: run piece by piece
     seen: dict[str, np.ndarray] = {}
     for batch in examples.batches(batch_size):
-        for name, value in zip(tensors, sess.run(tensors, batch)):
+        for name, value in _run(sess, tensors, batch, limit):
             value = np.asarray(value)
             if value.ndim == 0 or value.shape[-1] == 0:
                 continue

@@ -71,6 +71,66 @@ def collate(items: list[dict[str, np.ndarray]], pad_values: dict[str, int]) -> d
     return batch
 
 
+def fixed_batch(input_shapes) -> int | None:
+    """The batch size a model fixes, from its data inputs' shapes (lists of dims, an int when
+    static): the static first dim they all share (old exporters write [1, …]); None when any
+    input's first dim is dynamic or they disagree. Rank-0 inputs do not count."""
+    firsts = {dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+              for dims in input_shapes if dims is not None and len(dims)}
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
+
+
+def model_fixed_batch(model) -> int | None:
+    """fixed_batch of an onnx.ModelProto's data inputs."""
+    initializers = {i.name for i in model.graph.initializer}
+    shapes = []
+    for i in model.graph.input:
+        if i.name in initializers:
+            continue
+        t = i.type.tensor_type
+        shapes.append([d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+                      if t.HasField("shape") else [None])
+    return fixed_batch(shapes)
+
+
+def session_fixed_batch(sess) -> int | None:
+    """fixed_batch of an ONNX Runtime session's inputs."""
+    return fixed_batch([list(i.shape) for i in sess.get_inputs()])
+
+
+def chunks(batch: dict, size: int | None) -> list[tuple[dict, int]]:
+    """[(chunk, real rows)]: `batch` cut along the batch axis into pieces of exactly `size` rows
+    for a model that fixes its batch size, the last piece filled up by repeating its last row;
+    the whole batch as one piece when `size` is None."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    if size is None or n == size:
+        return [(batch, n)]
+    out = []
+    for start in range(0, n, size):
+        real = min(size, n - start)
+        take = np.minimum(np.arange(start, start + size), start + real - 1)
+        out.append(({k: v[take] for k, v in batch.items()}, real))
+    return out
+
+
+def run_chunked(run, batch: dict, size: int | None) -> list[np.ndarray]:
+    """`run(feeds) -> [outputs]` on `batch`, piece by piece when the model fixes its batch size
+    (`size`): each output's pieces, less the fill rows, joined along the batch axis only. An
+    output without a batch axis (its first dim is not the piece's) comes from the first piece."""
+    pieces = chunks(batch, size)
+    if len(pieces) == 1 and pieces[0][1] == (size or pieces[0][1]):
+        return list(run(pieces[0][0]))
+    results = [(list(run(feeds)), real) for feeds, real in pieces]
+    joined = []
+    for i, first in enumerate(results[0][0]):
+        first = np.asarray(first)
+        if first.ndim == 0 or first.shape[0] != size:
+            joined.append(first)
+        else:
+            joined.append(np.concatenate([np.asarray(values[i])[:real] for values, real in results], axis=0))
+    return joined
+
+
 def from_text(lines: list[str], tokenizer_json: str | os.PathLike, input_names: list[str],
               max_length: int = 128) -> Examples:
     """Tokenise one example per line for a transformer's inputs (ids, mask, token types)."""

@@ -26,8 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mfconvert.calibrate.data import Examples
-from mfconvert.calibrate.evaluate import fidelity, model_outputs
+from mfconvert.calibrate.data import Examples, chunks, model_fixed_batch, run_chunked
+from mfconvert.calibrate.evaluate import (fidelity, is_token_level, mask_of, model_float_outputs, model_outputs,
+                                          output_names)
 from mfconvert.calibrate.rounding import calibration_batches, check_rounding, compensate_rounding, latent_start_weights
 from mfconvert.convert.files import WriteError, atomic_file, check_outputs
 from mfconvert.convert.onnx_model import ConversionError, save_model_atomic
@@ -77,6 +78,8 @@ class FinetuneConfig:
     # With validation data: return whichever scores the highest output SQNR on it of the student
     # as given, the student after rounding (where training starts) and the trained student.
     keep_best: bool = True
+    # The outputs distilled and scored (--outputs); None: every float output.
+    outputs: list[str] | None = None
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -143,14 +146,16 @@ def block_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[st
 class Teacher:
     """The original model in ORT: outputs (and block features) per batch, cached by batch id
     until the cache holds `cache_bytes` (block features of 50,000 sentences would fill the RAM;
-    past the budget the teacher simply runs again)."""
+    past the budget the teacher simply runs again). `outputs`: those returned (default: all).
+    A model that fixes its batch size runs piece by piece."""
 
     def __init__(self, model: onnx.ModelProto, features: list[str], threads: int | None = None,
-                 cache_bytes: int = TEACHER_CACHE_BYTES):
+                 cache_bytes: int = TEACHER_CACHE_BYTES, outputs: list[str] | None = None):
         from mfconvert.runtime import session
 
         model = onnx.ModelProto.FromString(model.SerializeToString())
-        names = [o.name for o in model.graph.output]
+        names = list(outputs) if outputs is not None else [o.name for o in model.graph.output]
+        self.limit = model_fixed_batch(model)
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(f) for f in features if f not in names)
         self.output_names = names
         self.features = features
@@ -161,7 +166,8 @@ class Teacher:
     def __call__(self, batch_id: int, feeds: dict[str, np.ndarray]):
         if batch_id in self.cache:
             return self.cache[batch_id]
-        values = self.session.run(self.output_names + [f for f in self.features if f not in self.output_names], feeds)
+        wanted = self.output_names + [f for f in self.features if f not in self.output_names]
+        values = run_chunked(lambda piece: self.session.run(wanted, piece), feeds, self.limit)
         result = (values[: len(self.output_names)], dict(zip(self.features, values[len(self.output_names):])))
         size = sum(v.nbytes for v in values)
         if self.cached_bytes + size <= self.cache_bytes:
@@ -170,7 +176,12 @@ class Teacher:
         return result
 
 
-def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str) -> torch.Tensor:
+def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one output; with the batch's [B, T] attention `mask` and a token-level
+    output, on the real tokens only."""
+    if mask is not None and is_token_level(tuple(student_out.shape), tuple(mask.shape)):
+        student_out, teacher_out = student_out[mask], teacher_out[mask]
     if kind == "kl":
         return F.kl_div(F.log_softmax(student_out, -1), F.log_softmax(teacher_out, -1),
                         log_target=True, reduction="batchmean")
@@ -219,8 +230,10 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
+    selected = output_names(model_float_outputs(teacher), cfg.outputs)
+    output_names(model_float_outputs(student), selected)   # the student has them too
     features = block_outputs(student, teacher) if cfg.feature_weight > 0 else []
-    teach = Teacher(teacher, features)
+    teach = Teacher(teacher, features, outputs=selected)
     module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher)).train()
     resuming = bool(cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint))
     rounding_seconds = 0.0
@@ -237,13 +250,16 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         layer.add_conv(**conv)
     logits_of = router_logits(student)                # {MoE block: router logits tensor}
     latency = torch.tensor(cfg.expert_latency, dtype=torch.float32)
+    selected_at = [module.output_names.index(n) for n in selected]
+    student_batch = model_fixed_batch(student)
     checking = validation is not None and len(validation) > 0 and cfg.keep_best and not resuming
     scoring_seconds = 0.0
     if checking:   # the starting point, scored in ORT like the result will be; counted in the budget
         t0 = time.monotonic()
-        reference = model_outputs(teacher, validation, cfg.batch_size)
+        reference = model_outputs(teacher, validation, cfg.batch_size, outputs=selected)
         candidates = {"given": student, "rounded": _snapshot(module)}
-        scores = {name: fidelity(reference, model_outputs(m, validation, cfg.batch_size), cfg.loss == "kl")
+        scores = {name: fidelity(reference, model_outputs(m, validation, cfg.batch_size, outputs=selected),
+                                 cfg.loss == "kl")
                   for name, m in candidates.items()}
         scoring_seconds = time.monotonic() - t0
     model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
@@ -297,26 +313,32 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         batch_id = epoch_batches.pop()
         feeds = batches[batch_id]
         t_out, t_feat = teach(batch_id, feeds)
-        inputs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
-        captured = tuple(features) + tuple(logits_of.values())
-        s_out, s_feat = model(capture=captured, **inputs) if captured else (model(**inputs), {})
-        loss = sum(distillation_loss(s, torch.from_numpy(t).to(device), cfg.loss)
-                   for s, t in zip(s_out, t_out) if s.is_floating_point())
-        for name in features:
-            loss = loss + cfg.feature_weight * F.mse_loss(s_feat[name], torch.from_numpy(t_feat[name]).to(device))
-        distill = loss.item()
-        if logits_of and cfg.balance_coef > 0:
-            balance = sum(balance_loss_from_logits(s_feat[t], latency) for t in logits_of.values())
-            loss = loss + cfg.balance_coef * balance
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        n_rows = len(next(iter(feeds.values())))
+        total = distill = 0.0
+        shifted = {b: [0.0, 0] for b in logits_of}
+        # A model that fixes its batch size (inputs [1, …]) takes the batch piece by piece: each
+        # piece's loss, weighted by its share of the rows, is back-propagated on its own and the
+        # gradients add up to the whole batch's (the losses are means over rows).
+        offset = 0
+        for piece, real in chunks(feeds, student_batch):
+            loss, piece_distill, s_feat = _piece_loss(model, piece, real, offset, range(n_rows), t_out, t_feat,
+                                                      selected_at, features, logits_of, latency, cfg, device)
+            offset += real
+            weight = real / n_rows
+            (loss * weight).backward()
+            total += loss.item() * weight
+            distill += piece_distill * weight
+            for b, t in logits_of.items():
+                routed = s_feat[t].detach().argmax(-1)
+                shifted[b][0] += float((routed == 1).sum())
+                shifted[b][1] += routed.numel()
         optimizer.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(total)
         distill_losses.append(distill)
         if logits_of:
-            shift_fractions.append({b: float((s_feat[t].detach().argmax(-1) == 1).float().mean())
-                                    for b, t in logits_of.items()})
+            shift_fractions.append({b: s / max(n, 1) for b, (s, n) in shifted.items()})
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3e}")
         if rank == 0 and cfg.checkpoint and step % cfg.checkpoint_every == 0:
@@ -332,7 +354,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     kept = "trained"
     if checking:
         candidates["trained"] = trained
-        scores["trained"] = fidelity(reference, model_outputs(trained, validation, cfg.batch_size), cfg.loss == "kl")
+        scores["trained"] = fidelity(reference, model_outputs(trained, validation, cfg.batch_size, outputs=selected),
+                                     cfg.loss == "kl")
         kept = max(("trained", "rounded", "given"), key=lambda name: scores[name]["sqnr_db"])  # ties: the later step
         trained = candidates[kept]
     if output is not None and rank == 0:
@@ -342,6 +365,39 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         raise unsaved
     return FinetuneResult(trained, step, time.monotonic() - start, losses, rounding_seconds, distill_losses,
                           shift_fractions, scores if checking else {}, kept)
+
+
+def _piece_loss(model, piece: dict, real: int, offset: int, t_batch: range, t_out: list, t_feat: dict, selected_at: list[int],
+                features: list[str], logits_of: dict, latency: torch.Tensor, cfg: FinetuneConfig, device):
+    """(loss, distillation part, captured tensors) of the student on rows [offset, offset + real)
+    of the batch (`t_batch`: its row indices; the teacher's values are the whole batch's):
+    `piece` holds them (then fill rows up to the model's fixed batch size)."""
+    inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in piece.items()}
+    captured = tuple(features) + tuple(logits_of.values())
+    s_out, s_feat = model(capture=captured, **inputs) if captured else (model(**inputs), {})
+    rows, n_rows, piece_rows = slice(offset, offset + real), len(t_batch), len(next(iter(piece.values())))
+    mask = mask_of(piece)
+    mask = torch.from_numpy(mask[:real]).to(device) if mask is not None else None
+
+    def teacher_rows(value: np.ndarray) -> torch.Tensor:
+        value = np.asarray(value)
+        whole = value.ndim == 0 or value.shape[0] != n_rows or real == n_rows   # no batch axis, or one piece
+        return torch.from_numpy(np.ascontiguousarray(value if whole else value[rows])).to(device)
+
+    def student_rows(value: torch.Tensor) -> torch.Tensor:
+        return value[:real] if value.dim() and value.shape[0] == piece_rows and real < piece_rows else value
+
+    loss = 0.0
+    for index, t in zip(selected_at, t_out):
+        t = teacher_rows(t)
+        loss = loss + distillation_loss(student_rows(s_out[index]).to(t.dtype), t, cfg.loss, mask)
+    for name in features:
+        t = teacher_rows(t_feat[name])
+        loss = loss + cfg.feature_weight * F.mse_loss(student_rows(s_feat[name]), t)
+    distill = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+    if logits_of and cfg.balance_coef > 0:
+        loss = loss + cfg.balance_coef * sum(balance_loss_from_logits(s_feat[t], latency) for t in logits_of.values())
+    return loss, distill, s_feat
 
 
 def _snapshot(module: OnnxModule) -> onnx.ModelProto:

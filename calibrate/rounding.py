@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from mfconvert.calibrate.data import Examples
+from mfconvert.calibrate.data import Examples, chunks, model_fixed_batch
 from mfconvert.moe import expert_latent_weights
 from mfconvert.nn import pow2
 from mfconvert.nn.onnx_module import OnnxModule
@@ -129,8 +129,11 @@ def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarr
                         damping: float = DAMPING, act_order: bool = True, progress=None) -> None:
     """Re-round every DeepShift-Q ShiftLinear of `module` in place, layer group by layer group,
     each on the inputs the calibration `batches` give it with the groups before it rounded.
-    `progress(done, total)` is called per group."""
-    batches = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in batches]
+    `progress(done, total)` is called per group. A model that fixes its batch size (inputs
+    [1, …]) takes each batch piece by piece."""
+    limit = model_fixed_batch(module.model)
+    batches = [({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in piece.items()}, real)
+               for b in batches for piece, real in chunks({k: np.asarray(v) for k, v in b.items()}, limit)]
     groups = shift_layer_groups(module)
     was_training = module.training
     module.train()     # the float emulation of the shift layers: the same codes, much faster
@@ -147,20 +150,25 @@ def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarr
 
 def _collect_hessians(module: OnnxModule, group: list[ShiftLinear], batches) -> list[torch.Tensor]:
     """H = Σ x xᵀ (float64) of each layer's inputs over the batches; the forward pass stops at
-    the group's last layer."""
+    the group's last layer. `batches`: [(feeds, real rows)]; fill rows past them do not count."""
     hessians = [torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) for layer in group]
 
     def hook_for(index: int):
         def hook(layer, args):
-            x = args[0].detach().reshape(-1, layer.in_features).to(torch.float32)
+            x = args[0].detach()
+            if x.dim() > 1 and x.shape[0] == rows[0] and real[0] < rows[0]:
+                x = x[:real[0]]
+            x = x.reshape(-1, layer.in_features).to(torch.float32)
             hessians[index].add_((x.T @ x).to(torch.float64))   # float32 products, float64 sum
             if index == len(group) - 1:
                 raise _Collected
         return hook
 
+    rows, real = [0], [0]    # the piece's rows and how many of them are real
     handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(group)]
     try:
-        for feeds in batches:
+        for feeds, n_real in batches:
+            rows[0], real[0] = len(next(iter(feeds.values()))), n_real
             try:
                 module(**feeds)
             except _Collected:

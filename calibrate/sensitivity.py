@@ -1,9 +1,9 @@
 """Sensitivity-guided conversion (`--max-drop`): measure the error each conversion causes on its
 own, then keep the most sensitive layers in float until the whole model's error fits the budget.
 
-Error is measured in ONNX Runtime on calibration data against the original model's first output:
-1 − mean cosine of the rows (embeddings, hidden states) or, for logits, the loss of top-1
-agreement. Keeping the k most sensitive layers is searched by bisection over k (the error falls
+Error is measured in ONNX Runtime on calibration data against the original model's outputs (the
+ones named, by default every float output; their mean): 1 − mean per-example cosine
+(embeddings, hidden states) or, for logits, the loss of top-1 agreement. Keeping the k most sensitive layers is searched by bisection over k (the error falls
 as more layers stay float), so a model with n candidate layers costs n + log2(n) conversions.
 """
 from __future__ import annotations
@@ -72,14 +72,16 @@ def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertCo
 
 
 def convert_within_budget(model_path: str, config: ConvertConfig, examples: Examples, max_drop: float,
-                          logits: bool = False, input_shapes=None, progress=None) -> BudgetResult:
-    """Convert with `config`, leaving the most sensitive layers float so the drop is ≤ max_drop."""
+                          logits: bool = False, input_shapes=None, progress=None,
+                          outputs: list[str] | None = None) -> BudgetResult:
+    """Convert with `config`, leaving the most sensitive layers float so the drop is ≤ max_drop
+    on `outputs` (default: every float output)."""
     original = onnx.load(model_path)
-    reference = model_outputs(model_path, examples)
+    reference = model_outputs(model_path, examples, outputs=outputs)
 
     def measure(cfg: ConvertConfig) -> tuple[ConversionResult, float]:
         result = convert_onnx(original, cfg, input_shapes=input_shapes, allow_unchanged=True)
-        return result, drop(reference, model_outputs(result.model, examples), logits)
+        return result, drop(reference, model_outputs(result.model, examples, outputs=reference.names), logits)
 
     full, full_error = measure(config)
     candidates = full.report.changes

@@ -11,7 +11,7 @@ import onnx
 import typer
 
 from mfconvert.calibrate.data import DataError, Examples, check_against_model, load_examples
-from mfconvert.calibrate.evaluate import fidelity, model_outputs
+from mfconvert.calibrate.evaluate import fidelity, model_float_outputs, model_outputs, output_names
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.convert.files import check_outputs, write_text_atomic
 from mfconvert.convert.onnx_model import ConversionError, external_data_reads, load_model
@@ -40,8 +40,19 @@ def load_data(path: str, model: onnx.ModelProto, tokenizer: Optional[Path], max_
     return check_against_model(examples, model, path)
 
 
-def format_figures(figures: dict[str, float]) -> str:
-    return "  ".join(f"{k}={v:.4f}" for k, v in figures.items())
+def format_figures(figures: dict) -> str:
+    """The headline figures (with several outputs, their means; per output in --report-json)."""
+    return "  ".join(f"{k}={v:.4f}" for k, v in figures.items() if not isinstance(v, dict))
+
+
+def parse_outputs(text: str | None) -> list[str] | None:
+    """--outputs 'NAME[,NAME…]' → the names (None: every float output)."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--outputs must name one or more outputs, got {text!r}")
+    return names
 
 
 def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: FinetuneConfig, output: str,
@@ -53,15 +64,17 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
         raise DataError("no training examples left after the held-out split")
     student, _, _ = load_model(student_path)
     teacher, _, _ = load_model(teacher_path)
+    distilled = output_names(model_float_outputs(teacher), cfg.outputs)
     typer.echo(f"training on {len(train)} examples, {len(evaluation)} held out")
+    typer.echo(f"distilling output{'s' * (len(distilled) > 1)} {', '.join(distilled)}")
     result = finetune(student, teacher, train, cfg, output=output, validation=evaluation)
     scored = result.validation_fidelity       # keep-best has already scored both ends
     if scored:
         before, after = scored["given"], scored[result.kept]
     elif len(evaluation):
-        reference = model_outputs(teacher, evaluation)
-        before = fidelity(reference, model_outputs(student, evaluation), logits)
-        after = fidelity(reference, model_outputs(result.model, evaluation), logits)
+        reference = model_outputs(teacher, evaluation, outputs=cfg.outputs)
+        before = fidelity(reference, model_outputs(student, evaluation, outputs=reference.names), logits)
+        after = fidelity(reference, model_outputs(result.model, evaluation, outputs=reference.names), logits)
     else:
         before = after = {}
     typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; {result.loss_summary()}")
@@ -111,6 +124,8 @@ def main(
     rounding: str = typer.Option("compensated", "--rounding", help="Re-round shift weights first: 'compensated' "
                                  "(GPTQ-style, on --rounding-examples examples) or 'nearest' (the teacher's weights to the nearest power)."),
     rounding_examples: int = typer.Option(256, "--rounding-examples"),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Distil and score these outputs, "
+                                          "'NAME[,NAME…]' [default: every float output]."),
     loss: str = typer.Option("mse", "--loss", help="mse (embeddings, hidden states), cosine, or kl (logits)."),
     feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of per-block feature matching."),
     balance_coef: float = typer.Option(BALANCE_COEF, "--balance-coef",
@@ -140,7 +155,8 @@ def main(
                              checkpoint=str(checkpoint) if checkpoint else None, resume=resume,
                              balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
                              attention_conv=attention_conv, rounding=rounding,
-                             rounding_examples=rounding_examples, keep_best=keep_best)
+                             rounding_examples=rounding_examples, keep_best=keep_best,
+                             outputs=parse_outputs(outputs))
         if resume and checkpoint is None:
             raise ValueError("--resume needs --checkpoint")
         # Every file written, checked before the data is read: never a file read, never one
@@ -150,6 +166,7 @@ def main(
                        "the --tokenizer file": tokenizer, **external_data_reads(student, teacher)}, force,
                       reused=("--checkpoint",) if resume else ())
         model, _, _ = load_model(str(student))
+        output_names(model_float_outputs(model), cfg.outputs)   # an unknown name: before any work
         examples = load_data(data, model, tokenizer, max_length, image_preset)
         figures = run_finetune(str(student), str(teacher), examples, cfg, out, held_out, logits=loss == "kl")
     except (ValueError, ConversionError, DataError, OSError) as err:

@@ -138,6 +138,9 @@ def convert(
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Distillation steps with --data."),
     finetune_minutes: Optional[float] = typer.Option(None, "--finetune-minutes", help="Time budget with --data."),
     finetune_loss: str = typer.Option("mse", "--finetune-loss", help="mse, cosine or kl (logits)."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="With --data: the outputs --finetune-* "
+                                          "distils and --max-drop measures, 'NAME[,NAME…]' [default: every "
+                                          "float output]."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Keep the most sensitive layers float "
                                              "until the output error on --data is at most this (1 − cosine, "
                                              "or top-1 agreement lost with --finetune-loss kl)."),
@@ -173,6 +176,8 @@ def convert(
     calibrating = act_bits < 32 and shift_linear
     if data is None and (finetuning or max_drop is not None):
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
+    if outputs is not None and not (finetuning or max_drop is not None):
+        fail("--outputs is for --finetune-steps/--finetune-minutes/--max-drop")
     try:
         check_rounding(rounding)
     except ValueError as err:
@@ -180,10 +185,12 @@ def convert(
     if data is not None and rounding == "nearest" and not (finetuning or max_drop is not None or calibrating):
         fail("--data with --rounding nearest is for --finetune-steps/--finetune-minutes, --max-drop "
              "or calibrating --act-bits < 32")
-    examples = calibration = ranges = None
+    examples = calibration = ranges = distilled = None
     if data is not None:   # read once: calibration, --max-drop and finetuning share it
         try:
             original, _, _ = load_model(str(model))
+            distilled = finetune_cli.parse_outputs(outputs)
+            finetune_cli.output_names(finetune_cli.model_float_outputs(original), distilled)   # before any work
             examples = load_data(data, original, tokenizer, 128, image_preset)
             calibration = Examples(examples.items[:256], examples.pad_values)
             ranges = column_ranges(original, calibration)   # the report checks accumulators on them
@@ -197,7 +204,7 @@ def convert(
     if finetuning:
         try:
             ft_cfg = FinetuneConfig(steps=finetune_steps, minutes=finetune_minutes, loss=finetune_loss,
-                                    rounding=rounding)
+                                    rounding=rounding, outputs=distilled)
         except ValueError as err:
             fail(str(err))
 
@@ -215,7 +222,7 @@ def convert(
             budget_lines = []
         else:
             result, budget_lines = convert_with_budget(model, cfg, out, shapes, force, max_drop, calibration,
-                                                       finetune_loss == "kl")
+                                                       finetune_loss == "kl", distilled)
     except (ConversionError, DataError, OSError) as err:   # OSError: a WriteError naming the output
         bar.close()
         fail(str(err).splitlines()[0])
@@ -252,13 +259,14 @@ def convert(
                 fail(f"{err}; the model was written to {out}" if out else str(err))
 
 
-def convert_with_budget(model, cfg, out, shapes, force, max_drop, examples, logits):
+def convert_with_budget(model, cfg, out, shapes, force, max_drop, examples, logits, outputs=None):
     """--max-drop: sensitivity-guided conversion on the calibration examples."""
     if not 0 <= max_drop < 1:
         raise ConversionError(f"--max-drop must be in [0, 1), got {max_drop}")
     if out is not None:
         check_output_path(out, str(model), force)
-    budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes)
+    budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes,
+                                   outputs=outputs)
     if out is not None:
         save_model_atomic(budget.result.model, out, external=budget.result.data_file is not None)
     return budget.result, budget.lines()
