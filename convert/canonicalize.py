@@ -81,10 +81,10 @@ def canonical_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None
 
 
 def canonical_rows(model: onnx.ModelProto, shapes: dict[str, list[int]], names,
-                   notes: list[str] | None = None) -> dict[str, int]:
+                   notes: list[str] | None = None, found: dict | None = None) -> dict[str, int]:
     """Rows (product of all dims but the last) of the tensors `names` whose dims are all known and
     non-negative at `shapes`; `notes` gets why when inference fails or a dim comes out negative
-    (inputs too short for the model's convolutions or frames)."""
+    (inputs too short for the model's convolutions or frames); `found` gets those tensors' dims."""
     try:
         dims = canonical_shapes(model, shapes)
     except RuntimeError as err:
@@ -105,4 +105,6 @@ def canonical_rows(model: onnx.ModelProto, shapes: dict[str, list[int]], names,
         for v in d[:-1]:
             n *= v
         rows[name] = n
+        if found is not None:
+            found[name] = d
     return rows

@@ -105,15 +105,21 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
     annotate_accumulators([c for r in results for c in r.changes], accumulator_checks(converted, input_ranges))
     notes: list[str] = []
     rows = activation_rows(model, shapes, notes)
-    wanted = {c.activation for r in results for c in r.changes
-              if c.activation is not None and rows.get(c.activation, -1) < 0}
+    changes = [c for r in results for c in r.changes]
+    open_tokens = [c for c in changes if getattr(c, "tokens", 0) is None]   # attention over dynamic T
+    wanted = {c.activation for c in changes if c.activation and rows.get(c.activation, -1) < 0}
+    wanted |= {c.activation for c in open_tokens if c.activation}
     if wanted:   # left open (or negative) by onnx's inference: ORT's symbolic one (canonicalize.py)
         more: list[str] = []
+        dims: dict = {}
         for name in wanted:
             rows.pop(name, None)
-        rows.update(canonical_rows(model, shapes, wanted, more))
+        rows.update(canonical_rows(model, shapes, wanted, more, dims))
         if not notes or all(a in rows for a in wanted):
             notes[:] = more
+        for c in open_tokens:   # its query [B, T, C] at the stated shapes gives T
+            if len(dims.get(c.activation, ())) == 3:
+                c.tokens = dims[c.activation][1]
     for result in results:
         for change in result.changes:
             change.rows = rows.get(change.activation)

