@@ -182,6 +182,12 @@ def test_cli_finetunes_four_outputs_on_text_of_varying_length(sentences, tmp_pat
     assert "per_output" not in one["after"] and np.isfinite(one["after"]["sqnr_db"])
     # the one output's held-out figures are those of the all-outputs run's (same split, same student)
     assert one["before"]["sqnr_db"] == pytest.approx(figures["before"]["per_output"]["sentence_embedding"]["sqnr_db"])
+    # the convert command's finetuning takes --outputs too
+    res = CliRunner().invoke(convert_app, [teacher, "-o", str(tmp_path / "one_go.onnx"), "--weight-bits", "3",
+                                           "--data", text, "--tokenizer", TOKENIZER, "--finetune-steps", "3",
+                                           "--outputs", "sentence_embedding,logits"])
+    assert res.exit_code == 0, res.output
+    assert "distilling outputs sentence_embedding, logits" in res.output and "finetuned 3 steps" in res.output
 
 
 def test_unknown_or_integer_output_is_a_one_line_error(sentences, tmp_path):
