@@ -115,17 +115,17 @@ def main(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json for text data."),
     max_length: int = typer.Option(128, help="Token limit per text example."),
     image_preset: str = typer.Option("imagenet", help="Image preprocessing preset: imagenet, vit, digits."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps [default: 200 unless --minutes]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: 200 unless --minutes)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget in minutes."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     shift_lr: Optional[float] = typer.Option(None, "--shift-lr", help="Peak learning rate of the shift layers' "
-                                             "latent weights [default: --lr]."),
+                                             "latent weights (default: --lr)."),
     rounding: str = typer.Option("compensated", "--rounding", help="Re-round shift weights first: 'compensated' "
                                  "(GPTQ-style, on --rounding-examples examples) or 'nearest' (the teacher's weights to the nearest power)."),
     rounding_examples: int = typer.Option(256, "--rounding-examples"),
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Distil and score these outputs, "
-                                          "'NAME[,NAME…]' [default: every float output]."),
+                                          "'NAME,NAME…' (default: every float output)."),
     loss: str = typer.Option("mse", "--loss", help="mse (embeddings, hidden states), cosine, or kl (logits)."),
     feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of per-block feature matching."),
     balance_coef: float = typer.Option(BALANCE_COEF, "--balance-coef",
@@ -141,7 +141,7 @@ def main(
     seed: int = typer.Option(0, "--seed"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save training state here."),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output [default: STUDENT.ft.onnx]."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output (default: STUDENT.ft.onnx)."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the figures as JSON."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ):

@@ -139,8 +139,8 @@ def convert(
     finetune_minutes: Optional[float] = typer.Option(None, "--finetune-minutes", help="Time budget with --data."),
     finetune_loss: str = typer.Option("mse", "--finetune-loss", help="mse, cosine or kl (logits)."),
     outputs: Optional[str] = typer.Option(None, "--outputs", help="With --data: the outputs --finetune-* "
-                                          "distils and --max-drop measures, 'NAME[,NAME…]' [default: every "
-                                          "float output]."),
+                                          "distils and --max-drop measures, 'NAME,NAME…' (default: every "
+                                          "float output)."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Keep the most sensitive layers float "
                                              "until the output error on --data is at most this (1 − cosine, "
                                              "or top-1 agreement lost with --finetune-loss kl)."),
