@@ -183,7 +183,7 @@ def stock_minilm():
 def test_stock_minilm_converts_runs_and_counts(exporter, stock_minilm, one_torch_thread):
     """transformers' BertModel with SDPA through either exporter: all 36 linears become shift
     layers, every count is known at the stated shapes (onnx's inference left all of them open at
-    [1, 128]: 42 of 42 and 36 of 36; ORT's symbolic inference finds them), and the model runs in
+    [1, 128]: 42 of 42 in each; ORT's symbolic inference finds them), and the model runs in
     ORT with finite outputs."""
     path, result = stock_minilm(exporter)
     shift = [c for c in result.report.changes if c.new_op == "ShiftLinear"]
