@@ -189,6 +189,9 @@ def test_stock_minilm_converts_runs_and_counts(exporter, stock_minilm, one_torch
     shift = [c for c in result.report.changes if c.new_op == "ShiftLinear"]
     assert len(shift) == 36 and {c.rows for c in shift} == {32}
     assert result.report.notes == []
+    original = onnx.load(path)   # the counts' fixed shapes never reach the model: dynamic axes kept
+    assert result.model.graph.input == original.graph.input and result.model.graph.output == original.graph.output
+    assert [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
     # 36 linears at 32 rows, and Q·Kᵀ and P·V of 6 attention cores over T = 32 (dynamic in the
     # graph; its value at the stated shapes comes from the same inference).
     linear_params = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
