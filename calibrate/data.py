@@ -115,19 +115,23 @@ def chunks(batch: dict, size: int | None) -> list[tuple[dict, int]]:
 
 def run_chunked(run, batch: dict, size: int | None) -> list[np.ndarray]:
     """`run(feeds) -> [outputs]` on `batch`, piece by piece when the model fixes its batch size
-    (`size`): each output's pieces, less the fill rows, joined along the batch axis only. An
-    output without a batch axis (its first dim is not the piece's) comes from the first piece."""
+    (`size`): each output's pieces, less the fill rows, joined along the first axis, which holds
+    k values per row (k = 1 for [B, …], k = T for tokens flattened to [B·T, C]), as one run of
+    the whole batch would give. An output whose pieces differ in shape comes from the first."""
     pieces = chunks(batch, size)
     if len(pieces) == 1 and pieces[0][1] == (size or pieces[0][1]):
         return list(run(pieces[0][0]))
-    results = [(list(run(feeds)), real) for feeds, real in pieces]
+    results = [([np.asarray(v) for v in run(feeds)], real) for feeds, real in pieces]
     joined = []
     for i, first in enumerate(results[0][0]):
-        first = np.asarray(first)
-        if first.ndim == 0 or first.shape[0] != size:
-            joined.append(first)
+        parts = []
+        for values, real in results:
+            v = values[i]
+            parts.append(v[:v.shape[0] // size * real] if v.ndim and v.shape[0] % size == 0 else v)
+        if first.ndim and len({p.shape[1:] for p in parts}) == 1:
+            joined.append(np.concatenate(parts, axis=0))
         else:
-            joined.append(np.concatenate([np.asarray(values[i])[:real] for values, real in results], axis=0))
+            joined.append(first)
     return joined
 
 

@@ -322,7 +322,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         # gradients add up to the whole batch's (the losses are means over rows).
         offset = 0
         for piece, real in chunks(feeds, student_batch):
-            loss, piece_distill, s_feat = _piece_loss(model, piece, real, offset, range(n_rows), t_out, t_feat,
+            loss, piece_distill, s_feat = _piece_loss(model, piece, real, offset, n_rows, t_out, t_feat,
                                                       selected_at, features, logits_of, latency, cfg, device)
             offset += real
             weight = real / n_rows
@@ -367,25 +367,31 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
                           shift_fractions, scores if checking else {}, kept)
 
 
-def _piece_loss(model, piece: dict, real: int, offset: int, t_batch: range, t_out: list, t_feat: dict, selected_at: list[int],
-                features: list[str], logits_of: dict, latency: torch.Tensor, cfg: FinetuneConfig, device):
+def _piece_loss(model, piece: dict, real: int, offset: int, n_rows: int, t_out: list, t_feat: dict,
+                selected_at: list[int], features: list[str], logits_of: dict, latency: torch.Tensor,
+                cfg: FinetuneConfig, device):
     """(loss, distillation part, captured tensors) of the student on rows [offset, offset + real)
-    of the batch (`t_batch`: its row indices; the teacher's values are the whole batch's):
-    `piece` holds them (then fill rows up to the model's fixed batch size)."""
+    of a batch of `n_rows` (the teacher's values are the whole batch's): `piece` holds them
+    (then fill rows up to the model's fixed batch size). A value whose first dim is k per row
+    (k = 1, or T for tokens flattened to [B·T, C]) is cut at k·rows."""
     inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in piece.items()}
     captured = tuple(features) + tuple(logits_of.values())
     s_out, s_feat = model(capture=captured, **inputs) if captured else (model(**inputs), {})
-    rows, n_rows, piece_rows = slice(offset, offset + real), len(t_batch), len(next(iter(piece.values())))
+    piece_rows = len(next(iter(piece.values())))
     mask = mask_of(piece)
     mask = torch.from_numpy(mask[:real]).to(device) if mask is not None else None
 
     def teacher_rows(value: np.ndarray) -> torch.Tensor:
         value = np.asarray(value)
-        whole = value.ndim == 0 or value.shape[0] != n_rows or real == n_rows   # no batch axis, or one piece
-        return torch.from_numpy(np.ascontiguousarray(value if whole else value[rows])).to(device)
+        if value.ndim and real < n_rows and value.shape[0] % n_rows == 0:
+            k = value.shape[0] // n_rows
+            value = value[offset * k:(offset + real) * k]
+        return torch.from_numpy(np.ascontiguousarray(value)).to(device)
 
     def student_rows(value: torch.Tensor) -> torch.Tensor:
-        return value[:real] if value.dim() and value.shape[0] == piece_rows and real < piece_rows else value
+        if value.dim() and real < piece_rows and value.shape[0] % piece_rows == 0:
+            return value[:value.shape[0] // piece_rows * real]
+        return value
 
     loss = 0.0
     for index, t in zip(selected_at, t_out):

@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from mfconvert.calibrate.data import Examples, chunks, fixed_batch, load_examples, model_fixed_batch
+from mfconvert.calibrate.data import (Examples, chunks, fixed_batch, load_examples, model_fixed_batch,
+                                      run_chunked)
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.cli.finetune import app as finetune_app
@@ -123,6 +124,10 @@ def test_fixed_batch_and_pieces():
     assert [real for _, real in pieces] == [2, 2, 1]
     np.testing.assert_array_equal(pieces[2][0]["x"], [[8, 9], [8, 9]])   # filled with its last row
     assert chunks(batch, None)[0][0] is batch
+    # pieces joined as one run of the whole batch: [B, …], tokens flattened to [B·T], a scalar
+    run = lambda feeds: [feeds["x"] * 2, feeds["x"].reshape(-1), np.float32(3)]  # noqa: E731
+    for got, want in zip(run_chunked(run, batch, 2), run(batch)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_fidelity_per_example_matches_unbatched_numpy(sentences):
