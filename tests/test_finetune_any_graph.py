@@ -158,8 +158,8 @@ def test_fidelity_per_example_matches_unbatched_numpy(sentences):
         assert got["sqnr_db"] == pytest.approx(10 * np.log10(signal / noise), abs=1e-2)
     assert "nn_agreement" not in figures["per_output"]["token_embeddings"]   # rows of different sizes
     assert figures["mean_cosine"] == pytest.approx(np.mean([f["mean_cosine"] for f in figures["per_output"].values()]))
-    logits = fidelity(model_outputs(teacher, held, outputs=["logits"]), model_outputs(student, held, outputs=["logits"]),
-                      logits=True)
+    logits = fidelity(model_outputs(teacher, held, outputs=["logits"]),
+                      model_outputs(student, held, outputs=["logits"]), logits=True)
     agree = np.mean([np.argmax(a) == np.argmax(b) for a, b in zip([v[3][0] for v in singles["ref"]],
                                                                  [v[3][0] for v in singles["test"]])])
     assert logits["top1_agreement"] == pytest.approx(agree)
