@@ -57,8 +57,12 @@ def canonicalize(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = N
         # the partial result instead (every shape it did find is right).
         ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
         ssi._preprocess(fixed)
-        while ssi.run_:
+        for _ in range(16):   # a pass reruns when it merged symbols; some graphs never settle
+            if not ssi.run_:
+                break
             ssi._infer_impl()
+        else:
+            raise RuntimeError("did not settle after 16 passes")
         ssi._update_output_from_vi()
         inferred = ssi.out_mp_
     except Exception as err:

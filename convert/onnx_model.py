@@ -71,6 +71,8 @@ def check_model(model: onnx.ModelProto, label: str, path: str | None = None) -> 
             onnx.checker.check_model(model)
     except Exception as err:
         raise ConversionError(f"{label}: invalid ONNX model ({_first_line(err)})") from None
+    if not model.graph.output:   # the checker lets it pass; every node would be dead code
+        raise ConversionError(f"{label}: invalid ONNX model (the graph has no outputs)")
     check_initializers(model, label)
 
 

@@ -108,7 +108,10 @@ def tensor_dtype(tensor: gs.Tensor):
     if dt is None:
         return None
     if isinstance(dt, int):
-        return onnx.helper.tensor_dtype_to_np_dtype(dt)
+        try:
+            return onnx.helper.tensor_dtype_to_np_dtype(dt)
+        except KeyError:   # UNDEFINED (0) or not a type: unknown
+            return None
     return np.dtype(dt)
 
 

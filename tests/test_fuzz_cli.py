@@ -495,11 +495,34 @@ def _uint4_weight(nbytes: int) -> onnx.ModelProto:
     return model
 
 
+def _no_outputs() -> onnx.ModelProto:
+    model = seed_model("mlp")
+    del model.graph.output[:]
+    return model
+
+
+def _untyped_input() -> onnx.ModelProto:
+    model = seed_model("mlp")
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+    return model
+
+
+def test_found_by_fuzzing_untyped_input(tmp_path):
+    """An input of type UNDEFINED crashed the shift-linear pass (KeyError) and then hung ORT's
+    symbolic shape inference (it reran forever); now it converts, the counts left open."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_untyped_input().SerializeToString())
+    result = runner.invoke(app, [str(path), "-o", str(tmp_path / "o.onnx"), "--shift-terms", "4", "--min-params", "0"])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert "did not settle" in result.stdout and os.path.isfile(tmp_path / "o.onnx")
+
+
 @pytest.mark.parametrize("argv,model,error", [
     (["--min-params", "x"], None, "Invalid value for '--min-params'"),         # was exit 2, a framed message
     (["--bogus"], None, "No such option: --bogus"),
     ([], _uint4_weight(24576), "initializer 'w1' with dims [64, 96]: needs 3072 bytes of raw data, has 24576"),
     ([], _uint4_weight(3072), "2/4-bit initializers such as 'w1' are not supported"),   # was a traceback
+    ([], _no_outputs(), "invalid ONNX model (the graph has no outputs)"),   # was a model ORT cannot load
 ])
 def test_found_by_fuzzing(tmp_path, argv, model, error):
     path = tmp_path / "m.onnx"
