@@ -226,3 +226,23 @@ def test_mobilenet_v2_both_exporters_on_labelled_images(exporter, one_torch_thre
     got = _ort(result.model, {"image": images}, ours=True)[0]
     assert np.isfinite(got).all() and np.mean(want.argmax(1) == labels) >= 0.85   # the original is right
     assert np.sum(got.argmax(1) == want.argmax(1)) >= 19
+
+
+@pytest.mark.parametrize("name", ["oww-alexa", "minilm-torchscript"])
+def test_moe_mlp_conversion_runs(name, one_torch_thread):
+    """--moe-mlp on the models with MLPs (linear → activation → linear): the MLPs become Mult/Shift
+    mixtures (alexa's one, MiniLM's six), every multiplication is counted, the model runs with finite outputs."""
+    from mfconvert.convert.config import ConvertConfig
+    from mfconvert.passes.moe_mlp import MoEMLPConfig
+
+    if name == "oww-alexa":
+        path, shapes, feed, mlps = _fetch(name), public.input_shapes(name), public.sample(name), 1
+    else:
+        path, shapes, mlps = public.stock_minilm("torchscript"), MINILM_SHAPES, 6
+        feed = {"input_ids": np.random.default_rng(0).integers(1000, 5000, (1, 32)), "attention_mask": np.ones((1, 32), np.int64)}
+    result = convert_onnx(path, ConvertConfig(moe_mlp=MoEMLPConfig()), input_shapes=shapes)
+    # Each MLP's two linears are reported as ShiftMoEMLP (the mixture is a routed subgraph).
+    assert sum(c.new_op == "ShiftMoEMLP" for c in result.report.changes) == 2 * mlps
+    assert all(c.macs_removed is not None for c in result.report.changes)
+    got = _ort(result.model, feed, ours=True)
+    assert [g.shape for g in got] == [w.shape for w in _ort(path, feed)] and all(np.isfinite(g).all() for g in got)

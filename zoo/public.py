@@ -378,7 +378,9 @@ def table(names=None, batch: int = 8) -> str:
 
     import onnxruntime as ort
 
+    from mfconvert.convert.config import ConvertConfig
     from mfconvert.convert.onnx_entry import convert_onnx
+    from mfconvert.passes.moe_mlp import MoEMLPConfig
     from mfconvert.runtime import session
 
     models = [(n, ZOO[n].exporter, fetch(n), input_shapes(n), lambda s, n=n: sample(n, seed=s), batch)
@@ -393,7 +395,7 @@ def table(names=None, batch: int = 8) -> str:
                     mobilenet_v2(e), {"image": [1, 3, 224, 224]}, lambda s: {"image": images[s:s + 1]}, len(images))
                    for e in MOBILENET_EXPORTERS]
     rows = ["| model | exporter, opset | converted / skipped (top reasons) | runs in ORT | fidelity (first output) "
-            "| multiplications removed |", "|---|---|---|---|---|---|"]
+            "| multiplications removed | `--moe-mlp` |", "|---|---|---|---|---|---|---|"]
     for name, exporter, path, shapes, make, count in models:
         result = convert_onnx(path, input_shapes=shapes, allow_unchanged=True)
         report = result.report
@@ -401,7 +403,7 @@ def table(names=None, batch: int = 8) -> str:
         why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(2))
         if not report.changes:
             rows.append(f"| {name} | {exporter} | 0 / {len(report.skips)}{' (' + why + ')' if why else ''} "
-                        "| unchanged | identical | 0 |")
+                        "| unchanged | identical | 0 | — |")
             continue
         feeds = [make(s) for s in range(count)]
         plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -416,9 +418,16 @@ def table(names=None, batch: int = 8) -> str:
         macs = [c.macs_removed for c in report.changes]
         count = "unknown" if None in macs else f"{sum(macs):,}"
         ops = Counter(c.new_op for c in report.changes)
+        moe = convert_onnx(path, ConvertConfig(moe_mlp=MoEMLPConfig()), input_shapes=shapes, allow_unchanged=True)
+        experts = sum(c.new_op == "ShiftMoEMLP" for c in moe.report.changes) // 2   # both linears of each MLP
+        if experts:
+            moe_got = np.concatenate([session(moe.model.SerializeToString(), threads=1).run(None, f)[0] for f in feeds])
+            moe_cell = f"{experts} MoE MLPs, runs, cos {_cosine(want, moe_got):.4f}"
+        else:
+            moe_cell = "no MLP"
         rows.append(f"| {name} | {exporter} | {' + '.join(f'{n} {op}' for op, n in ops.items())} / {len(report.skips)}"
                     f"{' (' + why + ')' if why else ''} | {'yes' if np.isfinite(got).all() else 'NaN/inf'} "
-                    f"| {fid} | {count} |")
+                    f"| {fid} | {count} | {moe_cell} |")
     return "\n".join(rows)
 
 
