@@ -10,10 +10,12 @@ value also makes the run random instead of the same fixed examples each time. Wi
 MFCONVERT_FUZZ_STATS=FILE the cases and exit statuses per test are appended to FILE as JSON lines."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -423,6 +425,24 @@ def prepare(data, tmp: str) -> tuple[str, list[str], list[str]]:
     return path, argv, inputs
 
 
+class Hung(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise Hung in the run after `seconds` (SIGALRM): a conversion that never ends is a failure."""
+    def expire(signum, frame):
+        raise Hung(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def check_run(code: int, stderr: str, exception, in_dir: str, out_dir: str, before: dict) -> None:
     counts = STATS.setdefault(sys._getframe(1).f_code.co_name, Counter())
     counts["cases"] += 1
@@ -461,7 +481,7 @@ def test_mutated_models_through_the_cli(data):
         path, argv, inputs = prepare(data, tmp)
         before = digest(inputs)
         out_dir = os.path.join(tmp, "out")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), time_limit(120):
             warnings.simplefilter("always")   # printed every time, as in a fresh process
             result = runner.invoke(app, argv)
         note(f"argv {argv}\nexit {result.exit_code}\nstderr {result.stderr}")
