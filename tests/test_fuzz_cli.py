@@ -551,3 +551,40 @@ def test_found_by_fuzzing(tmp_path, argv, model, error):
     assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
     assert ERROR.fullmatch(result.stderr.strip()) and error in result.stderr, result.stderr
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def campaign(examples: int, report: str) -> Counter:
+    """A long run that records every failing case (argv, message, model) in the JSON file `report`
+    instead of stopping at the first and shrinking it: `python -m tests.test_fuzz_cli N FILE`."""
+    from hypothesis import Phase
+    import traceback
+    counts, failures = Counter(), []
+
+    @settings(FUZZ, max_examples=examples, derandomize=False, phases=[Phase.generate])
+    @given(st.data())
+    def run(data):
+        with tempfile.TemporaryDirectory() as tmp:
+            path, argv, inputs = prepare(data, tmp)
+            before = digest(inputs)
+            with warnings.catch_warnings(), time_limit(120):
+                warnings.simplefilter("always")
+                result = runner.invoke(app, argv)
+            counts[f"exit {result.exit_code}"] += 1
+            try:
+                check_run(result.exit_code, result.stderr, result.exception, os.path.dirname(path),
+                          os.path.join(tmp, "out"), before)
+                check_output(result.exit_code, argv, path)
+            except Exception as err:
+                failures.append({"argv": argv, "error": f"{type(err).__name__}: {err}"[:500],
+                                 "stderr": result.stderr[-800:], "model": open(path, "rb").read().hex(),
+                                 "traceback": "".join(traceback.format_exception(result.exception))[-2500:]
+                                 if result.exception and not isinstance(result.exception, SystemExit) else ""})
+    run()
+    counts["cases"], counts["failures"] = sum(counts.values()), len(failures)
+    with open(report, "w") as f:
+        json.dump({"counts": counts, "failures": failures}, f, indent=1)
+    return counts
+
+
+if __name__ == "__main__":
+    print(dict(campaign(int(sys.argv[1]), sys.argv[2])))
