@@ -14,7 +14,7 @@ from mfconvert.calibrate.data import DataError, Examples, check_against_model, l
 from mfconvert.calibrate.evaluate import fidelity, model_float_outputs, model_outputs, output_names
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
 from mfconvert.convert.files import check_outputs, write_text_atomic
-from mfconvert.convert.onnx_model import ConversionError, external_data_reads, load_model
+from mfconvert.convert.onnx_model import ConversionError, check_serializable, external_data_reads, load_model
 from mfconvert.moe import routes, routing_split, split_table
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY
 
@@ -166,6 +166,7 @@ def main(
                        "the --tokenizer file": tokenizer, **external_data_reads(student, teacher)}, force,
                       reused=("--checkpoint",) if resume else ())
         model, _, _ = load_model(str(student))
+        check_serializable(model, str(student), "finetuning")
         output_names(model_float_outputs(model), cfg.outputs)   # an unknown name: before any work
         examples = load_data(data, model, tokenizer, max_length, image_preset)
         figures = run_finetune(str(student), str(teacher), examples, cfg, out, held_out, logits=loss == "kl")

@@ -23,8 +23,8 @@ from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
 from mfconvert.convert.files import check_outputs, write_text_atomic
-from mfconvert.convert.onnx_model import (check_output_path, external_data_reads, load_model, output_path_for,
-                                          save_model_atomic)
+from mfconvert.convert.onnx_model import (check_output_path, check_serializable, external_data_reads, load_model,
+                                          output_path_for, save_model_atomic)
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.moe_mlp import MoEMLPConfig
@@ -189,6 +189,7 @@ def convert(
     if data is not None:   # read once: calibration, --max-drop and finetuning share it
         try:
             original, _, _ = load_model(str(model))
+            check_serializable(original, str(model), "--data")
             distilled = finetune_cli.parse_outputs(outputs)
             finetune_cli.output_names(finetune_cli.model_float_outputs(original), distilled)   # before any work
             examples = load_data(data, original, tokenizer, 128, image_preset)

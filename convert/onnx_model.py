@@ -146,6 +146,15 @@ def writes_external(model: onnx.ModelProto, external: bool = False) -> bool:
     return external or inline_bytes(model) > PROTO_LIMIT - HEADROOM
 
 
+def check_serializable(model: onnx.ModelProto, label: str, what: str) -> None:
+    """Refuse, naming `what`, a model over the protobuf limit for a step that runs it in ONNX
+    Runtime from memory (calibration, --max-drop, finetuning): conversion alone takes any size."""
+    size = inline_bytes(model)
+    if size > PROTO_LIMIT - HEADROOM:
+        raise ConversionError(f"{label}: {what} runs the model from memory, which protobuf limits to 2 GiB, "
+                              f"and it holds {size / 2 ** 30:.2f} GiB of weights; convert without {what}")
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """The model's serialized size; its tensor bytes alone when that is large (ByteSize serializes)."""
     heavy = inline_bytes(model)

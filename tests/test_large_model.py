@@ -142,6 +142,21 @@ def test_no_output_over_the_inputs_external_data(tmp_path, flag):
     assert sha256(data) == before and not (tmp_path / "o.onnx").exists()
 
 
+def test_steps_that_run_the_model_from_memory_refuse_models_over_2gib(tmp_path, monkeypatch):
+    """--data runs the model in ONNX Runtime from one serialized protobuf: a model over the limit is
+    refused with the reason before any work (the limit lowered to the test model's size)."""
+    from mfconvert.convert import onnx_model
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(np.random.default_rng(0)), path)
+    np.save(tmp_path / "d.npy", np.zeros((8, 256), np.float32))
+    monkeypatch.setattr(onnx_model, "HEADROOM", 0)
+    monkeypatch.setattr(onnx_model, "PROTO_LIMIT", 100_000)   # the MLP holds 0.6 MB of weights
+    res = runner.invoke(app, [str(path), "-o", str(tmp_path / "o.onnx"), "--data", str(tmp_path / "d.npy")])
+    assert res.exit_code == 1 and res.stderr.startswith(
+        f"mfconvert: error: {path}: --data runs the model from memory, which protobuf limits to 2 GiB"), res.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
 @pytest.mark.parametrize("location,length,error", [
     ("../w.bin", None, "is not a file in the model's directory"),
     ("missing.bin", None, "does not exist"),
