@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from mfconvert.cli.main import app
 from mfconvert.convert.onnx_model import output_path_for
 from mfconvert.runtime import session
+from tests.fuzz_stats import stats_fixture
 
 EXAMPLES = int(os.environ.get("MFCONVERT_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(max_examples=EXAMPLES or 100, deadline=None, database=None, derandomize=EXAMPLES is None,
@@ -42,15 +43,7 @@ runner = CliRunner()
 pytestmark = pytest.mark.fuzz
 STATS: dict[str, Counter] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def write_stats():
-    yield
-    path = os.environ.get("MFCONVERT_FUZZ_STATS")
-    if path:
-        with open(path, "a") as f:
-            for test, counts in STATS.items():
-                f.write(json.dumps({"test": test, **counts}) + "\n")
+write_stats = stats_fixture(STATS)
 
 
 # --- Seed models -------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ thousands, and `make sanitize` runs these under ASan + UBSan. With MFCONVERT_FUZ
 cases, errors and checked results per test are appended to FILE as JSON lines."""
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 
@@ -22,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mfconvert.ort_ops import DOMAIN
 from mfconvert.runtime import session
+from tests.fuzz_stats import stats_fixture
 from tests import numpy_reference as ref
 from tests.test_add_attention_reference import bound, reference as attention_reference
 from tests.test_shift_linear_kernel import ISAS
@@ -35,15 +35,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=
 NODE = "fuzz0"
 STATS: dict[str, Counter] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def write_stats():
-    yield
-    path = os.environ.get("MFCONVERT_FUZZ_STATS")
-    if path:
-        with open(path, "a") as f:
-            for test, counts in STATS.items():
-                f.write(json.dumps({"test": test, **counts}) + "\n")
+write_stats = stats_fixture(STATS)
 
 
 def count(test, outcome, case=True):

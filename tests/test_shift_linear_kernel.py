@@ -17,28 +17,11 @@ from onnx import TensorProto, helper
 
 from mfconvert.nn import pow2
 from mfconvert.runtime import session
+from tests.cpu_isas import supported_isas
 
 DOMAIN = "ai.mfconvert"
 NODE = "shift_linear_under_test"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_FLAGS = _cpu_flags()
-ISAS = ["scalar"]
-if {"avx2", "fma"} <= _FLAGS:
-    ISAS.append("avx2")
-if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _FLAGS:
-    ISAS.append("avx512")
+ISAS = supported_isas()
 
 
 @pytest.fixture(params=ISAS)
