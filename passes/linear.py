@@ -14,7 +14,8 @@ import torch
 
 from mfconvert.nn import pow2
 from mfconvert.ort_ops import DOMAIN
-from mfconvert.passes.graph import NotConstant, constant_value, graph_opset, sole_consumer, tensor_dtype
+from mfconvert.passes.graph import (NotConstant, constant_value, dequantised_from, graph_opset, sole_consumer,
+                                    tensor_dtype)
 from mfconvert.passes.registry import PassError
 
 
@@ -26,6 +27,10 @@ class LinearMatch:
     weight: np.ndarray
     bias: np.ndarray | None
     output: gs.Tensor
+    # How the weight was stored when it is an integer one dequantised (DequantizeLinear), e.g.
+    # "int8 (per-channel, axis 1)": the layer is converted from (q − zp)·scale.
+    dequantised: str | None = None
+    weight_itemsize: int = 4      # bytes per weight in the input file
 
 
 def match_linear(graph: gs.Graph, node: gs.Node) -> LinearMatch | str:
@@ -69,7 +74,9 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearMatch | str:
             output = add.outputs[0]
     # A large weight stays a transposed view (rounding reads it a few rows at a time): a
     # contiguous copy of a 2 GiB weight would double the memory the conversion needs.
-    return LinearMatch(nodes, x, w.T if w.size > CHUNK_ELEMENTS else np.ascontiguousarray(w.T), bias, output)
+    stored = dequantised_from(w_tensor)
+    return LinearMatch(nodes, x, w.T if w.size > CHUNK_ELEMENTS else np.ascontiguousarray(w.T), bias, output,
+                       *(stored or (None, 4)))
 
 
 def _bias_add(graph: gs.Graph, y: gs.Tensor, out_features: int, opset: int):

@@ -153,6 +153,14 @@ class ConversionReport:
             + ("unknown (shapes not inferable)" if None in macs else human_count(sum(macs))),
         ]
         lines += [f"  {note}" for note in self.notes]
+        stored: dict[str, int] = {}   # layers converted from integer weights (passes/linear.py)
+        for c in changes:
+            for part in c.detail.split("; "):
+                if part.startswith("weights dequantised from "):
+                    key = part.removeprefix("weights dequantised from ")
+                    stored[key] = stored.get(key, 0) + 1
+        lines += [f"weights dequantised from {k} (q − zero point)·scale, then rounded: {n} layer(s)"
+                  for k, n in stored.items()]
         unknown = [(v["safe_abs_input"], name) for c in changes for name, v in (c.accumulator or {}).items()
                    if v["input_bound"] is None and v["safe_abs_input"] is not None]
         if unknown:

@@ -44,13 +44,28 @@ class ShiftLinearConfig:
         compile_patterns(self.exclude, "--exclude")
 
 
+# Integer matrix products: their activation input is itself quantised (uint8/int8, with its scale
+# and zero point computed at run time or fixed), and their output is int32 (MatMulInteger) or
+# requantised (QLinearMatMul); ShiftLinear takes and gives float32, so replacing one means
+# rewriting its quantise/dequantise neighbours too. Reported as skipped.
+_INTEGER_MATMULS = {
+    op: f"{op} multiplies integer activations (quantised at run time) and gives "
+        + ("int32" if op == "MatMulInteger" else "requantised integers")
+        + "; ShiftLinear takes and gives float32, so it is left as it is (a QDQ model's DequantizeLinear "
+          "→ MatMul converts)"
+    for op in ("MatMulInteger", "QLinearMatMul")}
+
+
 @register(NAME, ShiftLinearConfig, "MatMul/Gemm with constant weights → ShiftLinear (w = ±2^p, or a sum of terms)")
 def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
     result = PassResult(NAME)
-    candidates = [n for n in graph.nodes if n.op in ("MatMul", "Gemm") and (n.domain or "") in ("", "ai.onnx")
-                  and claimant(graph, n) is None]
+    candidates = [n for n in graph.nodes if n.op in ("MatMul", "Gemm", *_INTEGER_MATMULS)
+                  and (n.domain or "") in ("", "ai.onnx") and claimant(graph, n) is None]
     for node in candidates:
         label = node_label(node)
+        if node.op in _INTEGER_MATMULS:
+            result.skip(label, _INTEGER_MATMULS[node.op])
+            continue
         reason = exclusion_reason(label, cfg.include, cfg.exclude)
         if reason:
             result.skip(label, reason)
@@ -70,11 +85,13 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
         for old in match.nodes:
             old.outputs.clear()
         graph.nodes.append(new)
-        before = match.weight.size * 4 + (0 if match.bias is None else match.bias.size * 4)
+        before = match.weight.size * match.weight_itemsize + (0 if match.bias is None else match.bias.size * 4)
         fused = " + bias Add" if len(match.nodes) > 1 else ""
         result.changes.append(LayerChange(
             NAME, label, "ShiftLinear", in_features, out_features, before, nbytes,
             activation=match.activation.name, detail=f"{node.op}{fused}, {cfg.weight_bits}-bit codes"
-                   + (f" × {cfg.terms} terms" if cfg.terms > 1 else ""), warnings=warnings))
+                   + (f" × {cfg.terms} terms" if cfg.terms > 1 else "")
+                   + (f"; weights dequantised from {match.dequantised}" if match.dequantised else ""),
+            warnings=warnings))
     graph.cleanup().toposort()
     return result

@@ -29,8 +29,6 @@ EXPECTED = {
     "effword-resnet50": None,                         # Conv only
     "silero-vad": None,                               # LSTM inside If: passes through
 }
-QDQ = pytest.mark.xfail(strict=True, reason="issue 11 item 6: the int8 QDQ weights (DequantizeLinear at "
-                        "opset 18) are not folded, so no linear has a constant weight")
 
 
 def _fetch(name):
@@ -100,19 +98,25 @@ def test_models_without_targets_say_so_and_pass_through(name, converted, one_tor
         np.testing.assert_array_equal(g, w)
 
 
-@QDQ
-def test_quantised_whisper_encoder_converts(converted):
+def test_quantised_whisper_encoder_converts(converted, one_torch_thread):
+    """Issue 11 item 6: the int8 QDQ Whisper-tiny encoder (opset 18) converts from its dequantised
+    weights: the 25 MatMuls' and 2 of the classifier's 3 Gemms' DequantizeLinear (int8 per
+    channel) fold into 27 ShiftLinear layers (the third Gemm, 64×1, is below min_params), the report
+    says so, the activations' Q/DQ stay, and it runs in ORT with our ops. Its output is a turn
+    probability: 0.9836 against the original's 0.9801 on the sample (BENCHMARKS.md)."""
     path, result = converted("smart-turn")
     assert not isinstance(result, ConversionError), result
-    assert sum(n.op_type == "ShiftLinear" for n in result.model.graph.node) >= 12
-
-
-def test_quantised_whisper_encoder_still_runs_unchanged(one_torch_thread):
-    """Until item 6, the QDQ model converts nothing; it passes through and runs."""
-    path = _fetch("smart-turn")
-    result = convert_onnx(path, allow_unchanged=True, input_shapes=public.input_shapes("smart-turn"))
+    shift = [c for c in result.report.changes if c.new_op == "ShiftLinear"]
+    assert len(shift) == 27 and all("; weights dequantised from int8 (per-channel, axis " in c.detail for c in shift)
+    assert "weights dequantised from int8 (per-channel, axis 1) (q − zero point)·scale, then rounded: 25 layer(s)" \
+        in result.report.table()
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("ShiftLinear") == 27 and ops.count("QuantizeLinear") == 78   # activation side untouched
+    assert ops.count("DequantizeLinear") == 114 - 27 - 2   # the weights' ones and the two Gemms' biases' are gone
     feed = public.sample("smart-turn")
-    np.testing.assert_array_equal(_ort(result.model, feed, ours=True)[0], _ort(path, feed)[0])
+    want, got = _ort(path, feed), _ort(result.model, feed, ours=True)
+    assert [g.shape for g in got] == [w.shape for w in want] and all(np.isfinite(g).all() for g in got)
+    assert abs(float(got[0].ravel()[0]) - float(want[0].ravel()[0])) < 0.02   # measured 0.0035
 
 
 def test_graphsurgeon_is_quiet(capfd):
