@@ -122,3 +122,35 @@ def test_integer_matmuls_are_skipped_with_the_reason():
     assert result.report.changes == []
     (skip,) = result.report.skips
     assert skip.node == "qfc" and "MatMulInteger multiplies integer activations" in skip.reason
+
+
+def test_qdq_folding_agrees_with_onnx_reference_at_opset_21():
+    """The NumPy Q/DQ (passes/graph.py) against onnx.reference where it has them (opset 21): per
+    tensor, per axis (negative axis), per block of 16 along the input axis, and a float pair."""
+    import onnx_graphsurgeon as gs
+    from onnx.reference import ReferenceEvaluator
+
+    from mfconvert.passes.graph import constant_value
+
+    q = RNG.integers(-128, 128, (IN, OUT)).astype(np.int8)
+    wf = RNG.normal(0, 0.1, (IN, OUT)).astype(np.float32)
+    cases = {
+        "tensor": ([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"])],
+                   {"q": q, "s": np.float32(0.01), "z": np.int8(3)}),
+        "axis": ([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=-1)],
+                 {"q": q, "s": RNG.uniform(0.001, 0.01, OUT).astype(np.float32), "z": RNG.integers(-5, 5, OUT).astype(np.int8)}),
+        "block": ([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0, block_size=16)],
+                  {"q": q, "s": RNG.uniform(0.001, 0.01, (IN // 16, OUT)).astype(np.float32),
+                   "z": RNG.integers(-5, 5, (IN // 16, OUT)).astype(np.int8)}),
+        "pair": ([helper.make_node("QuantizeLinear", ["f", "s"], ["p"], axis=1),
+                  helper.make_node("DequantizeLinear", ["p", "s"], ["w"], axis=1)],
+                 {"f": wf, "s": (np.abs(wf).max(axis=0) / 200).astype(np.float32)}),   # uint8: negatives clip
+    }
+    for case, (nodes, inits) in cases.items():
+        graph = helper.make_graph(nodes, case, [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        (want,) = ReferenceEvaluator(model).run(None, {})
+        got = constant_value(gs.import_onnx(model).outputs[0], 21)
+        assert got.dtype == np.float32, case
+        np.testing.assert_array_equal(got, want, err_msg=case)
