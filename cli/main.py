@@ -112,8 +112,9 @@ def convert(
     moe_mlp: bool = typer.Option(False, "--moe-mlp", help="MLP blocks → router + float expert + ShiftLinear "
                                  "expert (same format flags); other linears follow --shift-linear."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
-    shift_terms: int = typer.Option(1, "--shift-terms", help="Powers of two per shift-linear weight: 1 (DeepShift, "
-                                    "w = ±2^p) or up to 4 (w = ±2^p1 ± 2^p2 …; each term costs one more add)."),
+    shift_terms: int = typer.Option(1, "--shift-terms", help="Powers of two per shift weight (MoE Shift experts "
+                                    "too): 1 (DeepShift, w = ±2^p) or up to 4 (w = ±2^p1 ± 2^p2 …; each term "
+                                    "costs one more add)."),
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
     act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations "
@@ -157,7 +158,7 @@ def convert(
                 weight_scale=weight_scale, include=include, exclude=exclude, min_params=min_params)
                 if shift_linear else None,
                 moe_mlp=MoEMLPConfig(weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
-                                     weight_scale=weight_scale, include=include, exclude=exclude)
+                                     terms=shift_terms, weight_scale=weight_scale, include=include, exclude=exclude)
                 if moe_mlp else None,
                 add_attention=AddAttentionConfig(include=include, exclude=exclude) if add_attention else None)
     except (ValueError, TypeError) as err:

@@ -75,13 +75,13 @@ class ShiftMoEMLP(nn.Module):
 
     @classmethod
     def from_mlp(cls, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear, *, weight_bits: int = 5,
-                 act_bits: int = 32, act_frac_bits: int = 16, weight_scale: str = "channel",
+                 act_bits: int = 32, act_frac_bits: int = 16, weight_scale: str = "channel", terms: int = 1,
                  mode: str = "Q", router_std: float = 10.0, router_bias: float = 0.0, seed: int = 0,
                  latency: tuple[float, float] = DEFAULT_LATENCY,
                  balance_coef: float = BALANCE_COEF) -> "ShiftMoEMLP":
         """The block the `moe-mlp` pass makes of fc1 → act → fc2 (copies; the MLP is untouched)."""
         fmt = dict(weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
-                   weight_scale=weight_scale, mode=mode)
+                   weight_scale=weight_scale, terms=terms, mode=mode)
         mult = nn.Sequential(copy.deepcopy(fc1), copy.deepcopy(act), copy.deepcopy(fc2))
         shift = nn.Sequential(ShiftLinear.from_linear(fc1, **fmt), copy.deepcopy(act),
                               ShiftLinear.from_linear(fc2, **fmt))

@@ -22,9 +22,7 @@ def shift_linears(module: nn.Module, cfg: ShiftLinearConfig | None = None, mode:
             continue
         if exclusion_reason(name, cfg.include, cfg.exclude) or child.weight.numel() < cfg.min_params:
             continue
-        layer = ShiftLinear.from_linear(child, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
-                                        act_frac_bits=cfg.act_frac_bits, weight_scale=cfg.weight_scale,
-                                        mode=mode)
+        layer = ShiftLinear.from_linear(child, **cfg.layer_kwargs(), mode=mode)   # the whole ShiftFormat
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer)
         swapped.append(name)

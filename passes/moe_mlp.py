@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from mfconvert.nn import pow2
 from mfconvert.nn.moe_mlp import router_init
 from mfconvert.passes.activation import Activation, copy_nodes, find_activation
 from mfconvert.passes.graph import claim, claimant, graph_opset, node_label
 from mfconvert.passes.linear import LinearMatch, match_linear, shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
+from mfconvert.passes.shift_format import ShiftFormat
 from mfconvert.passes.targeting import compile_patterns, exclusion_reason
 
 NAME = "moe-mlp"
@@ -25,13 +25,10 @@ MIN_OPSET = 13
 
 
 @dataclass
-class MoEMLPConfig:
-    """ShiftLinear format of the Shift expert, router initialisation (docs/ops.md), and which
-    blocks to convert (include/exclude match the name of the block's fc1 node)."""
-    weight_bits: int = 5
-    act_bits: int = 32
-    act_frac_bits: int = 16
-    weight_scale: str = "channel"
+class MoEMLPConfig(ShiftFormat):
+    """ShiftLinear format of the Shift expert (ShiftFormat: the shift-linear pass's fields, terms
+    included), router initialisation (docs/ops.md), and which blocks to convert (include/exclude
+    match the name of the block's fc1 node)."""
     router_std: float = 10.0
     router_bias: float = 0.0
     seed: int = 0
@@ -39,9 +36,7 @@ class MoEMLPConfig:
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        pow2.check_format(self.weight_bits, self.act_bits, self.act_frac_bits)
-        if self.weight_scale not in pow2.WEIGHT_SCALES:
-            raise ValueError(f"weight_scale must be one of {pow2.WEIGHT_SCALES}, got {self.weight_scale!r}")
+        super().__post_init__()
         if not (self.router_std >= 0 and np.isfinite(self.router_std) and np.isfinite(self.router_bias)):
             raise ValueError(f"router_std must be finite and >= 0 and router_bias finite, "
                              f"got {self.router_std}, {self.router_bias}")
@@ -198,8 +193,10 @@ def run(graph: gs.Graph, cfg: MoEMLPConfig) -> PassResult:
                 NAME, name, "ShiftMoEMLP", in_f, out_f, _weight_bytes(linear),
                 _weight_bytes(linear) + share, activation=activation,
                 warnings=weight_warnings(label, linear.weight, None, cfg),   # --exclude names the block
+                target=label,   # include/exclude name the block by its fc1 (calibrate/sensitivity.py)
                 detail=f"block {label} ({d}→{hidden}→{d_out}, {block.act.name}): float Mult expert + "
-                       f"{cfg.weight_bits}-bit Shift expert; MACs removed if every token takes Shift"))
+                       f"{cfg.weight_bits}-bit Shift expert" + (f" × {cfg.terms} terms" if cfg.terms > 1 else "")
+                       + "; MACs removed if every token takes Shift"))
     if routes:
         result.metadata[ROUTES_KEY] = json.dumps(routes)
     graph.cleanup().toposort()

@@ -11,20 +11,16 @@ from mfconvert.passes.graph import claimant, node_label
 from mfconvert.passes.linear import match_linear, shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
+from mfconvert.passes.shift_format import ShiftFormat
 from mfconvert.passes.targeting import compile_patterns, exclusion_reason
 
 NAME = "shift-linear"
 
 
 @dataclass
-class ShiftLinearConfig:
-    weight_bits: int = 5
-    act_bits: int = 32
-    act_frac_bits: int = 16
-    weight_scale: str = "channel"
-    # Powers of two per weight: 1 is DeepShift's w = ±2^p; 2 gives w = ±2^p1 ± 2^p2 (greedy), at
-    # twice the additions and code bytes (docs/ops.md#two-or-more-terms).
-    terms: int = 1
+class ShiftLinearConfig(ShiftFormat):
+    """The ShiftLinear format (weight_bits, act_bits, act_frac_bits, weight_scale, terms: ShiftFormat)
+    and which linears to convert."""
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     min_params: int = 1024
@@ -33,11 +29,9 @@ class ShiftLinearConfig:
     act_frac_bits_by_input: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        pow2.check_format(self.weight_bits, self.act_bits, self.act_frac_bits, self.terms)
+        super().__post_init__()
         for frac_bits in self.act_frac_bits_by_input.values():
             pow2.check_format(self.weight_bits, self.act_bits, frac_bits)
-        if self.weight_scale not in pow2.WEIGHT_SCALES:
-            raise ValueError(f"weight_scale must be one of {pow2.WEIGHT_SCALES}, got {self.weight_scale!r}")
         if self.min_params < 0:
             raise ValueError(f"min_params must be >= 0, got {self.min_params}")
         compile_patterns(self.include, "--include")
