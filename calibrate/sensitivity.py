@@ -28,6 +28,13 @@ class LayerSensitivity:
     pass_name: str
     node: str
     error: float          # the drop when this layer alone is converted
+    # The name the pass's include/exclude match (LayerChange.target): an MoE block's fc1 and fc2
+    # convert, and stay float, together, so both carry the block's drop.
+    target: str = ""
+
+    @property
+    def unit(self) -> tuple[str, str]:
+        return self.pass_name, self.target or self.node
 
 
 @dataclass
@@ -54,7 +61,8 @@ def _field_of(pass_name: str) -> str:
 
 
 def _only(config: ConvertConfig, pass_name: str, node: str) -> ConvertConfig:
-    """The config converting just `node` with `pass_name` (every other pass off)."""
+    """The config converting just `node` (a name its include matches) with `pass_name` (every
+    other pass off)."""
     fields = {f.name: None for f in dataclasses.fields(ConvertConfig)}
     base = getattr(config, _field_of(pass_name))
     fields[_field_of(pass_name)] = dataclasses.replace(base, include=[f"^{re.escape(node)}$"], exclude=[])
@@ -62,11 +70,13 @@ def _only(config: ConvertConfig, pass_name: str, node: str) -> ConvertConfig:
 
 
 def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertConfig:
-    """`config` with `layers` added to their passes' exclude lists."""
+    """`config` with `layers` (their nodes and targets) added to every pass's exclude list: a
+    layer kept float stays float, not taken by another pass (an MoE block's linears would fall
+    to shift-linear)."""
+    names = list(dict.fromkeys(f"^{re.escape(n)}$" for s in layers for n in (s.node, s.target) if n))
     changes = {}
     for spec in PASSES.values():
         cfg = getattr(config, _field_of(spec.name), None)
-        names = [f"^{re.escape(s.node)}$" for s in layers if s.pass_name == spec.name]
         if cfg is not None and names:
             changes[_field_of(spec.name)] = dataclasses.replace(cfg, exclude=list(cfg.exclude) + names)
     return dataclasses.replace(config, **changes)
@@ -85,26 +95,33 @@ def convert_within_budget(model_path: str, config: ConvertConfig, examples: Exam
         return result, drop(reference, model_outputs(result.model, examples, outputs=reference.names), logits)
 
     full, full_error = measure(config)
-    candidates = full.report.changes
-    sensitivities = []
-    for i, change in enumerate(candidates):
+    sensitivities = [LayerSensitivity(c.pass_name, c.node, 0.0, c.target) for c in full.report.changes]
+    units = list(dict.fromkeys(s.unit for s in sensitivities))   # what converts, or stays float, as one
+    errors = {}
+    for i, (pass_name, target) in enumerate(units):
         if progress:
-            progress(f"layer {i + 1}/{len(candidates)}: {change.node}")
-        _, error = measure(_only(config, change.pass_name, change.node))
-        sensitivities.append(LayerSensitivity(change.pass_name, change.node, error))
-    sensitivities.sort(key=lambda s: s.error, reverse=True)
+            progress(f"layer {i + 1}/{len(units)}: {target}")
+        errors[pass_name, target] = measure(_only(config, pass_name, target))[1]
+    for s in sensitivities:
+        s.error = errors[s.unit]
+    sensitivities.sort(key=lambda s: errors[s.unit], reverse=True)   # stable: a unit's layers stay together
+    units.sort(key=lambda u: errors[u], reverse=True)
+
+    def kept(k: int) -> list[LayerSensitivity]:
+        return [s for s in sensitivities if s.unit in units[:k]]
+
     if full_error <= max_drop:
         return BudgetResult(full, full_error, [], sensitivities)
-    # Bisection for the fewest most-sensitive layers to keep float.
-    lo, hi = 0, len(sensitivities)          # lo fails the budget; hi (everything float) meets it
+    # Bisection for the fewest most-sensitive units to keep float.
+    lo, hi = 0, len(units)          # lo fails the budget; hi (everything float) meets it
     best = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        result, error = measure(_without(config, sensitivities[:mid]))
+        result, error = measure(_without(config, kept(mid)))
         if error <= max_drop:
             hi, best = mid, (result, error)
         else:
             lo = mid
     if best is None:
-        best = measure(_without(config, sensitivities[:hi]))
-    return BudgetResult(best[0], best[1], sensitivities[:hi], sensitivities)
+        best = measure(_without(config, kept(hi)))
+    return BudgetResult(best[0], best[1], kept(hi), sensitivities)

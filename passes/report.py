@@ -24,6 +24,9 @@ class LayerChange:
     # (None: no input can wrap it), input_bound and bound_source (what the inputs are known or seen
     # to reach), worst_row_sum (the largest |acc| they can give) and the warning, if any.
     accumulator: dict | None = None
+    # The name --include/--exclude match to convert or keep this layer, where it is not `node`: an
+    # MoE block's fc2 converts with its block, which they name by its fc1.
+    target: str = ""
 
     @property
     def params(self) -> int:
