@@ -22,8 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FINFO_MIN = float(np.finfo(np.float32).min)
 
 
-def op_model(layer: AddLinearAttention, with_k=True, with_mask=True, attrs=None):
-    consts = layer.onnx_constants()
+def op_inputs(consts: dict, with_k: bool, with_mask: bool) -> tuple[list[str], list]:
+    """The node's input names (Q, K, V, mask, then the constant inputs 4–10, "" for an absent one,
+    trailing ones dropped) and the constants as initializers c4…c10."""
     names = ["Q", "K" if with_k else "", "V", "mask" if with_mask else ""]
     inits = []
     for i in range(4, 11):
@@ -32,6 +33,11 @@ def op_model(layer: AddLinearAttention, with_k=True, with_mask=True, attrs=None)
             inits.append(numpy_helper.from_array(consts[i], f"c{i}"))
     while names[-1] == "":
         names.pop()
+    return names, inits
+
+
+def op_model(layer: AddLinearAttention, with_k=True, with_mask=True, attrs=None):
+    names, inits = op_inputs(layer.onnx_constants(), with_k, with_mask)
     node = helper.make_node("AddLinearAttention", names, ["Y"], name="attn0", domain=DOMAIN,
                             **(attrs if attrs is not None else layer.onnx_attributes()))
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:4] if n]

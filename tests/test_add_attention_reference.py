@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from mfconvert.nn import AddLinearAttention
 from mfconvert.ort_ops import DOMAIN
 from tests import numpy_reference as ref
-from tests.test_add_attention_kernel import ISAS, run_op
+from tests.test_add_attention_kernel import ISAS, op_inputs, run_op
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 U = 2.0 ** -24          # float32 unit roundoff
@@ -91,15 +91,7 @@ def bound(case):
 
 
 def node_model(case):
-    cs = case["consts"]
-    names = ["Q", "K" if case["k"] is not None else "", "V", "mask" if case["mask"] is not None else ""]
-    inits = []
-    for i in range(4, 11):
-        names.append(f"c{i}" if i in cs else "")
-        if i in cs:
-            inits.append(numpy_helper.from_array(cs[i], f"c{i}"))
-    while names[-1] == "":
-        names.pop()
+    names, inits = op_inputs(case["consts"], case["k"] is not None, case["mask"] is not None)
     node = helper.make_node("AddLinearAttention", names, ["Y"], name="attn0", domain=DOMAIN, **case["attrs"])
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:4] if n]
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)

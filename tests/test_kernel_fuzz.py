@@ -13,7 +13,6 @@ import os
 from collections import Counter
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +22,7 @@ from mfconvert.ort_ops import DOMAIN
 from mfconvert.runtime import session
 from tests.fuzz_stats import stats_fixture
 from tests import numpy_reference as ref
+from tests.test_add_attention_kernel import op_inputs
 from tests.test_add_attention_reference import bound, reference as attention_reference
 from tests.test_shift_linear_kernel import ISAS
 from tests.test_shift_linear_kernel import reference as shift_reference
@@ -342,14 +342,7 @@ def test_add_attention_fuzz(c):
     else:
         bad = None    # the drawn malformation does not apply to this case
 
-    names = ["Q", "K" if k is not None else "", "V", "mask" if mask is not None else ""]
-    inits = []
-    for i in range(4, 11):
-        names.append(f"c{i}" if i in consts else "")
-        if i in consts:
-            inits.append(numpy_helper.from_array(consts[i], f"c{i}"))
-    while names[-1] == "":
-        names.pop()
+    names, inits = op_inputs(consts, k is not None, mask is not None)
     typed = [(n, TensorProto.FLOAT) for n in names[:4] if n]
     feeds = {"Q": q, "V": v, **({"K": k} if k is not None else {}), **({"mask": mask} if mask is not None else {})}
     model = graph("AddLinearAttention", names, typed, attrs, inits, extra)
