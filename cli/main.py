@@ -23,7 +23,7 @@ from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
 from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
 from mfconvert.convert.files import check_outputs, write_text_atomic
-from mfconvert.convert.onnx_model import (check_output_path, check_serializable, external_data_reads, load_model,
+from mfconvert.convert.onnx_model import (check_serializable, external_data_reads, load_model,
                                           output_path_for, save_model_atomic)
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
@@ -177,6 +177,8 @@ def convert(
     calibrating = act_bits < 32 and shift_linear
     if data is None and (finetuning or max_drop is not None):
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
+    if max_drop is not None and not 0 <= max_drop < 1:   # before reading --data
+        fail(f"--max-drop must be in [0, 1), got {max_drop}")
     if outputs is not None and not (finetuning or max_drop is not None):
         fail("--outputs is for --finetune-steps/--finetune-minutes/--max-drop")
     try:
@@ -223,7 +225,7 @@ def convert(
                                   input_ranges=ranges)
             budget_lines = []
         else:
-            result, budget_lines = convert_with_budget(model, cfg, out, shapes, force, max_drop, calibration,
+            result, budget_lines = convert_with_budget(model, cfg, out, shapes, max_drop, calibration,
                                                        finetune_loss == "kl", distilled)
     except (ConversionError, DataError, OSError) as err:   # OSError: a WriteError naming the output
         bar.close()
@@ -261,12 +263,9 @@ def convert(
                 fail(f"{err}; the model was written to {out}" if out else str(err))
 
 
-def convert_with_budget(model, cfg, out, shapes, force, max_drop, examples, logits, outputs=None):
-    """--max-drop: sensitivity-guided conversion on the calibration examples."""
-    if not 0 <= max_drop < 1:
-        raise ConversionError(f"--max-drop must be in [0, 1), got {max_drop}")
-    if out is not None:
-        check_output_path(out, str(model), force)
+def convert_with_budget(model, cfg, out, shapes, max_drop, examples, logits, outputs=None):
+    """--max-drop: sensitivity-guided conversion on the calibration examples (`out` was checked with
+    every other output before any work)."""
     budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes,
                                    outputs=outputs)
     if out is not None:
