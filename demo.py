@@ -62,14 +62,14 @@ def _embed(sess, batches) -> np.ndarray:
     return np.concatenate([sess.run(["sentence_embedding"], b)[0] for b in batches])
 
 
-def _latencies(sessions, batches, repeats: int) -> list[list[float]]:
-    """Seconds per batch for each session, interleaved so both see the same machine load."""
+def _latencies(sessions, feeds: list[dict], repeats: int, output: str = "sentence_embedding") -> list[list[float]]:
+    """Seconds per run of each session over `feeds`, interleaved so all see the same machine load."""
     times = [[] for _ in sessions]
     for _ in range(repeats):
-        for b in batches:
+        for feed in feeds:
             for i, sess in enumerate(sessions):
                 t0 = time.perf_counter()
-                sess.run(["sentence_embedding"], b)
+                sess.run([output], feed)
                 times[i].append(time.perf_counter() - t0)
     return times
 
@@ -227,15 +227,8 @@ def _vit_logits(sess, x: np.ndarray, batch: int = 250) -> np.ndarray:
 
 
 def _interleaved_ms(sessions, feeds: list[dict], repeats: int) -> list[float]:
-    """Median ms per run of each session over `feeds`, runs interleaved so all see the same load."""
-    times = [[] for _ in sessions]
-    for _ in range(repeats):
-        for feed in feeds:
-            for i, sess in enumerate(sessions):
-                t0 = time.perf_counter()
-                sess.run(["logits"], feed)
-                times[i].append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(t) for t in times]
+    """Median ms per run of each ViT session over `feeds`, runs interleaved (`_latencies`)."""
+    return [1e3 * statistics.median(t) for t in _latencies(sessions, feeds, repeats, output="logits")]
 
 
 def _shift_share(splits) -> float:
