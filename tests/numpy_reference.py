@@ -215,3 +215,119 @@ def moe_mlp(x: np.ndarray, router_w, router_b, fc1_w, fc1_b, fc2_w, fc2_b, act, 
     return y.reshape(*x.shape[:-1], -1), dict(
         logits=logits, expert=expert, gate=gate, x2=x2, h_mult=h_mult, e_mult=e_mult, h_shift=h_shift,
         a_shift=a_shift, e_shift=e_shift, fc2_codes=(s2, m2, e2), chosen=chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftConv and AdderConv (docs/ops.md#shiftconv, #adderconv): integer arithmetic in int64.
+
+def conv_output_shape(in_shape, kernel_shape, strides, pads, dilations):
+    """O_i = floor((I_i + begin_i + end_i − d_i·(k_i − 1) − 1) / s_i) + 1 per spatial axis."""
+    d = len(kernel_shape)
+    return tuple((in_shape[i] + pads[i] + pads[d + i] - dilations[i] * (kernel_shape[i] - 1) - 1) // strides[i] + 1
+                 for i in range(d))
+
+
+def conv_columns(xq: np.ndarray, kernel_shape, strides, pads, dilations) -> np.ndarray:
+    """im2col of integer activations xq [N, C, I...] (1-D or 2-D), padding 0: [N, C, K, O...] with
+    taps row-major over the kernel, tap u reading input position p·s + u·d − begin."""
+    d = len(kernel_shape)
+    n, c = xq.shape[:2]
+    out = conv_output_shape(xq.shape[2:], kernel_shape, strides, pads, dilations)
+    padded = np.pad(xq, [(0, 0), (0, 0)] + [(pads[i], pads[d + i]) for i in range(d)])
+    taps = []
+    for u in np.ndindex(*kernel_shape):
+        idx = tuple(slice(u[i] * dilations[i], u[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+                    for i in range(d))
+        taps.append(padded[(slice(None), slice(None)) + idx])
+    return np.stack(taps, axis=2) if taps else np.zeros((n, c, 0, *out), xq.dtype)
+
+
+def int_to_float32(acc: np.ndarray) -> np.ndarray:
+    """float32(acc) of int64 integers, rounded to nearest even with integer operations (no
+    double rounding through float64)."""
+    a = np.asarray(acc, np.int64)
+    mag = np.abs(a)
+    bits = np.zeros(a.shape, np.int64)
+    for k in range(64):
+        bits = np.where(mag >> k > 0, k + 1, bits)            # bit length of |acc|
+    shift = np.maximum(bits - 24, 0)
+    q = mag >> shift
+    rest = mag - (q << shift)
+    half = np.where(shift > 0, np.left_shift(1, np.maximum(shift - 1, 0)), 1 << 62)
+    q = q + ((rest > half) | ((rest == half) & (q & 1 == 1))).astype(np.int64)
+    f = np.ldexp(q.astype(np.float64), shift.astype(np.int32))  # q ≤ 2^24: exact in float32
+    return (np.sign(a) * f).astype(np.float32)
+
+
+def conv_activation(y: np.ndarray, activation: str = "", clip_min=-np.inf, clip_max=np.inf) -> np.ndarray:
+    """The fused activation of ShiftConv/AdderConv on float32 y: "", "Relu" or "Clip" (NaN stays)."""
+    y = y.astype(np.float32)
+    if activation == "Relu":
+        return np.where(np.isnan(y) | (y > 0), y, np.float32(0))
+    if activation == "Clip":
+        return np.where(np.isnan(y), y, np.minimum(np.maximum(y, np.float32(clip_min)), np.float32(clip_max)))
+    assert activation == "", activation
+    return y
+
+
+def shift_conv(x: np.ndarray, codes: np.ndarray, exponent: np.ndarray, bias, bits: int, act_bits: int,
+               frac_bits: int, kernel_shape, strides=None, pads=None, dilations=None, group: int = 1,
+               activation: str = "", clip_min=-np.inf, clip_max=np.inf) -> np.ndarray:
+    """The ShiftConv op. codes: the unpacked B-bit codes [T, M, C/G, k...] (sign bit on top, zero
+    code m = Z); acc = Σ ±(x_q >> m) over terms, channels of the group and taps, int32 wrap."""
+    d = len(kernel_shape)
+    strides = strides or [1] * d
+    pads = pads or [0] * (2 * d)
+    dilations = dilations or [1] * d
+    z = 2 ** (bits - 1) - 1
+    codes = np.asarray(codes).astype(np.int64)
+    t, m_out, cg = codes.shape[:3]
+    kk = int(np.prod(kernel_shape))
+    codes = codes.reshape(t, m_out, cg * kk)
+    sign, shift = codes >> (bits - 1), codes & z
+    n, c = x.shape[:2]
+    xq = quantize(x, act_bits, frac_bits)
+    cols = conv_columns(xq, kernel_shape, strides, pads, dilations)          # [N, C, K, O...]
+    out = cols.shape[3:]
+    cols = cols.reshape(n, c * kk, -1)                                        # channel-major: c·K + tap
+    mg = m_out // group
+    acc = np.zeros((n, m_out, cols.shape[-1]), np.int64)
+    for g in range(group):
+        xg = cols[:, g * cg * kk:(g + 1) * cg * kk]                           # [N, Cg·K, P]
+        for s in range(z):
+            w = np.where(shift[:, g * mg:(g + 1) * mg] == s, 1 - 2 * sign[:, g * mg:(g + 1) * mg], 0).sum(0)
+            if w.any():
+                acc[:, g * mg:(g + 1) * mg] += np.einsum("ok,nkp->nop", w, xg >> s)
+    acc32 = ((acc + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
+    scale = np.array([np.ldexp(np.float32(1), int(e) - frac_bits) for e in exponent], np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = acc32.astype(np.float32) * scale[None, :, None]
+        if bias is not None:
+            y = y + np.asarray(bias, np.float32)[None, :, None]
+    return conv_activation(y, activation, clip_min, clip_max).reshape(n, m_out, *out)
+
+
+def adder_conv(x: np.ndarray, w: np.ndarray, bias, act_bits: int, frac_bits: int, kernel_shape,
+               strides=None, pads=None, dilations=None, group: int = 1, activation: str = "",
+               clip_min=-np.inf, clip_max=np.inf) -> np.ndarray:
+    """The AdderConv op: acc = Σ |x_q − w_q| in int64 (padding x_q = 0), y = b − float32(acc)·2^−F."""
+    d = len(kernel_shape)
+    strides = strides or [1] * d
+    pads = pads or [0] * (2 * d)
+    dilations = dilations or [1] * d
+    m_out, cg = w.shape[:2]
+    kk = int(np.prod(kernel_shape))
+    wq = quantize(w, act_bits, frac_bits).reshape(m_out, cg * kk)
+    n, c = x.shape[:2]
+    cols = conv_columns(quantize(x, act_bits, frac_bits), kernel_shape, strides, pads, dilations)
+    out = cols.shape[3:]
+    cols = cols.reshape(n, c * kk, -1)
+    mg = m_out // group
+    acc = np.zeros((n, m_out, cols.shape[-1]), np.int64)
+    for o in range(m_out):
+        g = o // mg
+        acc[:, o] = np.abs(cols[:, g * cg * kk:(g + 1) * cg * kk] - wq[o][None, :, None]).sum(1)
+    b = np.zeros(m_out, np.float32) if bias is None else np.asarray(bias, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = b[None, :, None] - int_to_float32(acc) * np.float32(2.0 ** -frac_bits)
+    return conv_activation(y, activation, clip_min, clip_max).reshape(n, m_out, *out)
