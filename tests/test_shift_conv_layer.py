@@ -132,3 +132,20 @@ def test_bad_arguments_are_refused(bad):
     args = dict(in_channels=6, out_channels=6, kernel_shape=[3, 3], pads=[0, 0, 0, 0], group=3) | bad
     with pytest.raises(ValueError):
         ShiftConv(**args)
+
+
+@pytest.mark.parametrize("terms,activation", [(1, ""), (3, "Relu"), (2, "Clip")])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_integer_forward_matches_spec_reference(case, terms, activation):
+    """Against D's ShiftConv reference (tests/numpy_reference.shift_conv, written from docs/ops.md)."""
+    c, m, k, s, p, d, g, size = CASES[case]
+    torch.manual_seed(7 * terms + len(case))
+    clip = dict(clip_min=-0.5, clip_max=1.5) if activation == "Clip" else {}
+    layer = ShiftConv(c, m, k, s, p, d, g, terms=terms, activation=activation, act_frac_bits=14, **clip).eval()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, c, *size) * 2
+    codes = layer.codes().numpy().reshape(terms, m, c // g, *k)
+    expect = ref.shift_conv(x.numpy(), codes, layer.exponent.numpy(), layer.bias.detach().numpy(), layer.weight_bits,
+                            layer.act_bits, layer.act_frac_bits, k, s, p, d, g, activation, **clip)
+    np.testing.assert_array_equal(layer(x).numpy(), expect)
