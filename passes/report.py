@@ -27,6 +27,14 @@ class LayerChange:
     # The name --include/--exclude match to convert or keep this layer, where it is not `node`: an
     # MoE block's fc2 converts with its block, which they name by its fc1.
     target: str = ""
+    # Fidelity (docs/report.md): the SQNR of its rounded weights against the float ones (None:
+    # no weights, or not readable), and with --data the output error measured when this layer
+    # alone is converted (--max-drop's sensitivity), where known.
+    weight_sqnr_db: float | None = None
+    output_error: float | None = None
+    # Operations per inference before and after, energy (passes/cost.py:summary), set by
+    # ConversionReport.count_costs.
+    cost: dict | None = None
 
     @property
     def params(self) -> int:
@@ -72,6 +80,40 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def human_energy(pj: float | None) -> str:
+    if pj is None:
+        return "?"
+    for unit, size in (("mJ", 1e9), ("µJ", 1e6), ("nJ", 1e3)):
+        if pj >= size:
+            return f"{pj / size:.3g} {unit}"
+    return f"{pj:.3g} pJ"
+
+
+TABLE_LAYERS = 10   # layers the CLI table shows when a model has many
+
+
+def _energy(change: "LayerChange", side: str) -> float | None:
+    figures = (change.cost or {}).get(side)
+    return None if figures is None else figures["energy_pj"]
+
+
+def cost_lines(costs: dict) -> list[str]:
+    """Totals of passes/cost.py:model_costs as report lines."""
+    before, after = costs.get("before"), costs.get("after")
+    lines = []
+    if before and after:
+        def ops_text(f):
+            return (f"{human_count(f['multiplications'])} mul, {human_count(f['additions'])} add, "
+                    f"{human_count(f['shifts'])} shift" + (f", {human_count(f['absolute_values'])} abs"
+                                                          if f["absolute_values"] else ""))
+        lines += [f"operations per inference (MatMul/Gemm/Conv/Softmax/BN and ours): {ops_text(before)} → {ops_text(after)}",
+                  f"energy estimate (45 nm per-operation costs, docs/report.md): {human_energy(before['energy_pj'])} → "
+                  f"{human_energy(after['energy_pj'])}" + (f" ({before['energy_pj'] / after['energy_pj']:.1f}× less)"
+                                                            if after["energy_pj"] else "")]
+    lines += [f"  {note}" for note in costs.get("notes", [])]
+    return lines
+
+
 def skip_lines(skips: list[Skip], spelled_out: int = 3) -> list[str]:
     """One line per skip; a reason shared by more than `spelled_out` nodes becomes one line
     naming the first few (the JSON report keeps every node)."""
@@ -97,6 +139,29 @@ class ConversionReport:
     file_bytes_after: int
     # Why a figure is missing, e.g. the shape inference that counts rows failed (one line).
     notes: list[str] = field(default_factory=list)
+    # Whole-model operation counts and energy before and after (passes/cost.py:model_costs),
+    # computed on first use from the models given to attach_models.
+    _models: tuple | None = field(default=None, repr=False, compare=False)
+    _costs: dict | None = field(default=None, repr=False, compare=False)
+    moe_shift_fraction: float | dict | None = field(default=None, repr=False, compare=False)
+
+    def attach_models(self, original, converted) -> None:
+        """The original and converted ModelProto the cost figures count (again after a step that
+        rewrites the converted model, e.g. compensated rounding changes which codes are zero)."""
+        self._models, self._costs = (original, converted), None
+        for c in self.changes:
+            c.cost = None
+
+    @property
+    def costs(self) -> dict | None:
+        if self._costs is None and self._models is not None:
+            from mfconvert.passes.cost import model_costs
+            try:
+                self._costs = model_costs(*self._models, self.input_shapes, self.changes, self.moe_shift_fraction)
+            except Exception as err:   # a report figure never fails the conversion: say why it is missing
+                first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+                self._costs = {"notes": [f"operation counts failed: {type(err).__name__}: {first}"]}
+        return self._costs
 
     @property
     def changes(self) -> list[LayerChange]:
@@ -107,6 +172,7 @@ class ConversionReport:
         return [s for r in self.results for s in r.skips]
 
     def to_dict(self) -> dict:
+        costs = self.costs   # sets each change's cost and weight SQNR first
         return {
             "input_shapes": self.input_shapes,
             "file_bytes_before": self.file_bytes_before,
@@ -118,22 +184,35 @@ class ConversionReport:
             } for r in self.results],
             "warnings": [{"node": c.node, "pass": c.pass_name, "warning": w} for c, w in self.warnings],
             "notes": list(self.notes),
+            **({"costs": costs} if costs is not None else {}),
         }
 
     @property
     def warnings(self) -> list[tuple[LayerChange, str]]:
         return [(c, w) for c in self.changes for w in c.warnings]
 
-    def table(self) -> str:
-        rows = [("layer", "pass", "became", "in→out", "rows", "MACs removed", "bytes before→after")]
-        for c in self.changes:
+    def table(self, top: int = TABLE_LAYERS) -> str:
+        """The CLI's report: the `top` most costly layers after conversion (every layer when
+        there are few), totals, skips and warnings; the full per-layer figures are in to_dict()."""
+        costs = self.costs or {}
+        shown = self.changes
+        if len(shown) > top + 2:   # by energy after conversion, unknown last
+            shown = sorted(shown, key=lambda c: -(_energy(c, "after") or -1.0))[:top]
+        rows = [("layer", "pass", "became", "in→out", "rows", "MACs removed", "bytes before→after",
+                 "weight SQNR", "energy before→after")]
+        for c in shown:
             rows.append((c.node, c.pass_name, c.new_op, f"{c.in_features}→{c.out_features}",
                          "?" if c.rows is None else str(c.rows),
                          "?" if c.macs_removed is None else human_count(c.macs_removed),
-                         f"{human_bytes(c.bytes_before)}→{human_bytes(c.bytes_after)}"))
+                         f"{human_bytes(c.bytes_before)}→{human_bytes(c.bytes_after)}",
+                         "-" if c.weight_sqnr_db is None else f"{c.weight_sqnr_db:.1f} dB",
+                         f"{human_energy(_energy(c, 'before'))}→{human_energy(_energy(c, 'after'))}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if len(shown) < len(self.changes):
+            lines.append(f"… {len(self.changes) - len(shown)} more layer(s), the {len(shown)} costliest after "
+                         "conversion shown (--report-json/--report-html have every layer)")
         if self.skips:
             lines.append("")
             lines.append("skipped:")
@@ -156,6 +235,7 @@ class ConversionReport:
             + ("unknown (shapes not inferable)" if None in macs else human_count(sum(macs))),
         ]
         lines += [f"  {note}" for note in self.notes]
+        lines += cost_lines(costs)
         stored: dict[str, int] = {}   # layers converted from integer weights (passes/linear.py)
         for c in changes:
             for part in c.detail.split("; "):
