@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from mfconvert.passes import PASSES
 from mfconvert.passes.add_attention import AddAttentionConfig
+from mfconvert.passes.conv import ShiftConvConfig
+from mfconvert.passes.adder_conv import AdderConvConfig, ShiftAddConvConfig
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
 
@@ -19,6 +21,9 @@ class ConvertConfig:
     shift_linear: ShiftLinearConfig | None = dataclasses.field(default_factory=ShiftLinearConfig)
     add_attention: AddAttentionConfig | None = dataclasses.field(default_factory=AddAttentionConfig)
     moe_mlp: MoEMLPConfig | None = None
+    shift_conv: ShiftConvConfig | None = None
+    adder_conv: AdderConvConfig | None = None          # --adder-conv (AdderNet)
+    shift_add_conv: ShiftAddConvConfig | None = None   # --shift-add-conv (ShiftAddNet)
 
     def enabled(self) -> list:
         """The pass configs that are on, in the order their passes run."""
