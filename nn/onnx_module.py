@@ -6,7 +6,8 @@ the op's schema; If/Loop/Scan run eagerly) and our own ops to the mfconvert.nn l
 through the whole graph with the straight-through rules of those layers. After training,
 `to_onnx()` writes the trained values back into a copy of the model (shift weights repacked).
 
-Our ops: ShiftLinear nodes become nn.ShiftLinear layers (codes unpacked, the teacher's float
+Our ops go through their entries in nn/registry.py (layer, activation vs constant inputs, from/to
+ONNX): ShiftLinear nodes become nn.ShiftLinear layers (codes unpacked, the teacher's float
 weights as latent weights when given); AddLinearAttention nodes become the op's core of
 nn.AddLinearAttention (binariser and conv constants from the node's inputs, its STE rules), fed
 the node's Q, K, V and mask. The MoE blocks of `--moe-mlp` are standard ops plus ShiftLinear.
@@ -27,10 +28,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from mfconvert.nn import pow2
+from mfconvert.nn import registry
 from mfconvert.nn.add_attention import AddLinearAttention
 from mfconvert.nn.onnx_ops import attributes, lookup, norm_domain, to_tensor
-from mfconvert.nn.shift_linear import ShiftLinear
 from mfconvert.ort_ops import DOMAIN
 
 
@@ -108,6 +108,7 @@ class OnnxModule(nn.Module):
         self.output_names = [o.name for o in model.graph.output]
         self._tensor_keys: dict[str, str] = {}
         self._shapes: dict[str, list] | None = None
+        self._constants: dict[str, np.ndarray] | None = None
         self.params = nn.ParameterDict()
         self.layers = nn.ModuleDict()
         # Embedding tables (data inputs of Gather) stay frozen unless asked: they hold most of a
@@ -121,8 +122,9 @@ class OnnxModule(nn.Module):
         for index, node in enumerate(model.graph.node):
             key = f"n{index}_{_safe(node.name or node.op_type)}"
             if node.domain == DOMAIN:
-                self.layers[key] = self._custom_layer(node, latent_weights or {}, shift_mode)
-                consumed_by_layers.update(node.input[_flow_inputs(node):])
+                context = registry.BuildContext(latent_weights or {}, shift_mode, self._shape)
+                self.layers[key] = self._custom_layer(node, context)
+                consumed_by_layers.update(node.input[registry.entry(node).flow_inputs:])
                 self.nodes.append((key, node, attributes(node)))
                 continue
             if norm_domain(node.domain) == "" and node.op_type == "Constant":
@@ -147,59 +149,34 @@ class OnnxModule(nn.Module):
             self.register_buffer(key, tensor)
         self._tensor_keys[name] = key
 
-    def _custom_layer(self, node: onnx.NodeProto, latent: dict[str, np.ndarray], shift_mode: str) -> nn.Module:
-        if node.op_type not in _FLOW_INPUTS:
+    def _custom_layer(self, node: onnx.NodeProto, context: registry.BuildContext) -> nn.Module:
+        """The layer of a node of ours, built by its registry entry from its constant inputs."""
+        op = registry.entry(node)
+        if op is None:
             raise UnsupportedOp(f"node '{node.name}': op {DOMAIN}.{node.op_type} is not supported by the PyTorch executor")
-        attrs = attributes(node)
-        consts = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
-        if node.op_type == "AddLinearAttention":
-            return self._attention_layer(node, attrs, consts)
-        bits = attrs.get("weight_bits", 5)
-        n_in, n_out = attrs["in_features"], attrs["out_features"]
-        terms = attrs.get("terms", 1)
-        codes = pow2.unpack_codes(consts[node.input[1]], terms * n_in * n_out, bits).reshape(terms, n_out, n_in)
-        codes = codes if terms > 1 else codes[0]
-        exponent = torch.from_numpy(consts[node.input[2]].astype(np.int8))
-        bias = torch.from_numpy(consts[node.input[3]].copy()) if len(node.input) > 3 and node.input[3] else None
-        layer = ShiftLinear.from_codes(torch.from_numpy(codes), exponent, bias, weight_bits=bits,
-                                       act_bits=attrs.get("act_bits", 32), act_frac_bits=attrs.get("act_frac_bits", 16),
-                                       mode=shift_mode)
-        if node.name in latent and shift_mode == "Q":
-            # DeepShift-Q keeps float weights: start from the original ones (same codes, finer state).
-            layer.set_latent_weight(torch.from_numpy(np.asarray(latent[node.name], dtype=np.float32)))
-        return layer
-
-    def _attention_layer(self, node: onnx.NodeProto, attrs: dict, consts: dict) -> AddLinearAttention:
+        if self._constants is None:
+            self._constants = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
         constants = {}
-        for index, name in enumerate(node.input[_FLOW_INPUTS[node.op_type]:], start=_FLOW_INPUTS[node.op_type]):
+        for index, name in enumerate(node.input[op.flow_inputs:], start=op.flow_inputs):
             if name:
-                if name not in consts:
-                    raise UnsupportedOp(f"node '{node.name}': input {index} ('{name}') of AddLinearAttention "
+                if name not in self._constants:
+                    raise UnsupportedOp(f"node '{node.name}': input {index} ('{name}') of {node.op_type} "
                                         "must be an initializer for the PyTorch executor")
-                constants[index] = consts[name]
+                constants[index] = self._constants[name]
         try:
-            return AddLinearAttention.from_onnx(self._channels(node, constants), attrs, constants,
-                                                key_input=len(node.input) > 1 and bool(node.input[1]))
+            return op.from_onnx(node, attributes(node), constants, context)
         except ValueError as err:
             raise UnsupportedOp(f"node '{node.name}': {err}") from None
 
-    def _channels(self, node: onnx.NodeProto, constants: dict[int, np.ndarray]) -> int:
-        """C of the node's [B, T, C] inputs: from shape inference, else from [H, D] constants."""
+    def _shape(self, name: str) -> list | None:
+        """The tensor's dims after shape inference (None for a dynamic one); None if unknown."""
         if self._shapes is None:
             inferred = onnx.shape_inference.infer_shapes(self.model)
             self._shapes = {}
             for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
                 dims = info.type.tensor_type.shape.dim
                 self._shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        for name in (node.input[0], node.input[2] if len(node.input) > 2 else ""):
-            dims = self._shapes.get(name)
-            if dims and dims[-1]:
-                return int(dims[-1])
-        for index in (5, 6, 7):
-            if index in constants:
-                return int(constants[index].shape[0] * constants[index].shape[-1])
-        raise UnsupportedOp(f"node '{node.name}': the channel count of its inputs is unknown "
-                            "(no static last dim after shape inference)")
+        return self._shapes.get(name)
 
     def attention_layers(self) -> dict[str, AddLinearAttention]:
         """{node name: layer} of the AddLinearAttention nodes."""
@@ -221,12 +198,9 @@ class OnnxModule(nn.Module):
             env[name] = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
         for key, node, attrs in self.nodes:
             if key in self.layers:   # the layer holds its own constants: only the activations flow in
-                flow = [env[n] if n else None for n in node.input[:_FLOW_INPUTS[node.op_type]]]
-                if node.op_type == "AddLinearAttention":
-                    flow += [None] * (4 - len(flow))
-                    outputs = (self.layers[key].core(flow[0], flow[1], flow[2], flow[3]),)
-                else:
-                    outputs = (self.layers[key](flow[0]),)
+                op = registry.entry(node)
+                flow = [env[n] if n else None for n in node.input[:op.flow_inputs]]
+                outputs = op.call(self.layers[key], flow)
                 for name, value in zip(node.output, outputs):
                     if name:
                         env[name] = value
@@ -244,14 +218,9 @@ class OnnxModule(nn.Module):
             values[name] = (self.params[key] if key in self.params else getattr(self, key)).detach().numpy()
         added = []
         for key, node, _ in self.nodes:
-            if key in self.layers and node.op_type == "AddLinearAttention":
+            if key in self.layers:
                 index = int(key[1:key.index("_")])          # keys are n{node index}_{name}
-                added += _write_attention(model.graph.node[index], self.layers[key], values)
-            elif key in self.layers:
-                packed, exponent, bias = self.layers[key].onnx_constants()
-                values[node.input[1]], values[node.input[2]] = packed, exponent
-                if bias is not None:
-                    values[node.input[3]] = bias
+                added += registry.entry(node).to_onnx(self.layers[key], model.graph.node[index], values)
         for init in model.graph.initializer:
             if init.name in values:
                 dtype = numpy_helper.to_array(init).dtype
@@ -324,39 +293,6 @@ def _run_scan(attrs, args, env, lookup_value):
 
 
 _CONTROL_FLOW_RUN = {"If": _run_if, "Loop": _run_loop, "Scan": _run_scan}
-
-
-# Leading inputs of our ops that are activations (computed by the graph); the rest are constants.
-_FLOW_INPUTS = {"ShiftLinear": 1, "AddLinearAttention": 4}
-
-
-def _flow_inputs(node: onnx.NodeProto) -> int:
-    return _FLOW_INPUTS.get(node.op_type, 1)
-
-
-def _write_attention(node: onnx.NodeProto, layer: AddLinearAttention, values: dict) -> list[onnx.TensorProto]:
-    """Write the layer's constants into `values` (existing inputs) or as new initializers wired to
-    the node (a conv added for finetuning, thresholds that became non-zero); set its attributes."""
-    new = []
-    for index, value in sorted(layer.onnx_constants().items()):
-        name = node.input[index] if index < len(node.input) else ""
-        if name:
-            values[name] = value
-            continue
-        if index in (5, 6) and not np.any(value):
-            continue                                  # absent thresholds are 0: keep them absent
-        name = f"{node.name or node.output[0]}.{_CONSTANT_NAMES[index]}"
-        while len(node.input) <= index:
-            node.input.append("")
-        node.input[index] = name
-        new.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-    del node.attribute[:]
-    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in layer.onnx_attributes().items())
-    return new
-
-
-_CONSTANT_NAMES = {4: "conv_weight", 5: "q_threshold", 6: "k_threshold", 7: "hash_anchors",
-                   8: "hash_center", 9: "hash_projection", 10: "hash_sigma"}
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
