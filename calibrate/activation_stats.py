@@ -96,3 +96,57 @@ def calibrated_frac_bits(model: onnx.ModelProto, examples: Examples, act_bits: i
     """Fractional bits per linear-layer input tensor for act_bits-wide activations."""
     ranges = activation_ranges(model, examples, linear_inputs(model), percentile)
     return {name: frac_bits_for(r, act_bits) for name, r in ranges.items()}
+
+
+def _linear_widths(model: onnx.ModelProto) -> dict[str, int]:
+    """{activation tensor: in_features} of the MatMul/Gemm nodes with a constant 2-D weight."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    widths = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        dims = shapes[node.input[1]]
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        if len(dims) == 2 and node.input[0] not in shapes:
+            widths.setdefault(node.input[0], dims[1] if trans_b else dims[0])
+    return widths
+
+
+def bounded_inputs(model: onnx.ModelProto) -> dict[str, tuple[float, str]]:
+    """{linear input tensor: (max |x|, the producer that bounds it)} for the inputs whose producer
+    bounds them whatever the model's input (LayerNorm, Softmax, Sigmoid/Tanh, Clip:
+    passes/linear.py:known_input_bound, the bounds the accumulator check uses)."""
+    from mfconvert.passes.linear import known_input_bound
+    bounds = {}
+    for tensor, width in _linear_widths(model).items():
+        known = known_input_bound(model, tensor, width)
+        if known is not None:
+            bounds[tensor] = (float(np.max(known[0])), known[1])
+    return bounds
+
+
+def bounded_frac_bits(model: onnx.ModelProto, act_bits: int) -> dict[str, int]:
+    """Without data: fractional bits per linear input whose range its producer bounds
+    (bounded_inputs), the most that hold the bound; other inputs keep the configured format."""
+    return {tensor: frac_bits_for(bound, act_bits) for tensor, (bound, _) in bounded_inputs(model).items()}
+
+
+def format_overflows(model: onnx.ModelProto, act_bits: int, act_frac_bits: int,
+                     by_input: dict[str, int] | None = None,
+                     seen: dict[str, np.ndarray] | None = None) -> list[str]:
+    """One line per linear input that can saturate its QA.F activation format: its producer's
+    bound or (with data) its calibration range beyond 2^(A−1−F)."""
+    lines = []
+    bounds = bounded_inputs(model)
+    for tensor in _linear_widths(model):
+        frac = (by_input or {}).get(tensor, act_frac_bits)
+        limit = (2 ** (act_bits - 1) - 1) * 2.0 ** -frac
+        if seen is not None and tensor in seen and np.size(seen[tensor]) and float(np.max(seen[tensor])) > limit:
+            reach, source = float(np.max(seen[tensor])), "on the calibration data"
+        elif tensor in bounds and bounds[tensor][0] > limit:
+            reach, source = bounds[tensor][0], f"as {bounds[tensor][1]} bounds it"
+        else:
+            continue
+        lines.append(f"activation '{tensor}' reaches |x| = {reach:.4g} {source}, beyond Q{act_bits - frac}.{frac}'s "
+                     f"{limit:.4g}: it saturates; fix: a lower --act-frac-bits, or --act-bits < 32 with --data")
+    return lines

@@ -22,11 +22,14 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+from mfconvert.calibrate.conv import ConvStats, round_conv_layer
 from mfconvert.calibrate.data import Examples, chunks, model_fixed_batch
 from mfconvert.moe import expert_latent_weights
 from mfconvert.nn import pow2
 from mfconvert.nn.onnx_module import OnnxModule
+from mfconvert.nn.shift_conv import ShiftConv
 from mfconvert.nn.shift_linear import ShiftLinear
+from mfconvert.passes.conv import conv_latent_weights
 from mfconvert.passes.shift_linear import match_linear
 
 ROUNDINGS = ("compensated", "nearest")   # the --rounding choices: this module's method, or none
@@ -78,6 +81,8 @@ def compensated_rounding(weight: torch.Tensor, hessian: torch.Tensor, round_colu
 def round_layer(layer: ShiftLinear, hessian: torch.Tensor, damping: float = DAMPING, act_order: bool = True) -> None:
     """Re-round a DeepShift-Q ShiftLinear's latent weight by compensated rounding, in place.
     With terms > 1 the grid is that of the greedy sums of `terms` powers of two."""
+    if isinstance(layer, ShiftConv):   # per group over its im2col rows (calibrate/conv.py)
+        return round_conv_layer(layer, hessian, damping, act_order)
     if layer.mode != "Q":
         raise ValueError("compensated rounding needs a ShiftLinear in mode 'Q' (latent float weights)")
 
@@ -106,7 +111,7 @@ def latent_start_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> 
             match = match_linear(graph, node)
             if not isinstance(match, str):
                 weights[node.name] = match.weight
-    return {**weights, **expert_latent_weights(student)}
+    return {**weights, **expert_latent_weights(student), **conv_latent_weights(student, teacher)}
 
 
 class _Collected(Exception):
@@ -124,42 +129,75 @@ def shift_layer_groups(module: OnnxModule) -> list[list[ShiftLinear]]:
     return list(groups.values())
 
 
+def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Σ‖(W − Q)x‖² over the inputs whose H = Σ x xᵀ is given: tr((W − Q) H (W − Q)ᵀ)."""
+    d = (weight.to(torch.float64) - rounded.to(torch.float64))
+    return float(((d @ hessian.to(torch.float64)) * d).sum())
+
+
+def _batches(module: OnnxModule, batches) -> list:
+    limit = model_fixed_batch(module.model)
+    return [({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in piece.items()}, real)
+            for b in batches for piece, real in chunks({k: np.asarray(v) for k, v in b.items()}, limit)]
+
+
 @torch.no_grad()
 def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarray]],
-                        damping: float = DAMPING, act_order: bool = True, progress=None) -> None:
+                        damping: float = DAMPING, act_order: bool = True, progress=None,
+                        held_out: Iterable[dict[str, np.ndarray]] | None = None) -> dict[str, dict]:
     """Re-round every DeepShift-Q ShiftLinear of `module` in place, layer group by layer group,
     each on the inputs the calibration `batches` give it with the groups before it rounded.
-    `progress(done, total)` is called per group. A model that fixes its batch size (inputs
-    [1, …]) takes each batch piece by piece."""
-    limit = model_fixed_batch(module.model)
-    batches = [({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in piece.items()}, real)
-               for b in batches for piece, real in chunks({k: np.asarray(v) for k, v in b.items()}, limit)]
+    With `held_out` batches, a layer keeps the compensated rounding only where it beats nearest
+    rounding on them (output_error), else goes back to nearest. {layer name: {"compensated": kept,
+    "held_out_error": {"compensated": …, "nearest": …}}}. `progress(done, total)` is called per
+    group. A model that fixes its batch size (inputs [1, …]) takes each batch piece by piece."""
+    batches = _batches(module, batches)
+    held = _batches(module, held_out) if held_out is not None else None
+    names = {id(module.layers[key]): node.name or key for key, node, _ in module.nodes if key in module.layers}
     groups = shift_layer_groups(module)
+    decisions: dict[str, dict] = {}
     was_training = module.training
     module.train()     # the float emulation of the shift layers: the same codes, much faster
     try:
         for done, group in enumerate(groups):
             hessians = _collect_hessians(module, group, batches)
-            for layer, hessian in zip(group, hessians):
+            checks = _collect_hessians(module, group, held) if held else [None] * len(group)
+            for layer, hessian, check in zip(group, hessians, checks):
+                weight = layer.float_weight()
+                nearest = layer.rounded_weight().detach().clone()
                 round_layer(layer, hessian, damping, act_order)
+                if check is None:
+                    continue
+                errors = {"compensated": output_error(weight, layer.rounded_weight().detach(), check),
+                          "nearest": output_error(weight, nearest, check)}
+                kept = errors["compensated"] < errors["nearest"]
+                if not kept:
+                    layer.set_latent_weight(weight)   # back to the nearest codes
+                decisions[names.get(id(layer), str(len(decisions)))] = {"compensated": kept,
+                                                                        "held_out_error": errors}
             if progress is not None:
                 progress(done + 1, len(groups))
     finally:
         module.train(was_training)
+    return decisions
 
 
 def _collect_hessians(module: OnnxModule, group: list[ShiftLinear], batches) -> list[torch.Tensor]:
     """H = Σ x xᵀ (float64) of each layer's inputs over the batches; the forward pass stops at
     the group's last layer. `batches`: [(feeds, real rows)]; fill rows past them do not count."""
-    hessians = [torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) for layer in group]
+    hessians = [ConvStats(layer) if isinstance(layer, ShiftConv) else
+                torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) for layer in group]
 
     def hook_for(index: int):
         def hook(layer, args):
             x = args[0].detach()
             if x.dim() > 1 and x.shape[0] == rows[0] and real[0] < rows[0]:
                 x = x[:real[0]]
-            x = x.reshape(-1, layer.in_features).to(torch.float32)
-            hessians[index].add_((x.T @ x).to(torch.float64))   # float32 products, float64 sum
+            if isinstance(layer, ShiftConv):
+                hessians[index].add(layer, x)                    # over its im2col rows
+            else:
+                x = x.reshape(-1, layer.in_features).to(torch.float32)
+                hessians[index].add_((x.T @ x).to(torch.float64))   # float32 products, float64 sum
             if index == len(group) - 1:
                 raise _Collected
         return hook
@@ -188,10 +226,31 @@ def calibration_batches(examples: Examples, n_examples: int, batch_size: int, se
     return list(chosen.batches(batch_size, by_length=True))
 
 
+HELD_OUT = 0.25   # of the rounding examples, the share kept to judge each layer's rounding (when no others)
+
+
 def round_model(student: onnx.ModelProto, teacher: onnx.ModelProto, examples: Examples, n_examples: int = 256,
-                batch_size: int = 32, seed: int = 0, progress=None) -> onnx.ModelProto:
+                batch_size: int = 32, seed: int = 0, progress=None, held_out: float | Examples = 0.0,
+                with_decisions: bool = False):
     """The converted `student` with its shift layers re-rounded by compensated rounding on
-    `n_examples` of the examples; latent weights start from the `teacher`'s."""
+    `n_examples` of the examples; latent weights start from the `teacher`'s. With `held_out`
+    examples, or a share > 0 of the examples kept out of the rounding (at least one), each layer
+    keeps the compensated rounding only where it beats nearest rounding on them
+    (compensate_rounding). With `with_decisions`: (model, {"examples": rounded on, "held_out":
+    judged on, "layers": {name: decision}})."""
     module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher))
-    compensate_rounding(module, calibration_batches(examples, n_examples, batch_size, seed), progress=progress)
-    return module.to_onnx()
+    n = min(n_examples, len(examples))
+    if isinstance(held_out, Examples):
+        fit, check = examples, held_out
+    else:
+        order = np.random.default_rng(seed).permutation(len(examples))[:n]
+        n_held = min(max(1, round(held_out * n)), n - 1) if held_out > 0 and n > 1 else 0
+        fit = Examples([examples.items[i] for i in order[n_held:]], examples.pad_values)
+        check = Examples([examples.items[i] for i in order[:n_held]], examples.pad_values)
+        n = len(fit)
+    decisions = compensate_rounding(module, calibration_batches(fit, n, batch_size, seed), progress=progress,
+                                    held_out=list(check.batches(batch_size, by_length=True)) if len(check) else None)
+    model = module.to_onnx()
+    if not with_decisions:
+        return model
+    return model, {"examples": min(n, len(fit)), "held_out": len(check), "layers": decisions}

@@ -69,6 +69,36 @@ def _only(config: ConvertConfig, pass_name: str, node: str) -> ConvertConfig:
     return ConvertConfig(**fields)
 
 
+def only_unit(config: ConvertConfig, pass_name: str, target: str, terms: int | None = None) -> ConvertConfig:
+    """The config converting just the unit `target` with `pass_name`, with `terms` powers of two
+    per weight where given (calibrate/allocate.py measures each unit at each terms)."""
+    cfg = _only(config, pass_name, target)
+    if terms is not None:
+        field = _field_of(pass_name)
+        cfg = dataclasses.replace(cfg, **{field: dataclasses.replace(getattr(cfg, field), terms=terms,
+                                                                     terms_by_node={})})
+    return cfg
+
+
+class Measurer:
+    """Converts `original` with a config and measures the drop of its outputs on the examples
+    against the original's (computed once)."""
+
+    def __init__(self, original: onnx.ModelProto, examples: Examples, logits: bool = False, input_shapes=None,
+                 outputs: list[str] | None = None):
+        self.original, self.examples, self.logits, self.input_shapes = original, examples, logits, input_shapes
+        self.reference = model_outputs(original, examples, outputs=outputs)
+
+    def measure(self, cfg: ConvertConfig, counts: bool = True) -> tuple[ConversionResult, float]:
+        """(the conversion, its drop); `counts=False`: a conversion only measured (no report counts)."""
+        result = convert_onnx(self.original, cfg, input_shapes=self.input_shapes, allow_unchanged=True,
+                              counts=counts)
+        return result, self.drop(result.model)
+
+    def drop(self, model: onnx.ModelProto) -> float:
+        return drop(self.reference, model_outputs(model, self.examples, outputs=self.reference.names), self.logits)
+
+
 def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertConfig:
     """`config` with `layers` (their nodes and targets) added to every pass's exclude list: a
     layer kept float stays float, not taken by another pass (an MoE block's linears would fall
@@ -82,18 +112,14 @@ def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertCo
     return dataclasses.replace(config, **changes)
 
 
-def convert_within_budget(model_path: str, config: ConvertConfig, examples: Examples, max_drop: float,
+def convert_within_budget(model_path, config: ConvertConfig, examples: Examples, max_drop: float,
                           logits: bool = False, input_shapes=None, progress=None,
                           outputs: list[str] | None = None) -> BudgetResult:
     """Convert with `config`, leaving the most sensitive layers float so the drop is ≤ max_drop
     on `outputs` (default: every float output)."""
-    original = onnx.load(model_path)
-    reference = model_outputs(model_path, examples, outputs=outputs)
-
-    def measure(cfg: ConvertConfig) -> tuple[ConversionResult, float]:
-        result = convert_onnx(original, cfg, input_shapes=input_shapes, allow_unchanged=True)
-        return result, drop(reference, model_outputs(result.model, examples, outputs=reference.names), logits)
-
+    measurer = Measurer(onnx.load(model_path) if not isinstance(model_path, onnx.ModelProto) else model_path,
+                        examples, logits, input_shapes, outputs)
+    measure = measurer.measure
     full, full_error = measure(config)
     sensitivities = [LayerSensitivity(c.pass_name, c.node, 0.0, c.target) for c in full.report.changes]
     units = list(dict.fromkeys(s.unit for s in sensitivities))   # what converts, or stays float, as one

@@ -1,12 +1,12 @@
 """The `mfconvert` command: `mfconvert MODEL.onnx [options]` converts a model (a thin layer over
-mfconvert.convert.convert_onnx; everything here is one call in Python)."""
+mfconvert.convert.pipeline.convert_model: flags → ConvertConfig and PipelineOptions, one field each;
+everything here is one call in Python)."""
 from __future__ import annotations
 
 import json
 import math
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,19 +14,17 @@ import typer
 import typer.core
 from tqdm import tqdm
 
-from mfconvert.calibrate.activation_stats import calibrated_frac_bits, column_ranges
-from mfconvert.calibrate.data import DataError, Examples
+from mfconvert.calibrate.allocate import DEFAULT_TARGET
+from mfconvert.calibrate.data import DataError
 from mfconvert.calibrate.finetune import FinetuneConfig
-from mfconvert.calibrate.rounding import check_rounding, round_model
-from mfconvert.calibrate.sensitivity import convert_within_budget
+from mfconvert.calibrate.rounding import check_rounding
 from mfconvert.cli import finetune as finetune_cli
 from mfconvert.cli.finetune import load_data, run_finetune
-from mfconvert.convert import ConversionError, ConvertConfig, convert_onnx
+from mfconvert.convert import ConversionError, ConvertConfig
 from mfconvert.convert.files import check_outputs, write_text_atomic
-from mfconvert.convert.onnx_model import (check_serializable, external_data_reads, load_model,
-                                          output_path_for, save_model_atomic)
+from mfconvert.convert.onnx_model import check_serializable, external_data_reads, load_model, output_path_for
+from mfconvert.convert.pipeline import TERMS_AUTO, PipelineOptions, convert_model
 from mfconvert.passes.add_attention import AddAttentionConfig
-from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
 
@@ -112,9 +110,13 @@ def convert(
     moe_mlp: bool = typer.Option(False, "--moe-mlp", help="MLP blocks → router + float expert + ShiftLinear "
                                  "expert (same format flags); other linears follow --shift-linear."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
-    shift_terms: int = typer.Option(1, "--shift-terms", help="Powers of two per shift weight (MoE Shift experts "
-                                    "too): 1 (DeepShift, w = ±2^p) or up to 4 (w = ±2^p1 ± 2^p2 …; each term "
-                                    "costs one more add)."),
+    shift_terms: str = typer.Option("auto", "--shift-terms", help="Powers of two per shift weight (MoE Shift "
+                                    "experts too): 'auto' chooses 1–4 per layer to meet --target-drop at the least "
+                                    "additions and bytes (from the weights, or measured on --data); 1 is DeepShift "
+                                    "(w = ±2^p); 2–4 everywhere (w = ±2^p1 ± 2^p2 …; each term costs one more add)."),
+    target_drop: float = typer.Option(DEFAULT_TARGET, "--target-drop", help="--shift-terms auto's output error "
+                                      "target: 1 − cosine (top-1 agreement lost with --finetune-loss kl); "
+                                      "--max-drop's when given."),
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
     act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations "
@@ -126,7 +128,8 @@ def convert(
     min_params: int = typer.Option(1024, help="Skip linear layers with fewer weights than this."),
     input_shape: List[str] = typer.Option([], "--input-shape",
                                           help="NAME=D0,D1,... for the report's per-inference counts (repeatable)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="Read the conversion config from JSON (flags above are ignored)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Read the conversion config from JSON (flags "
+                                               "above are ignored; its terms and terms_by_node as they are)."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config as JSON."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the report as JSON."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration data (text file with --tokenizer, "
@@ -149,22 +152,24 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ):
     """Convert MODEL.onnx; prints what was converted, what was skipped and why."""
+    terms = parse_shift_terms(shift_terms)
     try:
         if config_file is not None:
             cfg = read_config(config_file)
         else:
-            cfg = ConvertConfig(shift_linear=ShiftLinearConfig(
-                weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits, terms=shift_terms,
-                weight_scale=weight_scale, include=include, exclude=exclude, min_params=min_params)
+            fmt = dict(weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
+                       terms=1 if terms == TERMS_AUTO else terms, weight_scale=weight_scale)
+            cfg = ConvertConfig(
+                shift_linear=ShiftLinearConfig(**fmt, include=include, exclude=exclude, min_params=min_params)
                 if shift_linear else None,
-                moe_mlp=MoEMLPConfig(weight_bits=weight_bits, act_bits=act_bits, act_frac_bits=act_frac_bits,
-                                     terms=shift_terms, weight_scale=weight_scale, include=include, exclude=exclude)
-                if moe_mlp else None,
+                moe_mlp=MoEMLPConfig(**fmt, include=include, exclude=exclude) if moe_mlp else None,
                 add_attention=AddAttentionConfig(include=include, exclude=exclude) if add_attention else None)
     except (ValueError, TypeError) as err:
         fail(as_flags(str(err).splitlines()[0]))
     if not cfg.enabled():
         fail("every pass is turned off; nothing to do")
+    if not 0 < target_drop < 1:
+        fail(f"--target-drop must be in (0, 1), got {target_drop}")
     out = None if dry_run else str(output or output_path_for(str(model)))
     try:   # every file written, checked before any work: never a file read, never one another
         check_outputs({"-o": out, "--save-config": save_config, "--report-json": report_json},
@@ -174,7 +179,7 @@ def convert(
         fail(str(err))
     shapes = parse_input_shapes(input_shape)
     finetuning = finetune_steps is not None or finetune_minutes is not None
-    calibrating = act_bits < 32 and shift_linear
+    calibrating = cfg.shift_linear is not None and cfg.shift_linear.act_bits < 32
     if data is None and (finetuning or max_drop is not None):
         fail("--finetune-steps/--finetune-minutes/--max-drop need --data")
     if max_drop is not None and not 0 <= max_drop < 1:   # before reading --data
@@ -188,19 +193,14 @@ def convert(
     if data is not None and rounding == "nearest" and not (finetuning or max_drop is not None or calibrating):
         fail("--data with --rounding nearest is for --finetune-steps/--finetune-minutes, --max-drop "
              "or calibrating --act-bits < 32")
-    examples = calibration = ranges = distilled = None
-    if data is not None:   # read once: calibration, --max-drop and finetuning share it
+    examples = distilled = None
+    if data is not None:   # read once: calibration, allocation, --max-drop and finetuning share it
         try:
             original, _, _ = load_model(str(model))
             check_serializable(original, str(model), "--data")
             distilled = finetune_cli.parse_outputs(outputs)
             finetune_cli.output_names(finetune_cli.model_float_outputs(original), distilled)   # before any work
             examples = load_data(data, original, tokenizer, 128, image_preset)
-            calibration = Examples(examples.items[:256], examples.pad_values)
-            ranges = column_ranges(original, calibration)   # the report checks accumulators on them
-            if calibrating and config_file is None:
-                by_input = calibrated_frac_bits(original, calibration, act_bits, act_percentile)
-                cfg.shift_linear = replace(cfg.shift_linear, act_frac_bits_by_input=by_input)
         except (ValueError, ConversionError, DataError, OSError) as err:
             fail(str(err).splitlines()[0])
     if finetuning and dry_run:
@@ -211,6 +211,11 @@ def convert(
                                     rounding=rounding, outputs=distilled)
         except ValueError as err:
             fail(str(err))
+    options = PipelineOptions(
+        shift_terms=TERMS_AUTO if terms == TERMS_AUTO and config_file is None else cfg_terms(cfg),
+        target=target_drop, data=examples, rounding="nearest" if dry_run else rounding, finetuning=finetuning,
+        max_drop=max_drop, logits=finetune_loss == "kl", outputs=distilled, act_percentile=act_percentile,
+        input_shapes=shapes)
 
     bar = tqdm(total=len(cfg.enabled()), desc="converting", unit="pass", file=sys.stderr, leave=False,
                disable=None)  # no bar when stderr is not a terminal
@@ -220,33 +225,28 @@ def convert(
         bar.update(1)
 
     try:
-        if max_drop is None:
-            result = convert_onnx(str(model), cfg, output=out, input_shapes=shapes, force=force, progress=progress,
-                                  input_ranges=ranges)
-            budget_lines = []
-        else:
-            result, budget_lines = convert_with_budget(model, cfg, out, shapes, max_drop, calibration,
-                                                       finetune_loss == "kl", distilled)
-    except (ConversionError, DataError, OSError) as err:   # OSError: a WriteError naming the output
+        done = convert_model(str(model), cfg, options, output=out, force=force, progress=progress)
+    except (ConversionError, DataError, ValueError, OSError) as err:   # OSError: a WriteError naming the output
         bar.close()
         fail(str(err).splitlines()[0])
     bar.close()
-    if max_drop is not None and ranges is not None:   # the budget's conversions had no data to check on
-        annotate_accumulators(result.report.changes, accumulator_checks(result.model, ranges))
-    rounded = None
-    if data is not None and rounding == "compensated" and out and not finetuning:  # finetuning does its own
-        try:
-            rounded = round_model(result.model, original, calibration)
-            # the report checks the accumulators of the codes written
-            annotate_accumulators(result.report.changes, accumulator_checks(rounded, ranges))
-            save_model_atomic(rounded, out, external=result.data_file is not None)
-        except (ValueError, ConversionError, OSError) as err:
-            fail(str(err).splitlines()[0])
+    result = done.result
     typer.echo(result.report.table())
-    for line in budget_lines:
+    if done.allocation is not None:
+        typer.echo("")
+        for line in done.allocation.lines():
+            typer.echo(line)
+    for line in done.budget_lines:
         typer.echo(line)
-    if rounded is not None:
-        typer.echo(f"\nshift weights re-rounded by error-compensated rounding on {len(calibration)} examples")
+    if done.rounding is not None:
+        layers = done.rounding["layers"]
+        kept = sum(1 for d in layers.values() if d["compensated"])
+        n, fit, held = done.rounding["calibration"], done.rounding["examples"], done.rounding["held_out"]
+        where = f"{held} of them held out" if fit < n else f"{held} held-out examples past them"
+        typer.echo(f"\nshift weights re-rounded by error-compensated rounding on {n} examples, kept in {kept} of "
+                   f"{len(layers)} layer(s): where it beat nearest rounding on {where}")
+    for line in done.notes:
+        typer.echo(line)
     typer.echo((f"\nwrote {out}" + (f" (+ {result.data_file})" if result.data_file else "")) if out
                else "\ndry run: no model written")
     if finetuning:
@@ -254,8 +254,8 @@ def convert(
             run_finetune(out, str(model), examples, ft_cfg, out, held_out=0.1, logits=finetune_loss == "kl")
         except (ValueError, ConversionError, OSError) as err:
             fail(str(err).splitlines()[0])
-    for path, text in ((save_config, json.dumps(cfg.to_dict(), indent=2) + "\n"),
-                       (report_json, json.dumps(result.report.to_dict(), indent=2) + "\n")):
+    for path, text in ((save_config, json.dumps(done.config.to_dict(), indent=2) + "\n"),
+                       (report_json, json.dumps(done.to_dict(), indent=2) + "\n")):
         if path:
             try:
                 write_text_atomic(path, text)
@@ -263,14 +263,19 @@ def convert(
                 fail(f"{err}; the model was written to {out}" if out else str(err))
 
 
-def convert_with_budget(model, cfg, out, shapes, max_drop, examples, logits, outputs=None):
-    """--max-drop: sensitivity-guided conversion on the calibration examples (`out` was checked with
-    every other output before any work)."""
-    budget = convert_within_budget(str(model), cfg, examples, max_drop, logits, input_shapes=shapes,
-                                   outputs=outputs)
-    if out is not None:
-        save_model_atomic(budget.result.model, out, external=budget.result.data_file is not None)
-    return budget.result, budget.lines()
+def parse_shift_terms(text: str) -> int | str:
+    """--shift-terms: 'auto' or an integer 1–4 (the range is the config's check)."""
+    if text.strip().lower() == TERMS_AUTO:
+        return TERMS_AUTO
+    try:
+        return int(text)
+    except ValueError:
+        fail(f"--shift-terms must be auto or an integer in [1, 4], got {text!r}")
+
+
+def cfg_terms(cfg: ConvertConfig) -> int:
+    shift = cfg.shift_linear or cfg.moe_mlp
+    return shift.terms if shift is not None else 1
 
 
 def main() -> None:

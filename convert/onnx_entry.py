@@ -35,12 +35,24 @@ class ConversionResult:
     report: ConversionReport
     output: str | None
     data_file: str | None = None   # OUTPUT.data: the tensors of a model written with external data
+    external: bool = False         # whether it is (to be) written with external data
+
+
+def save_result(result: ConversionResult, output: str, model: onnx.ModelProto | None = None) -> None:
+    """Write `model` (default: result.model) to `output` atomically, with external data where the
+    conversion reads it or the model is too large for one protobuf; updates `result` (model,
+    output, data_file, the report's file size)."""
+    model = result.model if model is None else model
+    external = writes_external(model, result.external)
+    result.report.file_bytes_after = save_model_atomic(model, output, external=external)
+    result.model, result.output = model, output
+    result.data_file = data_path_for(output) if external else None
 
 
 def convert_onnx(source, config: ConvertConfig | None = None, output: str | None = None,
                  input_shapes: dict[str, list[int]] | None = None, force: bool = False,
                  progress=None, allow_unchanged: bool = False,
-                 input_ranges: dict | None = None) -> ConversionResult:
+                 input_ranges: dict | None = None, counts: bool = True) -> ConversionResult:
     """Convert `source` (path or ModelProto); write to `output` atomically when given.
 
     A model in which no pass changes anything is an error (naming the skip reasons) unless
@@ -49,7 +61,9 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
     given default to 1). `progress(pass_name)` is called as each pass starts.
     `input_ranges` (max |x| per column of linear inputs on calibration data,
     calibrate/activation_stats.py:column_ranges) lets the report check the accumulators against
-    the data instead of the weights alone.
+    the data instead of the weights alone. `counts=False` (a conversion only measured, never
+    written: calibrate/sensitivity.py) skips the converted model's check, the accumulator checks
+    and the report's row counts.
     """
     config = config or ConvertConfig()
     model, label, size_before, data_files = read_model(source, lazy=True)   # large external tensors stay on disk
@@ -101,6 +115,9 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
                                                 "mfconvert.config": json.dumps(config.to_dict())})
     if base_dir:
         load_external_data(converted, base_dir, label)   # external tensors no pass changed
+    if not counts:
+        return ConversionResult(converted, ConversionReport(results, shapes, size_before, 0), None,
+                                external=external)
     check_model(converted, f"{label} (converted)")
     annotate_accumulators([c for r in results for c in r.changes], accumulator_checks(converted, input_ranges))
     notes: list[str] = []
@@ -136,7 +153,7 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         data_file = data_path_for(output) if external else None
     report = ConversionReport(results, shapes, size_before, size_after, notes=notes)
     report.attach_models(model, converted)   # operation counts and energy, counted when first asked
-    return ConversionResult(converted, report, output, data_file)
+    return ConversionResult(converted, report, output, data_file, external=external)
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig, results) -> onnx.ModelProto:

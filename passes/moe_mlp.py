@@ -4,7 +4,7 @@ and only the chosen expert computes it (Compress → expert → one ScatterND ba
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -93,7 +93,9 @@ def _linear(emit: _Emitter, x: gs.Tensor, linear: LinearMatch, name: str, cfg: M
     of the ShiftLinear's constants or 0)."""
     if shift:
         y = gs.Variable(f"{emit.prefix}/{name}", dtype=np.float32)
-        node, nbytes = shift_linear_node(f"{emit.prefix}/{name}", x, y, linear.weight, linear.bias, cfg)
+        node_name = f"{emit.prefix}/{name}"   # its terms: allocated per node (calibrate/allocate.py)
+        node, nbytes = shift_linear_node(node_name, x, y, linear.weight, linear.bias,
+                                         replace(cfg, terms=cfg.terms_for(node_name)))
         emit.nodes.append(node)
         return y, nbytes
     inputs = [x, emit.const(f"{name}.weight", linear.weight.astype(np.float32))]

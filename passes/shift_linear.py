@@ -73,8 +73,9 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
             result.skip(label, f"tiny layer: {in_features}×{out_features} < min_params={cfg.min_params}")
             continue
         frac_bits = cfg.act_frac_bits_by_input.get(match.activation.name, cfg.act_frac_bits)
+        terms = cfg.terms_for(label)
         new, nbytes = shift_linear_node(label, match.activation, match.output, match.weight, match.bias,
-                                        replace(cfg, act_frac_bits=frac_bits))
+                                        replace(cfg, act_frac_bits=frac_bits, terms=terms))
         warnings = weight_warnings(label, match.weight, new.inputs[2].values, cfg)   # inputs[2]: exponents
         for old in match.nodes:
             old.outputs.clear()
@@ -84,7 +85,7 @@ def run(graph: gs.Graph, cfg: ShiftLinearConfig) -> PassResult:
         result.changes.append(LayerChange(
             NAME, label, "ShiftLinear", in_features, out_features, before, nbytes,
             activation=match.activation.name, detail=f"{node.op}{fused}, {cfg.weight_bits}-bit codes"
-                   + (f" × {cfg.terms} terms" if cfg.terms > 1 else "")
+                   + (f" × {terms} terms" if terms > 1 else "")
                    + (f"; weights dequantised from {match.dequantised}" if match.dequantised else ""),
             warnings=warnings))
     graph.cleanup().toposort()

@@ -1,0 +1,190 @@
+"""The conversion pipeline as one library call, the same for the CLI and Python users:
+
+    load → canonicalise → passes → calibrate → allocate → round → save
+
+`convert_model(path, config, options, output)` reads the model, calibrates the activation format
+(from --data, else from the bounds of the ops that produce each linear's input), chooses each
+shift-weighted node's terms (`--shift-terms auto`: calibrate/allocate.py), runs the passes
+(canonicalisation and shape inference are convert_onnx's first steps), keeps layers float for
+`max_drop` (calibrate/sensitivity.py), re-rounds shift weights by compensated rounding where it
+beats nearest rounding on held-out data (calibrate/rounding.py), and writes the model once,
+atomically (convert/files.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from mfconvert.calibrate import allocate
+from mfconvert.calibrate.activation_stats import (bounded_frac_bits, calibrated_frac_bits, column_ranges,
+                                                  format_overflows)
+from mfconvert.calibrate.data import Examples
+from mfconvert.convert.config import ConvertConfig
+from mfconvert.convert.files import check_outputs
+from mfconvert.convert.onnx_entry import ConversionResult, convert_onnx, save_result
+from mfconvert.convert.onnx_model import check_serializable, external_data_reads, load_model
+from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
+from mfconvert.passes.shift_format import ShiftFormat
+
+CALIBRATION_EXAMPLES = 256   # examples calibration and rounding use (the first of --data)
+ALLOCATION_EXAMPLES = 64     # of them, those each allocation measurement runs
+TERMS_AUTO = "auto"
+
+
+@dataclass
+class PipelineOptions:
+    """What the pipeline does beyond the passes' config (each a CLI flag)."""
+    shift_terms: int | str = TERMS_AUTO   # 'auto' (calibrate/allocate.py) or the config's terms as they are
+    target: float = allocate.DEFAULT_TARGET   # auto's output error target (1 − cosine, or top-1 lost)
+    data: Examples | None = None          # calibration data (--data)
+    rounding: str = "compensated"         # with data: 'compensated' or 'nearest'
+    finetuning: bool = False              # finetuning follows: it does its own rounding, no finetune note
+    max_drop: float | None = None         # with data: keep the most sensitive layers float
+    logits: bool = False                  # errors as top-1 agreement lost (else 1 − cosine)
+    outputs: list[str] | None = None      # the outputs compared (default: every float output)
+    act_percentile: float | None = None   # activation ranges at this percentile of |x|
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    result: ConversionResult
+    config: ConvertConfig                 # the resolved config (calibrated formats, allocated terms)
+    allocation: allocate.Allocation | None = None
+    budget_lines: list[str] = field(default_factory=list)
+    rounding: dict | None = None          # {node: kept compensated?} and the held-out figures
+    notes: list[str] = field(default_factory=list)   # the report's lines after its table
+
+    def to_dict(self) -> dict:
+        """The report as JSON, with the allocation and rounding decisions."""
+        return {**self.result.report.to_dict(),
+                "allocation": None if self.allocation is None else self.allocation.to_dict(),
+                "rounding": self.rounding, "pipeline_notes": self.notes}
+
+
+def _shift_configs(config: ConvertConfig) -> dict[str, ShiftFormat]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if isinstance(getattr(config, f.name), ShiftFormat)}
+
+
+def allocating(config: ConvertConfig, options: PipelineOptions) -> bool:
+    """auto, for a config that has shift passes and no terms allocated yet (a --config saved
+    from an allocation keeps its terms_by_node)."""
+    shift = _shift_configs(config)
+    return options.shift_terms == TERMS_AUTO and bool(shift) and not any(c.terms_by_node for c in shift.values())
+
+
+def needs_finetuning(result: ConversionResult, model_path: str) -> str | None:
+    """One line when the converted model's output needs finetuning to be usable: binarised
+    attention and MoE routers are untrained after conversion."""
+    passes = {c.pass_name for c in result.report.changes}
+    what = [w for p, w in (("add-attention", "add attention"), ("moe-mlp", "the MoE routers")) if p in passes]
+    if not what:
+        return None
+    return (f"note: {' and '.join(what)} are untrained after conversion, so the output is not yet usable; "
+            f"finetune it: mfconvert finetune {result.output or 'MODEL.mf.onnx'} --teacher {model_path} --data DATA "
+            f"(or convert with --data DATA --finetune-minutes 10)")
+
+
+def calibrate_formats(original: onnx.ModelProto, config: ConvertConfig, options: PipelineOptions,
+                      calibration: Examples | None) -> tuple[ConvertConfig, list[str]]:
+    """Fractional bits per linear input for act_bits < 32: from the calibration data, else from
+    the bounds of their producers; lines for inputs that saturate their format."""
+    notes = []
+    shift = config.shift_linear
+    if shift is not None and shift.act_bits < 32 and not shift.act_frac_bits_by_input:
+        by_input = (calibrated_frac_bits(original, calibration, shift.act_bits, options.act_percentile)
+                    if calibration is not None else bounded_frac_bits(original, shift.act_bits))
+        if by_input:
+            config = dataclasses.replace(config, shift_linear=dataclasses.replace(shift, act_frac_bits_by_input=by_input))
+            if calibration is None:
+                notes.append(f"activation format of {len(by_input)} linear input(s) from their producers' bounds "
+                             "(LayerNorm, Softmax, Tanh-like, Clip); others at --act-frac-bits (--data "
+                             "calibrates them all)")
+    return config, notes
+
+
+HELD_OUT_EXAMPLES = 64   # at most this many examples judge each layer's compensated rounding
+MIN_HELD_OUT = 16        # fewer examples past the calibration ones: hold out a share of those instead
+
+
+def held_out_examples(data: Examples, n_calibration: int, seed: int = 0):
+    """What judges compensated rounding (calibrate/rounding.py): examples of --data past the
+    calibration ones, drawn across all of them (a file sorted by kind or length puts unlike
+    inputs there), else the rounding's share (HELD_OUT) of the calibration examples."""
+    from mfconvert.calibrate.rounding import HELD_OUT
+    rest = data.items[n_calibration:]
+    if len(rest) < MIN_HELD_OUT:
+        return HELD_OUT
+    pick = np.sort(np.random.default_rng(seed).permutation(len(rest))[:HELD_OUT_EXAMPLES])
+    return Examples([rest[i] for i in pick], data.pad_values)
+
+
+def convert_model(model_path: str, config: ConvertConfig | None = None, options: PipelineOptions | None = None,
+                  output: str | None = None, force: bool = False, progress=None) -> PipelineResult:
+    """Convert `model_path` by the pipeline (module docstring); write `output` once, atomically."""
+    from mfconvert.calibrate.rounding import check_rounding, round_model
+    from mfconvert.calibrate.sensitivity import Measurer, convert_within_budget
+    config = config or ConvertConfig()
+    options = options or PipelineOptions()
+    check_rounding(options.rounding)
+    if output is not None:   # checked before any work: never a file read
+        check_outputs({"-o": output}, {"the input model": model_path, **external_data_reads(model_path)}, force)
+    # load
+    original, label, _ = load_model(model_path)
+    data = options.data
+    calibration = ranges = None
+    if data is not None:
+        check_serializable(original, label, "--data")
+        calibration = Examples(data.items[:CALIBRATION_EXAMPLES], data.pad_values)
+        ranges = column_ranges(original, calibration)   # the report checks accumulators on them
+    # calibrate
+    config, notes = calibrate_formats(original, config, options, calibration)
+    shift = config.shift_linear
+    if shift is not None:
+        notes += format_overflows(original, shift.act_bits, shift.act_frac_bits, shift.act_frac_bits_by_input, ranges)
+    # passes (canonicalised and shape-inferred inside), allocate
+    allocation = None
+    first = convert_onnx(original, config, input_shapes=options.input_shapes, progress=progress,
+                         input_ranges=ranges)
+    result = first
+    if allocating(config, options):
+        nodes = allocate.shift_weighted_nodes(first.model, original, first.report.changes)
+        if nodes and calibration is not None:
+            sample = Examples(calibration.items[:ALLOCATION_EXAMPLES], calibration.pad_values)
+            measurer = Measurer(original, sample, options.logits, options.input_shapes, options.outputs)
+            target = options.max_drop if options.max_drop is not None else options.target
+            allocation, _ = allocate.allocate_from_data(measurer, config, nodes, target)
+        elif nodes:
+            allocation = allocate.allocate_from_weights(nodes, options.target)
+        if allocation is not None:
+            config = allocate.with_terms(config, allocation.terms)
+            if any(t > 1 for t in allocation.terms.values()):
+                result = convert_onnx(original, config, input_shapes=options.input_shapes, input_ranges=ranges)
+    budget_lines: list[str] = []
+    if options.max_drop is not None:
+        if calibration is None:
+            raise ValueError("max_drop needs data")
+        budget = convert_within_budget(original, config, calibration, options.max_drop, options.logits,
+                                       input_shapes=options.input_shapes, outputs=options.outputs)
+        result, budget_lines = budget.result, budget.lines()
+        if ranges is not None:   # the budget's conversions had no data to check on
+            annotate_accumulators(result.report.changes, accumulator_checks(result.model, ranges))
+    # round
+    rounding = None
+    if calibration is not None and options.rounding == "compensated" and not options.finetuning:
+        rounded, rounding = round_model(result.model, original, calibration, with_decisions=True,
+                                        held_out=held_out_examples(data, CALIBRATION_EXAMPLES))
+        rounding["calibration"] = len(calibration)
+        annotate_accumulators(result.report.changes, accumulator_checks(rounded, ranges))   # the codes written
+        result.model = rounded
+    # save
+    if output is not None:
+        save_result(result, output)
+    finetune = None if options.finetuning else needs_finetuning(result, model_path)
+    if finetune:
+        notes.append(finetune)
+    return PipelineResult(result, config, allocation, budget_lines, rounding, notes)
