@@ -163,10 +163,19 @@ CHUNK_CODES = 1 << 22   # codes read at a time (a multiple of 8: whole bytes for
 
 
 def read_codes(packed: np.ndarray, bits: int, start: int, count: int) -> np.ndarray:
-    """Codes [start, start + count) of a bit-packed stream (docs/ops.md#weight-codes: LSB first)."""
-    lo, hi = start * bits, (start + count) * bits
-    stream = np.unpackbits(packed[lo // 8:-(-hi // 8)], bitorder="little")[lo % 8:lo % 8 + count * bits]
-    return (stream.reshape(count, bits).astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+    """Codes [start, start + count) of a bit-packed stream (docs/ops.md#weight-codes: LSB first):
+    8 codes are B whole bytes, read as one little-endian integer."""
+    a, b = start // 8, -(-(start + count) // 8)          # groups of 8 codes
+    raw = packed[a * bits:b * bits]
+    if raw.size < (b - a) * bits:   # the last group's unused bits are not stored
+        raw = np.concatenate([raw, np.zeros((b - a) * bits - raw.size, dtype=np.uint8)])
+    groups = raw.reshape(-1, bits).astype(np.uint64)
+    value = np.zeros(len(groups), dtype=np.uint64)
+    for j in range(bits):
+        value |= groups[:, j] << np.uint64(8 * j)
+    mask = np.uint64((1 << bits) - 1)
+    codes = np.stack([(value >> np.uint64(bits * k)) & mask for k in range(8)], axis=1).astype(np.uint8).reshape(-1)
+    return codes[start - 8 * a:start - 8 * a + count]
 
 
 def nonzero_codes(packed: np.ndarray, bits: int, count: int) -> int:
@@ -313,7 +322,13 @@ def adder_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None
                    _fused_activation(at, n_out))
 
 
-def node_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None:
+def node_ops(node: onnx.NodeProto, dims: dict, inits: dict, memo: dict | None = None) -> dict | None:
+    """What `node` performs (None: unknown or not counted); `memo` keeps the figures of nodes
+    already counted (reading a layer's codes twice costs time)."""
+    if memo is not None:
+        if id(node) not in memo:
+            memo[id(node)] = node_ops(node, dims, inits)
+        return memo[id(node)]
     if node.domain == DOMAIN:
         fn = {"ShiftLinear": shift_linear_ops, "AddLinearAttention": attention_ops,
               "ShiftConv": shift_conv_ops, "AdderConv": adder_conv_ops}.get(node.op_type)
@@ -488,6 +503,7 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
                      + ("" if measured else " (assumed: an untrained router splits tokens about evenly; "
                         "mfconvert.moe.routing_split measures it)"))
     layer_names = {c.node for c in changes}
+    memo: dict = {}
     unknown: list[str] = []
     bias_adds = 0.0   # bias Adds fused into a converted MatMul: elementwise, but now part of its cost
     for c in changes:
@@ -505,7 +521,7 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
                          and (n.domain == DOMAIN or n.name not in orig_by_label)]
             after = ops() if new_nodes else None
             for n in new_nodes:
-                after = add_ops(after, node_ops(n, new_dims, inits))
+                after = add_ops(after, node_ops(n, new_dims, inits, memo))
         if c.pass_name == "add-attention":
             before = _attention_before(c, new_nodes, new_dims)
         elif orig is not None and counted(orig):
@@ -541,7 +557,7 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
     moe_prefixes = tuple(f"{b}/moe/" for b in blocks)
     for n in converted.graph.node:
         if counted(n) and not (moe_prefixes and n.name.startswith(moe_prefixes)):
-            total_after = _plus(total_after, node_ops(n, new_dims, inits), open_after, n)
+            total_after = _plus(total_after, node_ops(n, new_dims, inits, memo), open_after, n)
     for b in blocks:
         for p in ("router", "fc1", "fc2"):
             got = moe_ops(b, p, by_name, new_dims, inits, split[b])
