@@ -271,13 +271,9 @@ def conv_output_dims(x: list[int], at: dict) -> list[int] | None:
 
 
 def _fused_activation(at: dict, n: int) -> dict:
-    act = at.get("activation", "")
-    act = act.decode() if isinstance(act, bytes) else act
-    if act == "HardSwish":   # x·clip(x + 3, 0, 6)/6
-        return ops(fp32_add=n, fp32_mul=2 * n)
-    if act in ("SiLU", "Silu"):   # x/(1 + e^−x)
-        return ops(fp32_add=n, fp32_mul=2 * n, fp32_special=n)
-    return ops()   # none, Relu, Clip: comparisons
+    """The fused activations (docs/ops.md#fused-activation-shiftconv-and-adderconv: none, Relu,
+    Clip) compare and select: nothing counted."""
+    return ops()
 
 
 def shift_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None:
@@ -424,10 +420,12 @@ def _linear_weight(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
     return w if transposed else w.T
 
 
-def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict, by_name: dict) -> float | None:
+def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict, by_name: dict,
+               folded: dict | None = None) -> float | None:
     """Weight SQNR of a converted layer: its shift codes against the original float weights
-    (ShiftLinear, ShiftConv without a folded BatchNormalization, a MoE block's Shift expert
-    against its Mult expert), or AdderConv's fixed-point weights; None where there are none."""
+    (ShiftLinear; ShiftConv against the conv's weights with what the pass folded in, `folded`;
+    a MoE block's Shift expert against its Mult expert), or AdderConv's fixed-point weights
+    against its float ones; None where there are none."""
     if change.pass_name == "moe-mlp":
         block = change.target or change.node
         part = "fc1" if change.node == block else "fc2"
@@ -440,9 +438,11 @@ def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict
         if node is not None and orig_node is not None:
             if orig_node.op_type in ("MatMul", "Gemm"):
                 weight = _linear_weight(orig_node, orig_inits)
-            elif orig_node.op_type == "Conv" and node.output[0] == orig_node.output[0]:   # not BN-folded
-                w = _array(orig_inits, orig_node.input[1])
-                weight = None if w is None else w.reshape(w.shape[0], -1)
+            elif orig_node.op_type == "Conv" and node.op_type == "AdderConv":
+                weight = _array(inits, node.input[1])   # the float weights it quantises
+                weight = None if weight is None else weight.reshape(weight.shape[0], -1)
+            elif orig_node.op_type == "Conv":
+                weight = (folded or {}).get(node.name)
     if node is None or weight is None:
         return None
     at = _attrs(node)
@@ -503,6 +503,7 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
                      + ("" if measured else " (assumed: an untrained router splits tokens about evenly; "
                         "mfconvert.moe.routing_split measures it)"))
     layer_names = {c.node for c in changes}
+    folded = None   # ShiftConv weights with their folded BatchNormalization, read when first needed
     memo: dict = {}
     unknown: list[str] = []
     bias_adds = 0.0   # bias Adds fused into a converted MatMul: elementwise, but now part of its cost
@@ -529,19 +530,21 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
             out = orig.output[0] if orig.output else ""
             follow = consumers.get(out, [])
             bias = [n for n in follow if n.op_type == "Add"]
-            if orig.op_type == "MatMul" and bias and before is not None and _bias_fused(bias[0], converted):
+            if orig.op_type == "MatMul" and bias and before is not None and not _still_there(bias[0], converted):
                 before = add_ops(before, ops(fp32_add=math.prod(dims.get(out, [0]))))
                 bias_adds += math.prod(dims.get(out, [0]))
             bn = [n for n in follow if n.op_type == "BatchNormalization" and len(follow) == 1]
-            if bn and not any(n.name == bn[0].name for n in converted.graph.node if bn[0].name) and before is not None:
+            if bn and before is not None and not _still_there(bn[0], converted):   # folded or replaced
                 before = add_ops(before, float_node_ops(bn[0], dims))
         else:
             before = None
         if before is None or after is None:
             unknown.append(c.node)
         if c.weight_sqnr_db is None:
+            if folded is None and any(n.op_type == "ShiftConv" for n in new_nodes):
+                folded = _conv_weights(converted, original)
             try:
-                c.weight_sqnr_db = layer_sqnr(c, new_nodes, orig, orig_inits, inits, by_name)
+                c.weight_sqnr_db = layer_sqnr(c, new_nodes, orig, orig_inits, inits, by_name, folded)
             except (ValueError, TypeError):
                 c.weight_sqnr_db = None
         c.cost = {"before": summary(before), "after": summary(after)}
@@ -596,10 +599,20 @@ def _written_for(name: str, layer: str, layers: set[str]) -> bool:
     return bool(name) and (name == layer or (name.startswith((layer + ".", layer + "/")) and name not in layers))
 
 
-def _bias_fused(add_node: onnx.NodeProto, converted: onnx.ModelProto) -> bool:
-    """Whether the bias Add after a converted MatMul went into the new op (its output is no longer
-    written by an Add)."""
-    return not any(n.op_type == "Add" and add_node.output[0] in n.output for n in converted.graph.node)
+def _conv_weights(converted: onnx.ModelProto, original: onnx.ModelProto) -> dict:
+    """{ShiftConv node: the float weight [M, C/g·k] it was rounded from} (passes/conv.py)."""
+    try:
+        from mfconvert.passes.conv import conv_latent_weights
+        return conv_latent_weights(converted, original)
+    except Exception:   # a figure of the report: unknown rather than a failed conversion
+        return {}
+
+
+def _still_there(node: onnx.NodeProto, converted: onnx.ModelProto) -> bool:
+    """Whether the converted graph keeps `node` (same op, name and inputs): a bias Add or a
+    BatchNormalization a pass took into its layer is gone."""
+    return any(n.op_type == node.op_type and n.name == node.name and list(n.input) == list(node.input)
+               for n in converted.graph.node)
 
 
 def _plus(total: dict, got: dict | None, missing: list, node) -> dict:

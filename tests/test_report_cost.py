@@ -423,3 +423,43 @@ def test_table_shows_the_costliest_layers_of_a_large_model():
     shown = [line.split()[0] for line in table.splitlines()[2:12]]
     assert shown == [f"fc{i}" for i in range(13, 3, -1)]
     assert "… 4 more layer(s), the 10 costliest after conversion shown" in table
+
+
+def test_conv_layers_through_the_passes():
+    """Conv + BatchNormalization → ShiftConv (BN folded) and Conv → AdderConv + BN: each layer's
+    before is the float Conv and BN executed, its after the new nodes' counts."""
+    from mfconvert.passes.adder_conv import AdderConvConfig
+    from mfconvert.passes.conv import ShiftConvConfig
+
+    rng = np.random.default_rng(8)
+    x_shape = [1, 4, 5, 6]
+    w = rng.normal(size=(6, 2, 3, 3)).astype(F32)
+    bn = [numpy_helper.from_array(v.astype(F32), f"bn.{k}") for k, v in
+          (("s", rng.uniform(.5, 1.5, 6)), ("b", rng.normal(size=6)), ("m", rng.normal(size=6)), ("v", rng.uniform(.5, 2, 6)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", **CONV),
+             helper.make_node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "bn.v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 3, 4])],
+                              [numpy_helper.from_array(w, "w"), *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = Counter()
+    for _ in range(6):
+        for _, taps in conv_positions(x_shape, CONV):
+            for _ in range(2 * len(taps)):
+                before["fp32_mul"] += 1
+                before["fp32_add"] += 1
+            before["fp32_mul"] += 1   # BN: scale
+            before["fp32_add"] += 1   # BN: shift
+    for cfg in (ConvertConfig(shift_linear=None, add_attention=None, shift_conv=ShiftConvConfig()),
+                ConvertConfig(shift_linear=None, add_attention=None, adder_conv=AdderConvConfig(first=True))):
+        result = convert_onnx(model, cfg)
+        (layer,) = result.report.changes
+        result.report.to_dict()
+        assert by_kind(layer.cost["before"]) == dict(before)
+        ours = [n for n in result.model.graph.node if n.domain == "ai.mfconvert"]
+        assert len(ours) == 1
+        one = onnx.ModelProto()
+        one.CopyFrom(result.model)
+        expected = model_costs(one, one, {}, [])["after"]   # every counted node of the converted graph
+        assert layer.cost["after"] == expected
+        assert layer.weight_sqnr_db is None or layer.weight_sqnr_db > 10
