@@ -202,3 +202,80 @@ def unpack_conv_codes(packed: np.ndarray, out_channels: int, in_features: int, t
     """Unpacked codes [terms, M, C/g·prod(k)] of a ShiftConv node's W_codes input."""
     codes = pow2.unpack_codes(np.asarray(packed, np.uint8), terms * out_channels * in_features, weight_bits)
     return torch.from_numpy(codes.reshape(terms, out_channels, in_features))
+
+
+# -- executor glue (the ShiftConv entry of nn/registry.py) ---------------------------------------
+def _in_features(packed_bytes: int, terms: int, out_channels: int, bits: int) -> int | None:
+    """C/g·prod(k) from the size of W_codes, None when the last byte's spare bits leave it open."""
+    rows = terms * out_channels
+    fits = [k for k in range(max(packed_bytes * 8 // bits // rows - 1, 1), packed_bytes * 8 // bits // rows + 1)
+            if -(-rows * k * bits // 8) == packed_bytes]
+    return fits[0] if len(fits) == 1 else None
+
+
+def from_onnx(node, attrs: dict, constants: dict, ctx) -> ShiftConv:
+    """The layer of a ShiftConv node: codes and exponents from its constant inputs 1–2, bias 3; C
+    from the input's inferred shape, else from the size of W_codes; latent weights [M, C/g·k]
+    from ctx.latent (the teacher's folded conv) in mode 'Q'."""
+    missing = [i for i in (1, 2) if i not in constants]
+    if missing:
+        raise ValueError(f"ShiftConv without its constant inputs {missing} (W_codes, W_exponent)")
+    bits, terms, m = attrs.get("weight_bits", 5), attrs.get("terms", 1), attrs["out_channels"]
+    k, group = list(attrs["kernel_shape"]), attrs.get("group", 1)
+    dims = ctx.shape(node.input[0]) if ctx is not None else None
+    if dims and len(dims) == len(k) + 2 and dims[1]:
+        in_features = int(dims[1]) // group * math.prod(k)
+    else:
+        in_features = _in_features(constants[1].size, terms, m, bits)
+        if in_features is None:
+            raise ValueError("the input's channel count is unknown (no static C after shape inference, and the "
+                             "size of W_codes leaves it open)")
+    codes = unpack_conv_codes(constants[1], m, in_features, terms, bits)
+    bias = torch.from_numpy(constants[3].astype(np.float32).copy()) if 3 in constants else None
+    layer = ShiftConv.from_codes(codes if terms > 1 else codes[0], torch.from_numpy(constants[2].astype(np.int8)), bias,
+                                 in_channels=in_features // math.prod(k) * group, kernel_shape=k,
+                                 strides=attrs.get("strides"), pads=attrs.get("pads"), dilations=attrs.get("dilations"),
+                                 group=group, weight_bits=bits, act_bits=attrs.get("act_bits", 32),
+                                 act_frac_bits=attrs.get("act_frac_bits", 16), mode=ctx.shift_mode if ctx else "Q",
+                                 activation=attrs.get("activation", ""),
+                                 clip_min=attrs.get("clip_min", -math.inf), clip_max=attrs.get("clip_max", math.inf))
+    latent = ctx.latent.get(node.name) if ctx is not None else None
+    if latent is not None and layer.mode == "Q":
+        latent = np.asarray(latent, dtype=np.float32).reshape(m, -1)
+        if latent.shape == (m, layer.in_features):
+            layer.set_latent_weight(torch.from_numpy(latent))
+    return layer
+
+
+def to_onnx(layer: ShiftConv, node, values: dict) -> list:
+    """Write the layer's packed codes, exponents and bias under the node's input names."""
+    packed, exponent, bias = layer.onnx_constants()
+    values[node.input[1]], values[node.input[2]] = packed, exponent
+    if bias is not None:
+        values[node.input[3]] = bias
+    return []
+
+
+def registry_examples() -> list:
+    """Small ShiftConv nodes for the registry test: 2-D with two terms and ReLU6, depthwise stride 2,
+    1-D dilated without bias; the layer must match the kernel bit for bit (atol 0)."""
+    from mfconvert.nn.registry import Example   # the registry imports this module
+    from onnx import helper
+    from mfconvert.ort_ops import DOMAIN
+
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+    cases = [(dict(in_channels=4, out_channels=6, kernel_shape=[3, 3], pads=[1, 0, 1, 1], terms=2,
+                   activation="Clip", clip_min=0.0, clip_max=6.0), True, (2, 4, 7, 6)),
+             (dict(in_channels=6, out_channels=6, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=6),
+              True, (1, 6, 9, 8)),
+             (dict(in_channels=4, out_channels=5, kernel_shape=[3], dilations=[2], pads=[2, 2]), False, (2, 4, 11))]
+    out = []
+    for i, (kw, bias, shape) in enumerate(cases):
+        layer = ShiftConv(bias=bias, act_frac_bits=12, **kw).eval()
+        packed, exponent, b = layer.onnx_constants()
+        consts = {f"codes{i}": packed, f"exponent{i}": exponent, **({f"bias{i}": b} if bias else {})}
+        node = helper.make_node("ShiftConv", ["X", *consts], ["Y"], name=f"shift_conv{i}", domain=DOMAIN,
+                                **layer.onnx_attributes())
+        out.append(Example(node, consts, {"X": (rng.normal(size=shape) * 2).astype(np.float32)}, 0.0))
+    return out

@@ -295,7 +295,8 @@ def run(graph: gs.Graph, cfg: ShiftConvConfig) -> PassResult:
             result.skip(label, f"tiny conv: {matrix.size} weights < min_params={cfg.min_params}")
             continue
         frac_bits = cfg.act_frac_bits_by_input.get(match.activation.name, cfg.act_frac_bits)
-        layer_cfg = replace(cfg, act_frac_bits=frac_bits)
+        terms = cfg.terms_for(label) if hasattr(cfg, "terms_for") else cfg.terms   # per-layer allocation
+        layer_cfg = replace(cfg, act_frac_bits=frac_bits, terms=terms)
         new, nbytes = shift_conv_node(label, match, layer_cfg)
         warnings = weight_warnings(label, matrix, new.inputs[2].values, layer_cfg)
         for old in match.nodes:
@@ -311,9 +312,24 @@ def run(graph: gs.Graph, cfg: ShiftConvConfig) -> PassResult:
             detail=f"{kind}{shape} conv, stride {'×'.join(map(str, match.strides))}"
                    + "".join(f" + {f}" for f in match.folded if f != "Pad")
                    + (", Pad absorbed" if "Pad" in match.folded else "")
-                   + f", {cfg.weight_bits}-bit codes" + (f" × {cfg.terms} terms" if cfg.terms > 1 else "")
+                   + f", {cfg.weight_bits}-bit codes" + (f" × {terms} terms" if terms > 1 else "")
                    + (f"; weights dequantised from {match.dequantised}" if match.dequantised else ""),
             warnings=warnings))
     graph.cleanup().toposort()
     return result
 
+
+
+def conv_latent_weights(student, teacher) -> dict[str, np.ndarray]:
+    """{ShiftConv node name: float weight [M, C/g·prod(k)]} of `student` (onnx.ModelProto): the
+    teacher's conv of the same name with what the pass folds into it (BatchNormalization), the
+    weights shift layers start from (compensated rounding, finetuning, per-layer terms)."""
+    names = {n.name for n in student.graph.node if n.op_type == OP and n.domain == DOMAIN}
+    graph = gs.import_onnx(teacher)
+    weights = {}
+    for node in graph.nodes:
+        if node.op == "Conv" and node_label(node) in names:
+            match = match_conv(graph, node)
+            if not isinstance(match, str):
+                weights[node_label(node)] = match.matrix
+    return weights
