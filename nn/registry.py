@@ -34,8 +34,9 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from mfconvert.nn import pow2
+from mfconvert.nn import pow2, shift_conv
 from mfconvert.nn.add_attention import AddLinearAttention
+from mfconvert.nn.shift_conv import ShiftConv
 from mfconvert.nn.shift_linear import ShiftLinear
 from mfconvert.ort_ops import DOMAIN
 
@@ -193,6 +194,9 @@ OPS: dict[tuple[str, str], OpEntry] = {(e.domain, e.op): e for e in [
     OpEntry(op="AddLinearAttention", passes=("add-attention",), layer=AddLinearAttention, flow_inputs=4,
             from_onnx=_attention_from_onnx, to_onnx=_attention_to_onnx, call=_attention_call,
             spec="addlinearattention", examples=_attention_examples),
+    OpEntry(op="ShiftConv", passes=("shift-conv", "shift-add-conv"), layer=ShiftConv, flow_inputs=1,
+            from_onnx=shift_conv.from_onnx, to_onnx=shift_conv.to_onnx,
+            call=lambda layer, flow: (layer(flow[0]),), spec="shiftconv", examples=shift_conv.registry_examples),
 ]}
 
 
