@@ -289,7 +289,7 @@ def shift_conv(x: np.ndarray, codes: np.ndarray, exponent: np.ndarray, bias, bit
     xq = quantize(x, act_bits, frac_bits)
     cols = conv_columns(xq, kernel_shape, strides, pads, dilations)          # [N, C, K, O...]
     out = cols.shape[3:]
-    cols = cols.reshape(n, c * kk, -1)                                        # channel-major: c·K + tap
+    cols = cols.reshape(n, c * kk, int(np.prod(out)))                       # channel-major: c·K + tap
     mg = m_out // group
     acc = np.zeros((n, m_out, cols.shape[-1]), np.int64)
     for g in range(group):
@@ -321,7 +321,7 @@ def adder_conv(x: np.ndarray, w: np.ndarray, bias, act_bits: int, frac_bits: int
     n, c = x.shape[:2]
     cols = conv_columns(quantize(x, act_bits, frac_bits), kernel_shape, strides, pads, dilations)
     out = cols.shape[3:]
-    cols = cols.reshape(n, c * kk, -1)
+    cols = cols.reshape(n, c * kk, int(np.prod(out)))
     mg = m_out // group
     acc = np.zeros((n, m_out, cols.shape[-1]), np.int64)
     for o in range(m_out):

@@ -3,6 +3,7 @@
 #include <mutex>
 
 #include "custom_ops.h"
+#include "shift_conv.h"
 
 namespace {
 
@@ -11,6 +12,8 @@ using OpGetter = const OrtCustomOp* (*)();
 constexpr OpGetter kOps[] = {
     mfconvert::ShiftLinearCustomOp,
     mfconvert::AddLinearAttentionCustomOp,
+    mfconvert::ShiftConvCustomOp,
+    mfconvert::AdderConvCustomOp,
 };
 
 }  // namespace

@@ -1,0 +1,91 @@
+// ShiftConv and AdderConv (docs/ops.md#shiftconv, #adderconv): the weights as the kernels read
+// them, and one kernel per ISA. All give exactly the numbers of the spec.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "aligned_buffer.h"
+#include "ort_api.h"
+#include "parallel.h"
+#include "shift_conv_common.h"
+#include "shift_linear_pack.h"
+
+namespace mfconvert {
+
+// The custom ops (registered in register_ops.cc).
+const OrtCustomOp* ShiftConvCustomOp();
+const OrtCustomOp* AdderConvCustomOp();
+
+// ShiftConv weights decoded for a channel count C/G: normalised codes (sign << 4 | m, kZeroCode
+// for zero) [M][T][C/G][K], per output the rescale 2^(e_o - F), bias and count of negative codes.
+struct PackedShiftConv {
+  int64_t cg = 0, m = 0, k = 0;
+  int terms = 1;
+  ActQuant quant{};
+  std::vector<uint8_t> codes;
+  std::vector<float> scale, bias;
+  std::vector<int32_t> neg_count;
+};
+
+// One non-zero weight term of an output channel for the SIMD kernels: the quantised input it
+// reads (offset from the group's first channel in the ConvPlanes buffer; negative weights read
+// the complement copy, ~x_q, and -(x >> m) = (~x >> m) + 1 adds neg_count once) and its shift.
+struct ShiftConvEntry {
+  int64_t offset;
+  int32_t shift;
+  int32_t unused;
+};
+
+struct ShiftConvRun {
+  const PackedShiftConv* p;
+  ConvGeom g;
+  ConvPlanes planes;
+  ConvActivation act;
+  const ShiftConvEntry* entries;  // per output o: entries [begin[o], begin[o + 1])
+  const int64_t* begin;
+};
+
+void ShiftConvScalar(const PackedShiftConv& p, const ConvGeom& g, const ConvActivation& act,
+                     const float* x, float* y, const Parallel& par);
+void ShiftConvAvx2(const ShiftConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
+void ShiftConvAvx512(const ShiftConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
+
+// AdderConv weights: w_q [M][C/G][K], per output the range of its w_q and the bias.
+struct PackedAdderConv {
+  int64_t cg = 0, m = 0, k = 0;
+  ActQuant quant{};
+  float unscale = 1.0f;  // 2^-F
+  std::vector<int32_t> wq, wmin, wmax;
+  std::vector<float> bias;
+};
+
+struct AdderConvEntry {
+  int64_t offset;  // as ShiftConvEntry (one copy: x_q)
+  int32_t w;       // w_q
+  int32_t unused;
+};
+
+struct AdderConvRun {
+  const PackedAdderConv* p;
+  ConvGeom g;
+  ConvPlanes planes;
+  ConvActivation act;
+  const AdderConvEntry* entries;  // per output o: (C/G) * K entries from o * (C/G) * K
+};
+
+void AdderConvScalar(const PackedAdderConv& p, const ConvGeom& g, const ConvActivation& act,
+                     const float* x, float* y, const Parallel& par);
+// false when some |x_q - w_q| may reach 2^31 (Y partly written): the caller runs the scalar kernel.
+bool AdderConvAvx2(const AdderConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
+bool AdderConvAvx512(const AdderConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
+
+// Whether the plane layout pays for this geometry (a stride far above the kernel makes most
+// of the phase planes padding): else the scalar kernel runs.
+inline bool ConvPlanesPay(const ConvGeom& g) {
+  const double hp = static_cast<double>(g.h + g.pt + g.pb), wp = static_cast<double>(g.w + g.pl + g.pr);
+  const double planes = (hp + static_cast<double>(g.sh)) * (wp + static_cast<double>(g.sw));
+  return planes <= 4.0 * hp * wp + 4096.0 && planes * static_cast<double>(g.c) < 1e10;
+}
+
+}  // namespace mfconvert

@@ -1,0 +1,11 @@
+// ShiftConv with AVX-512, selected at run time: shift_conv_simd.h's kernel on this ISA's traits.
+#include "shift_conv_simd_avx512.h"
+#include "shift_conv_simd.h"
+
+namespace mfconvert {
+
+void ShiftConvAvx512(const ShiftConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch) {
+  ShiftConvSimd<SimdAvx512>(r, x, y, par, scratch);
+}
+
+}  // namespace mfconvert

@@ -1,0 +1,261 @@
+// The SIMD ShiftConv and AdderConv kernels, written once over an ISA traits class S (lanes and
+// intrinsics: shift_conv_simd_avx2.h, shift_conv_simd_avx512.h). Included by one .cc per op and
+// ISA after defining SC_TARGET (that ISA's target attribute); everything here has internal
+// linkage, so no code compiled for one ISA is shared with another translation unit.
+//
+// Layout (ConvPlanes): the quantised image of one batch item, per channel the zero-padded image
+// split into stride-phase planes, so that for a tap the inputs of consecutive flat output indices
+// f = oh * Wq + ow are consecutive int32 — across output rows too. A kernel computes V vectors of
+// flat outputs at a time for one output channel, walking that channel's list of weights:
+//   ShiftConv: acc += (x >> m)  [load, vpsravd, vpaddd per S::kLanes MACs; a negative weight reads
+//              the complement copy ~x and the +1s are added once per output (neg_count)]
+//   AdderConv: acc += |x - w|   [load, vpsubd, vpabsd, vpaddd], in int32 over chunks of weights
+//              whose bound max|x_q - w_q| * chunk stays below 2^31, each chunk carried into int64.
+// Columns ow >= OW of the flat grid are computed and dropped (at most (k - 1) d / s per row).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "shift_conv.h"
+
+#ifndef SC_TARGET
+#error "define SC_TARGET before including shift_conv_simd.h"
+#endif
+
+namespace mfconvert {
+namespace {
+
+constexpr int kSimdVectors = 4;      // V: vectors of flat outputs per pass over the weights
+constexpr int64_t kOutBlock = 8;     // output channels per task
+
+// Quantises channel c of image xc ([H][W] floats) into its planes (and ~x_q into comp when
+// given); *lo, *hi: the range of the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32.
+template <class S>
+SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes& pl, const ActQuant& q,
+                            int32_t* dst, int32_t* comp, int32_t* tmp, int32_t* lo, int32_t* hi) {
+  const int64_t row_len = pl.wq * g.sw;
+  int32_t mn = 0, mx = 0;
+  for (int64_t r = 0; r < pl.hq * g.sh; ++r) {
+    const int64_t ph = r % g.sh, rq = r / g.sh, ih = r - g.pt;
+    std::memset(tmp, 0, static_cast<size_t>(row_len) * 4);
+    if (ih >= 0 && ih < g.h) {
+      S::QuantizeRow(xc + ih * g.w, g.w, q, tmp + g.pl);
+      for (int64_t i = 0; i < g.w; ++i) {
+        mn = std::min(mn, tmp[g.pl + i]);
+        mx = std::max(mx, tmp[g.pl + i]);
+      }
+    }
+    for (int64_t pw = 0; pw < g.sw; ++pw) {
+      const int64_t off = (ph * g.sw + pw) * pl.plane + rq * pl.wq;
+      int32_t* row = dst + off;
+      if (g.sw == 1) {
+        std::memcpy(row, tmp, static_cast<size_t>(pl.wq) * 4);
+      } else {
+        for (int64_t i = 0; i < pl.wq; ++i) row[i] = tmp[i * g.sw + pw];
+      }
+      if (comp != nullptr) {
+        int32_t* crow = comp + off;
+        for (int64_t i = 0; i < pl.wq; ++i) crow[i] = ~row[i];
+      }
+    }
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+// Stores the n outputs of flat indices [f, f + n) from res into channel plane yo ([OH][OW]).
+inline void Scatter(const float* res, int64_t f, int64_t n, const ConvGeom& g, int64_t wq, float* yo) {
+  if (wq == g.ow) {
+    std::memcpy(yo + f, res, static_cast<size_t>(n) * 4);
+    return;
+  }
+  int64_t oh = f / wq, ow = f - oh * wq;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ow < g.ow) yo[oh * g.ow + ow] = res[i];
+    if (++ow == wq) {
+      ow = 0;
+      ++oh;
+    }
+  }
+}
+
+// ShiftConv: outputs [o0, o1) x flat indices [f0, f1) of one image.
+template <class S>
+SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, int64_t o0, int64_t o1,
+                         int64_t f0, int64_t f1) {
+  using I = typename S::I;
+  constexpr int L = S::kLanes, V = kSimdVectors;
+  const PackedShiftConv& p = *r.p;
+  const ConvGeom& g = r.g;
+  const auto lo = S::Set1F(r.act.lo), hi = S::Set1F(r.act.hi);
+  alignas(64) float res[V * L];
+  for (int64_t o = o0; o < o1; ++o) {
+    const int32_t* base = buf + o / g.mg * g.cg * r.planes.channel;
+    const ShiftConvEntry* e0 = r.entries + r.begin[o];
+    const ShiftConvEntry* e1 = r.entries + r.begin[o + 1];
+    const I neg = S::Set1(p.neg_count[o]);
+    const auto scale = S::Set1F(p.scale[o]), bias = S::Set1F(p.bias[o]);
+    float* yo = yn + o * g.oh * g.ow;
+    for (int64_t f = f0; f < f1; f += V * L) {
+      I acc[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[v] = S::Zero();
+      const int32_t* src = base + f;
+      for (const ShiftConvEntry* e = e0; e < e1; ++e) {
+        const I cnt = S::Set1(e->shift);
+        const int32_t* s = src + e->offset;
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[v] = S::Add(acc[v], S::Srav(S::Load(s + v * L), cnt));
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        // y = float(acc + neg_count) * 2^(e_o - F) + b_o, then the clamp (no FMA: -ffp-contract=off).
+        const auto y = S::AddF(S::MulF(S::ToF(S::Add(acc[v], neg)), scale), bias);
+        S::StoreF(res + v * L, S::Clamp(y, lo, hi));
+      }
+      Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yo);
+    }
+  }
+}
+
+// AdderConv: outputs [o0, o1) x flat indices [f0, f1); xlo, xhi the range of this image's x_q.
+template <class S>
+SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, int64_t o0, int64_t o1,
+                         int64_t f0, int64_t f1, int64_t xlo, int64_t xhi) {
+  using I = typename S::I;
+  constexpr int L = S::kLanes, V = kSimdVectors;
+  const PackedAdderConv& p = *r.p;
+  const ConvGeom& g = r.g;
+  const int64_t n_entries = p.cg * p.k;
+  const auto lo = S::Set1F(r.act.lo), hi = S::Set1F(r.act.hi), unscale = S::Set1F(p.unscale);
+  alignas(64) float res[V * L];
+  alignas(64) int64_t wide[V * L];
+  for (int64_t o = o0; o < o1; ++o) {
+    const int32_t* base = buf + o / g.mg * g.cg * r.planes.channel;
+    const AdderConvEntry* entries = r.entries + o * n_entries;
+    // Every |x_q - w_q| this output can see (junk lanes included: they read x_q values or 0).
+    const int64_t bound = std::max<int64_t>({xhi - p.wmin[o], p.wmax[o] - xlo, 1});
+    const int64_t chunk = std::max<int64_t>(1, ((int64_t{1} << 31) - 1) / bound);
+    const auto bias = S::Set1F(p.bias[o]);
+    float* yo = yn + o * g.oh * g.ow;
+    for (int64_t f = f0; f < f1; f += V * L) {
+      std::memset(wide, 0, sizeof(wide));
+      const int32_t* src = base + f;
+      for (int64_t c0 = 0; c0 < n_entries; c0 += chunk) {
+        const AdderConvEntry* e1 = entries + std::min(n_entries, c0 + chunk);
+        I acc[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[v] = S::Zero();
+        for (const AdderConvEntry* e = entries + c0; e < e1; ++e) {
+          const I w = S::Set1(e->w);
+          const int32_t* s = src + e->offset;
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) acc[v] = S::Add(acc[v], S::Abs(S::Sub(S::Load(s + v * L), w)));
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) S::AddTo64(wide + v * L, acc[v]);
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        // y = b_o - float32(acc) * 2^-F (int64 rounded to nearest even; exact product), clamp.
+        const auto y = S::SubF(bias, S::MulF(S::Int64ToF(wide + v * L), unscale));
+        S::StoreF(res + v * L, S::Clamp(y, lo, hi));
+      }
+      Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yo);
+    }
+  }
+}
+
+// The work of one image as (output block, flat chunk) tasks.
+struct TaskGrid {
+  int64_t chunk = 0, chunks = 0, blocks = 0;
+  TaskGrid(const ConvGeom& g, const ConvPlanes& pl, int lanes) {
+    chunk = int64_t{4} * kSimdVectors * lanes;
+    chunks = (pl.flat + chunk - 1) / chunk;
+    blocks = (g.m + kOutBlock - 1) / kOutBlock;
+  }
+  size_t size() const { return static_cast<size_t>(chunks * blocks); }
+};
+
+// Scratch: [copies][C planes] + slack, then per channel a row buffer of Wq * sw + lanes int32
+// and the channel's x_q range.
+template <class S>
+int32_t* PlaneScratch(const ConvGeom& g, const ConvPlanes& pl, int copies, AlignedBuffer& scratch,
+                      int32_t** tmp, int32_t** range, int64_t* tmp_stride) {
+  *tmp_stride = (pl.wq * g.sw + S::kLanes + 15) / 16 * 16;
+  const int64_t planes = pl.Total(copies);
+  const int64_t total = CheckedProduct<ConvError>("conv scratch", {g.c, *tmp_stride + 2}) + planes;
+  scratch.Reserve(static_cast<size_t>(total) * 4);
+  int32_t* buf = scratch.As<int32_t>();
+  std::memset(buf + pl.count * copies, 0, static_cast<size_t>(pl.slack) * 4);
+  *tmp = buf + planes;
+  *range = *tmp + g.c * *tmp_stride;
+  return buf;
+}
+
+template <class S>
+void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch) {
+  const ConvGeom& g = r.g;
+  const ConvPlanes& pl = r.planes;
+  int32_t *tmp = nullptr, *range = nullptr;
+  int64_t tmp_stride = 0;
+  int32_t* buf = PlaneScratch<S>(g, pl, 2, scratch, &tmp, &range, &tmp_stride);
+  const TaskGrid grid(g, pl, S::kLanes);
+  for (int64_t n = 0; n < g.n; ++n) {
+    const float* xn = x + n * g.c * g.h * g.w;
+    float* yn = y + n * g.m * g.oh * g.ow;
+    par.For(static_cast<size_t>(g.c), [&](size_t ci) {
+      const int64_t c = static_cast<int64_t>(ci);
+      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, buf + pl.count + c * pl.channel,
+                      tmp + c * tmp_stride, range + 2 * c, range + 2 * c + 1);
+    });
+    par.For(grid.size(), [&](size_t t) {
+      const int64_t b = static_cast<int64_t>(t) / grid.chunks, k = static_cast<int64_t>(t) % grid.chunks;
+      ShiftTask<S>(r, buf, yn, b * kOutBlock, std::min(g.m, (b + 1) * kOutBlock), k * grid.chunk,
+                   std::min(pl.flat, (k + 1) * grid.chunk));
+    });
+  }
+}
+
+template <class S>
+bool AdderConvSimd(const AdderConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch) {
+  const ConvGeom& g = r.g;
+  const ConvPlanes& pl = r.planes;
+  int32_t *tmp = nullptr, *range = nullptr;
+  int64_t tmp_stride = 0;
+  int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride);
+  const TaskGrid grid(g, pl, S::kLanes);
+  int64_t wlo = 0, whi = 0;
+  for (int64_t o = 0; o < g.m; ++o) {
+    wlo = std::min<int64_t>(wlo, r.p->wmin[o]);
+    whi = std::max<int64_t>(whi, r.p->wmax[o]);
+  }
+  for (int64_t n = 0; n < g.n; ++n) {
+    const float* xn = x + n * g.c * g.h * g.w;
+    float* yn = y + n * g.m * g.oh * g.ow;
+    par.For(static_cast<size_t>(g.c), [&](size_t ci) {
+      const int64_t c = static_cast<int64_t>(ci);
+      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, nullptr, tmp + c * tmp_stride,
+                      range + 2 * c, range + 2 * c + 1);
+    });
+    int64_t xlo = 0, xhi = 0;
+    for (int64_t c = 0; c < g.c; ++c) {
+      xlo = std::min<int64_t>(xlo, range[2 * c]);
+      xhi = std::max<int64_t>(xhi, range[2 * c + 1]);
+    }
+    // A difference of 2^31 or more does not fit an int32 lane: the caller runs the scalar kernel
+    // (only inputs or weights near the ends of a 32-bit format get here).
+    if (xhi - wlo >= (int64_t{1} << 31) || whi - xlo >= (int64_t{1} << 31)) return false;
+    par.For(grid.size(), [&](size_t t) {
+      const int64_t b = static_cast<int64_t>(t) / grid.chunks, k = static_cast<int64_t>(t) % grid.chunks;
+      AdderTask<S>(r, buf, yn, b * kOutBlock, std::min(g.m, (b + 1) * kOutBlock), k * grid.chunk,
+                   std::min(pl.flat, (k + 1) * grid.chunk), xlo, xhi);
+    });
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace mfconvert

@@ -1,0 +1,66 @@
+// ISA traits of shift_conv_simd.h for AVX-512 (F, BW, DQ, VL): 16 int32 lanes per zmm.
+#pragma once
+
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "shift_conv_common.h"
+
+#define SC_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define SC_INLINE SC_TARGET __attribute__((always_inline)) static inline
+
+namespace mfconvert {
+namespace {
+
+struct SimdAvx512 {
+  static constexpr int kLanes = 16;
+  using I = __m512i;
+  using F = __m512;
+  SC_INLINE I Zero() { return _mm512_setzero_si512(); }
+  SC_INLINE I Set1(int32_t v) { return _mm512_set1_epi32(v); }
+  SC_INLINE I Load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  SC_INLINE I Add(I a, I b) { return _mm512_add_epi32(a, b); }
+  SC_INLINE I Sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  SC_INLINE I Abs(I a) { return _mm512_abs_epi32(a); }
+  SC_INLINE I Srav(I a, I n) { return _mm512_srav_epi32(a, n); }
+  SC_INLINE F ToF(I a) { return _mm512_cvtepi32_ps(a); }  // rounds to nearest even
+  SC_INLINE F Set1F(float v) { return _mm512_set1_ps(v); }
+  SC_INLINE F AddF(F a, F b) { return _mm512_add_ps(a, b); }
+  SC_INLINE F SubF(F a, F b) { return _mm512_sub_ps(a, b); }
+  SC_INLINE F MulF(F a, F b) { return _mm512_mul_ps(a, b); }
+  // min(max(y, lo), hi) keeping NaN: maxps/minps return their second operand when one is NaN.
+  SC_INLINE F Clamp(F y, F lo, F hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, y)); }
+  SC_INLINE void StoreF(float* p, F v) { _mm512_storeu_ps(p, v); }
+  // w[0..16) += the lanes of v, sign-extended.
+  SC_INLINE void AddTo64(int64_t* w, I v) {
+    const __m512i a = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
+    const __m512i b = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
+    _mm512_storeu_si512(w, _mm512_add_epi64(_mm512_loadu_si512(w), a));
+    _mm512_storeu_si512(w + 8, _mm512_add_epi64(_mm512_loadu_si512(w + 8), b));
+  }
+  // float32 of 16 int64 (vcvtqq2ps: nearest even).
+  SC_INLINE F Int64ToF(const int64_t* w) {
+    const __m256 a = _mm512_cvtepi64_ps(_mm512_loadu_si512(w));
+    const __m256 b = _mm512_cvtepi64_ps(_mm512_loadu_si512(w + 8));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+  }
+  // out[i] = sat_A(floor(x[i] * 2^F)), NaN -> 0.
+  SC_TARGET static void QuantizeRow(const float* x, int64_t n, const ActQuant& q, int32_t* out) {
+    const __m512 scale = _mm512_set1_ps(q.scale), hi = _mm512_set1_ps(q.hi), lo = _mm512_set1_ps(q.lo);
+    const __m512i qhi = _mm512_set1_epi32(q.qhi), qlo = _mm512_set1_epi32(q.qlo);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), scale),
+                                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      __m512i r = _mm512_cvttps_epi32(f);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, hi, _CMP_GE_OQ), qhi);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, lo, _CMP_LE_OQ), qlo);
+      _mm512_storeu_si512(out + i, _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(f, f, _CMP_ORD_Q), r));
+    }
+    for (; i < n; ++i) out[i] = ConvQuantize(x[i], q);
+  }
+};
+
+}  // namespace
+}  // namespace mfconvert
