@@ -26,6 +26,7 @@ from mfconvert.convert.onnx_model import check_serializable, external_data_reads
 from mfconvert.convert.pipeline import TERMS_AUTO, PipelineOptions, convert_model
 from mfconvert.passes.add_attention import AddAttentionConfig
 from mfconvert.passes.moe_mlp import MoEMLPConfig
+from mfconvert.passes.report_html import render as render_html
 from mfconvert.passes.shift_linear import ShiftLinearConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -132,6 +133,8 @@ def convert(
                                                "above are ignored; its terms and terms_by_node as they are)."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config as JSON."),
     report_json: Optional[Path] = typer.Option(None, "--report-json", help="Write the report as JSON."),
+    report_html: Optional[Path] = typer.Option(None, "--report-html", help="Write the report as one self-contained "
+                                               "HTML page: fidelity against cost per layer (docs/report.md)."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration data (text file with --tokenizer, "
                                        ".npz/.npy, image folder): shift weights get error-compensated rounding "
                                        "on it; also the data of --finetune-*, --max-drop and --act-bits < 32."),
@@ -172,7 +175,8 @@ def convert(
         fail(f"--target-drop must be in (0, 1), got {target_drop}")
     out = None if dry_run else str(output or output_path_for(str(model)))
     try:   # every file written, checked before any work: never a file read, never one another
-        check_outputs({"-o": out, "--save-config": save_config, "--report-json": report_json},
+        check_outputs({"-o": out, "--save-config": save_config, "--report-json": report_json,
+                       "--report-html": report_html},
                       {"the input model": model, "the --config file": config_file, "the --data file": data,
                        "the --tokenizer file": tokenizer, **external_data_reads(model)}, force)
     except ConversionError as err:
@@ -255,7 +259,8 @@ def convert(
         except (ValueError, ConversionError, OSError) as err:
             fail(str(err).splitlines()[0])
     for path, text in ((save_config, json.dumps(done.config.to_dict(), indent=2) + "\n"),
-                       (report_json, json.dumps(done.to_dict(), indent=2) + "\n")):
+                       (report_json, json.dumps(done.to_dict(), indent=2) + "\n"),
+                       (report_html, render_html(done.to_dict()) if report_html else "")):
         if path:
             try:
                 write_text_atomic(path, text)

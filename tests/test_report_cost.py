@@ -394,6 +394,28 @@ class Checker(HTMLParser):
             self.errors.append(tag)
 
 
+def test_cli_report_html_and_json(mlp, tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp, path)
+    html, js = tmp_path / "r.html", tmp_path / "r.json"
+    res = CliRunner().invoke(app, [str(path), "-o", str(tmp_path / "o.onnx"), "--min-params", "0",
+                                   "--input-shape", "x=3,6", "--report-html", str(html), "--report-json", str(js)])
+    assert res.exit_code == 0, res.output
+    assert "energy estimate (45 nm" in res.output
+    report = json.loads(js.read_text())
+    page = html.read_text()
+    assert page == render(report)
+    checker = Checker()
+    checker.feed(page)
+    checker.close()
+    assert not checker.errors and not checker.stack
+    assert checker.tags["circle"] == 2 and checker.tags["svg"] == 1   # one point per layer with a SQNR
+    assert "<script" not in page and page.count("http") == page.count('xmlns="http://www.w3.org/2000/svg"')
+    # Never replaces an input.
+    res = CliRunner().invoke(app, [str(path), "--dry-run", "--report-html", str(path), "--force"])
+    assert res.exit_code == 1 and "--report-html" in res.output and "refusing to overwrite" in res.output
+
+
 def test_report_html_page_parses(mlp):
     result = convert_onnx(mlp, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0), add_attention=None),
                           input_shapes={"x": [3, 6]})
