@@ -66,18 +66,22 @@ MF_AVX512 void BuildLuts(const float* x, int64_t in, const ActQuant& q, int32_t*
 template <int NT>
 MF_AVX512 void LutSpan(const int32_t* lut, int64_t lut_stride, const PackedShiftLinear& p, int64_t g,
                        int64_t i0, int64_t n, __m512i* acc_mem, bool first, bool last, float* y) {
-  const int64_t in = p.attrs.in_features, out = p.attrs.out_features;
-  const uint8_t* codes = p.lut_codes.As<uint8_t>() + (g * in + i0) * kLutOut;
+  const int64_t in = p.attrs.in_features, out = p.attrs.out_features;  // in: T * X's columns
+  const int terms = p.lut_terms;
+  const uint8_t* codes = p.lut_codes.As<uint8_t>() + (g * in + i0 * terms) * kLutOut;
   __m512i acc[NT][4];
 #pragma GCC unroll 4
   for (int t = 0; t < NT; ++t)
 #pragma GCC unroll 4
     for (int b = 0; b < 4; ++b) acc[t][b] = first ? _mm512_setzero_si512() : acc_mem[t * 4 + b];
-  for (int64_t i = 0; i < n; ++i, codes += kLutOut, lut += 32) {
+  for (int64_t i = 0; i < n; ++i, lut += 32)
+  for (int k = 0; k < terms; ++k, codes += kLutOut) {  // the T terms of input i share its table
+    // Block b's codes are byte b of each dword (shift_linear_pack.h); vpermt2d reads bits 0-4.
     __m512i idx[4];
-#pragma GCC unroll 4
-    for (int b = 0; b < 4; ++b)
-      idx[b] = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(codes) + b));
+    idx[0] = _mm512_load_si512(codes);
+    idx[1] = _mm512_srli_epi32(idx[0], 8);
+    idx[2] = _mm512_srli_epi32(idx[0], 16);
+    idx[3] = _mm512_srli_epi32(idx[0], 24);
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
       const int32_t* l = lut + t * lut_stride;
@@ -125,7 +129,7 @@ MF_AVX512 void LutSpanN(int nt, const int32_t* lut, int64_t lut_stride, const Pa
 // time, into the task's own scratch (accumulators and one block's tables: 16 * out bytes + 32 KiB).
 void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int64_t r0, int nt,
              int64_t g0, int64_t g1, float* y) {
-  const int64_t in = p.attrs.in_features, out = p.attrs.out_features;
+  const int64_t in = p.attrs.in_features / p.lut_terms, out = p.attrs.out_features;  // X's columns
   AlignedBuffer scratch;
   const size_t acc_bytes = static_cast<size_t>((g1 - g0) * 16 * 64);
   const size_t lut_bytes = lut ? 0 : static_cast<size_t>(kLutTokens * kInBlock * 32 * 4);
@@ -155,7 +159,7 @@ void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int
 void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,
                        const Parallel& par, AlignedBuffer& scratch) {
   if (rows <= 0) return;
-  const int64_t in = p.attrs.in_features;
+  const int64_t in = p.attrs.in_features / p.lut_terms;  // X's columns (not widened)
   const int64_t token_groups = (rows + kLutTokens - 1) / kLutTokens;
   if (token_groups >= kGroupTasks) {
     // One task per token group: its tables are built block by block and stay in L1.

@@ -11,6 +11,8 @@
 namespace mfconvert {
 
 // `scratch`: the calling kernel's buffer for this Compute (bounded: a few MiB at any size).
+// x has p.attrs.in_features columns (X widened by WidenRows) except for AVX-512, which reads X
+// as it is: in_features / p.lut_terms columns.
 void ShiftLinearScalar(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,
                        const Parallel& par);
 void ShiftLinearAvx2(const PackedShiftLinear& p, const float* x, int64_t rows, float* y,

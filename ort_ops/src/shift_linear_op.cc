@@ -162,7 +162,7 @@ void ShiftLinearKernel::Compute(OrtKernelContext* context) {
   if (rows == 0) return;
   const float* xd = x.GetTensorData<float>();
   std::vector<float> wide;  // with terms > 1 the packed weights read X repeated along each row
-  if (attrs_.terms > 1) {
+  if (attrs_.terms > 1 && p->lut_terms == 1) {  // (AVX-512 reads X as it is)
     WidenRows(xd, rows, attrs_.in_features, attrs_.terms, &wide);
     xd = wide.data();
   }

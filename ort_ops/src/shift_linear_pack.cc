@@ -113,14 +113,18 @@ std::string PackShiftLinear(const ShiftLinearAttrs& attrs, Isa isa, const uint8_
   }
 
   if (isa == Isa::kAvx512) {
-    // Output-vectorised lookup-table kernel: codes [group][in][kLutOut].
+    // Output-vectorised lookup-table kernel: codes [group][i][t][kLutOut], i < one.
+    p.lut_terms = static_cast<int>(terms);
     p.lut_codes.Reserve(static_cast<size_t>(p.lut_groups * in * kLutOut));
     uint8_t* l = p.lut_codes.As<uint8_t>();
     for (int64_t g = 0; g < p.lut_groups; ++g) {
-      for (int64_t i = 0; i < in; ++i) {
-        for (int r = 0; r < kLutOut; ++r, ++l) {
-          const int64_t o = g * kLutOut + r;
-          *l = o < outf ? codes[o * in + i] : kZeroCode;
+      for (int64_t i = 0; i < one; ++i) {
+        for (int64_t t = 0; t < terms; ++t) {
+          for (int r = 0; r < kLutOut; ++r, ++l) {
+            // byte r holds output 16 * (r % 4) + r / 4 (LutCodeOutput)
+            const int64_t o = g * kLutOut + LutCodeOutput(r);
+            *l = o < outf ? codes[o * in + t * one + i] : kZeroCode;
+          }
         }
       }
     }

@@ -55,24 +55,32 @@ struct TileEntry {
 };
 
 // Output-vectorised lookup-table kernel (AVX-512): codes as bytes in [group][i][kLutOut].
+// Within a row of 64 bytes, byte 4j + b holds output 16b + j: read as 16 dwords, byte b of
+// every dword is the code of output block b, and a dword shift right by 8b brings it to the
+// low 5 bits that vpermt2d reads (the higher bits are ignored), so no byte-to-dword widening
+// (a port-5 shuffle, the port the table lookups need) is spent per block.
 inline constexpr int kLutOut = 64;
+inline constexpr int LutCodeOutput(int byte) { return 16 * (byte % 4) + byte / 4; }
 
 // A layer of T terms is packed as one term over the input repeated T times: its attrs say
-// in_features = T * in (column t * in + i holds term t of input i) and terms = 1, and the kernels
-// read X widened the same way (WidenRows), so every kernel serves every T unchanged.
+// in_features = T * in (column t * in + i holds term t of input i) and terms = 1, and the scalar
+// and AVX2 kernels read X widened the same way (WidenRows), so they serve every T unchanged.
+// The AVX-512 kernel reads X as it is (lut_terms = T): its codes are [group][i][t][kLutOut], so
+// the table of input i, built once, serves all T terms.
 struct PackedShiftLinear {
   ShiftLinearAttrs attrs;
   ActQuant quant{};
   Isa isa = Isa::kScalar;
   int64_t tiles = 0;       // ceil(out / kTileOut)
   int64_t lut_groups = 0;  // ceil(out / kLutOut)
+  int lut_terms = 1;       // AVX-512: the original terms; X has in_features / lut_terms columns
   // Per output, padded with zeros/ones to a multiple of kLutOut.
   std::vector<float> scale;         // 2^(e_o - F)
   std::vector<float> bias;          // b_o, or 0
   std::vector<int32_t> neg_count;   // number of negative nonzero weights of output o
   std::vector<uint8_t> codes;       // scalar: normalised codes [out][in]
   AlignedBuffer tile_entries;       // AVX2: TileEntry [tile][in][kTileOut]
-  AlignedBuffer lut_codes;          // AVX-512: normalised codes [group][in][kLutOut]
+  AlignedBuffer lut_codes;          // AVX-512: normalised codes [group][in / T][T][kLutOut]
 };
 
 // Checks the attribute ranges; returns an empty string or what is wrong.
