@@ -69,12 +69,32 @@ class ShiftWeighted:
         return float("inf") if e <= 0 else float(-10 * np.log10(e))
 
 
-def _shift_linear_weights(student: onnx.ModelProto, teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
-    from mfconvert.calibrate.rounding import latent_start_weights
-    return latent_start_weights(student, teacher)
+def _shift_linear_weights(student: onnx.ModelProto, teacher) -> dict[str, np.ndarray]:
+    """{ShiftLinear node: the float weight it was rounded from}: the teacher's linear of that name
+    (a path is read lazily: large tensors stay on disk until their linear is read) and the MoE
+    Shift experts' Mult twins."""
+    import os
+
+    import onnx_graphsurgeon as gs
+
+    from mfconvert.convert.onnx_model import attach_external_data, read_model
+    from mfconvert.moe import expert_latent_weights
+    from mfconvert.passes.linear import match_linear
+    names = {n.name for n in student.graph.node if n.op_type == "ShiftLinear"}
+    model = read_model(teacher, lazy=True)[0]
+    graph = gs.import_onnx(model)
+    if not isinstance(teacher, onnx.ModelProto):
+        attach_external_data(graph, os.path.dirname(os.path.abspath(os.fspath(teacher))))
+    weights = {}
+    for node in graph.nodes:
+        if node.op in ("MatMul", "Gemm") and node.name in names:
+            match = match_linear(graph, node)
+            if not isinstance(match, str):
+                weights[node.name] = match.weight
+    return {**weights, **expert_latent_weights(student)}
 
 
-# op type → fn(student, teacher) returning {node name: float weight [M, K]} for that op's nodes:
+# op type → fn(student, teacher: a ModelProto or a path) returning {node name: float weight [M, K]} for that op's nodes:
 # the one place a new shift-weighted op (ShiftConv: its weight's im2col view) plugs in. The
 # node's exponent per row is its input 2 and its B its weight_bits attribute, as ShiftLinear's.
 FLOAT_WEIGHTS: dict[str, Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, np.ndarray]]] = {

@@ -51,7 +51,19 @@ class BudgetResult:
         return out
 
 
-def drop(reference: np.ndarray, test: np.ndarray, logits: bool) -> float:
+def drop(reference, test, logits: bool) -> float:
+    """1 − mean cosine (or top-1 agreement lost) of `test` against `reference` (ModelOutputs); an
+    output of one number per example (a score, a probability), whose per-example cosine is only
+    its sign, counts as one vector across the examples instead."""
+    if not logits and hasattr(reference, "rows") and all(
+            all(np.size(r) == 1 for r in rows) for rows in reference.rows.values()):
+        drops = []
+        for name, rows in reference.rows.items():
+            a = np.asarray(rows, dtype=np.float64).reshape(-1)
+            b = np.asarray(test.rows[name], dtype=np.float64).reshape(-1)
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            drops.append(float(1 - a @ b / denom) if denom > 0 else float(np.any(a != b)))
+        return float(np.mean(drops))
     figures = fidelity(reference, test, logits)
     return 1.0 - (figures["top1_agreement"] if logits else figures["mean_cosine"])
 

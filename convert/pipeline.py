@@ -25,7 +25,8 @@ from mfconvert.calibrate.data import Examples
 from mfconvert.convert.config import ConvertConfig
 from mfconvert.convert.files import check_outputs
 from mfconvert.convert.onnx_entry import ConversionResult, convert_onnx, save_result
-from mfconvert.convert.onnx_model import check_serializable, external_data_reads, load_model
+from mfconvert.convert.onnx_model import (PROTO_LIMIT, check_output_path, check_serializable, data_path_for,
+                                          load_model, read_model)
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.shift_format import ShiftFormat
 
@@ -131,28 +132,34 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
     config = config or ConvertConfig()
     options = options or PipelineOptions()
     check_rounding(options.rounding)
-    if output is not None:   # checked before any work: never a file read
-        check_outputs({"-o": output}, {"the input model": model_path, **external_data_reads(model_path)}, force)
-    # load
-    original, label, _ = load_model(model_path)
+    # load: large tensors stay in their files until a pass reads them
+    light, label, size, data_files = read_model(model_path, lazy=True)
+    if output is not None:   # checked before any work (convert/files.py): never a file read
+        check_output_path(output, model_path, force)
+        reads = {"the input model": model_path, **{f"the input's external data {f}": f for f in data_files}}
+        external = bool(data_files) or size > PROTO_LIMIT // 2
+        for path in [output] + ([data_path_for(output)] if external else []):
+            check_outputs({"": path}, reads, force)
     data = options.data
-    calibration = ranges = None
-    if data is not None:
+    original = calibration = ranges = None
+    if data is not None:   # the steps that run the model in ONNX Runtime hold it in memory
+        original, label, _ = load_model(model_path)
         check_serializable(original, label, "--data")
         calibration = Examples(data.items[:CALIBRATION_EXAMPLES], data.pad_values)
         ranges = column_ranges(original, calibration)   # the report checks accumulators on them
     # calibrate
-    config, notes = calibrate_formats(original, config, options, calibration)
+    config, notes = calibrate_formats(original or light, config, options, calibration)
     shift = config.shift_linear
     if shift is not None:
-        notes += format_overflows(original, shift.act_bits, shift.act_frac_bits, shift.act_frac_bits_by_input, ranges)
+        notes += format_overflows(original or light, shift.act_bits, shift.act_frac_bits,
+                                  shift.act_frac_bits_by_input, ranges)
     # passes (canonicalised and shape-inferred inside), allocate
     allocation = None
-    first = convert_onnx(original, config, input_shapes=options.input_shapes, progress=progress,
-                         input_ranges=ranges)
+    source = original if original is not None else model_path
+    first = convert_onnx(source, config, input_shapes=options.input_shapes, progress=progress, input_ranges=ranges)
     result = first
     if allocating(config, options):
-        nodes = allocate.shift_weighted_nodes(first.model, original, first.report.changes)
+        nodes = allocate.shift_weighted_nodes(first.model, source, first.report.changes)
         if nodes and calibration is not None:
             sample = Examples(calibration.items[:ALLOCATION_EXAMPLES], calibration.pad_values)
             measurer = Measurer(original, sample, options.logits, options.input_shapes, options.outputs)
@@ -163,12 +170,12 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         if allocation is not None:
             config = allocate.with_terms(config, allocation.terms)
             if any(t > 1 for t in allocation.terms.values()):
-                result = convert_onnx(original, config, input_shapes=options.input_shapes, input_ranges=ranges)
+                result = convert_onnx(source, config, input_shapes=options.input_shapes, input_ranges=ranges)
     budget_lines: list[str] = []
     if options.max_drop is not None:
         if calibration is None:
             raise ValueError("max_drop needs data")
-        budget = convert_within_budget(original, config, calibration, options.max_drop, options.logits,
+        budget = convert_within_budget(source, config, calibration, options.max_drop, options.logits,
                                        input_shapes=options.input_shapes, outputs=options.outputs)
         result, budget_lines = budget.result, budget.lines()
         if ranges is not None:   # the budget's conversions had no data to check on
