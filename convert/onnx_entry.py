@@ -152,8 +152,9 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         size_after = save_model_atomic(converted, output, external=external)
         data_file = data_path_for(output) if external else None
     report = ConversionReport(results, shapes, size_before, size_after, notes=notes)
-    report.attach_models(model, converted)   # operation counts and energy, counted when first asked
-    return ConversionResult(converted, report, output, data_file, external=external)
+    result = ConversionResult(converted, report, output, data_file, external=external)
+    report.attach_models(model, lambda: result.model)   # counted when asked, on the model the result holds then
+    return result
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, config: ConvertConfig, results) -> onnx.ModelProto:

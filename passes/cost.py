@@ -498,7 +498,7 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
         split = {b: DEFAULT_MOE_SHIFT_FRACTION if moe_shift_fraction is None else moe_shift_fraction for b in blocks}
         measured = moe_shift_fraction is not None
     if blocks:
-        notes.append("ShiftMoEMLP blocks counted at " + ", ".join(f"{100 * split[b]:.0f} %" for b in blocks[:3])
+        notes.append("MoE blocks counted at " + ", ".join(f"{100 * split[b]:.0f} %" for b in blocks[:3])
                      + (" …" if len(blocks) > 3 else "") + " of tokens routed to the Shift expert"
                      + ("" if measured else " (assumed: an untrained router splits tokens about evenly; "
                         "mfconvert.moe.routing_split measures it)"))

@@ -142,26 +142,32 @@ class ConversionReport:
     # Whole-model operation counts and energy before and after (passes/cost.py:model_costs),
     # computed on first use from the models given to attach_models.
     _models: tuple | None = field(default=None, repr=False, compare=False)
-    _costs: dict | None = field(default=None, repr=False, compare=False)
+    _costs: tuple | None = field(default=None, repr=False, compare=False)   # (converted model, figures)
     moe_shift_fraction: float | dict | None = field(default=None, repr=False, compare=False)
 
     def attach_models(self, original, converted) -> None:
-        """The original and converted ModelProto the cost figures count (again after a step that
-        rewrites the converted model, e.g. compensated rounding changes which codes are zero)."""
+        """The original ModelProto and the converted one (or a function returning it, read each
+        time the figures are asked: a step that replaces the model, e.g. compensated rounding,
+        which changes which codes are zero, is then counted) that the cost figures count."""
         self._models, self._costs = (original, converted), None
-        for c in self.changes:
-            c.cost = None
 
     @property
     def costs(self) -> dict | None:
-        if self._costs is None and self._models is not None:
+        if self._models is None:
+            return None
+        original, converted = self._models
+        converted = converted() if callable(converted) else converted
+        if self._costs is None or self._costs[0] is not converted:
             from mfconvert.passes.cost import model_costs
+            for c in self.changes:
+                c.cost = None
             try:
-                self._costs = model_costs(*self._models, self.input_shapes, self.changes, self.moe_shift_fraction)
+                self._costs = converted, model_costs(original, converted, self.input_shapes, self.changes,
+                                                     self.moe_shift_fraction)
             except Exception as err:   # a report figure never fails the conversion: say why it is missing
                 first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-                self._costs = {"notes": [f"operation counts failed: {type(err).__name__}: {first}"]}
-        return self._costs
+                self._costs = converted, {"notes": [f"operation counts failed: {type(err).__name__}: {first}"]}
+        return self._costs[1]
 
     @property
     def changes(self) -> list[LayerChange]:

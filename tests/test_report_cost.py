@@ -485,3 +485,21 @@ def test_conv_layers_through_the_passes():
         expected = model_costs(one, one, {}, [])["after"]   # every counted node of the converted graph
         assert layer.cost["after"] == expected
         assert layer.weight_sqnr_db is None or layer.weight_sqnr_db > 10
+
+
+def test_counts_follow_a_replaced_model(mlp):
+    """A step that replaces the result's model (compensated rounding rewrites the codes) is
+    counted: here every code of fc1 becomes the zero code."""
+    result = convert_onnx(mlp, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0), add_attention=None),
+                          input_shapes={"x": [3, 6]})
+    assert result.report.costs["after"]["by_kind"]["int32_add"] > 0
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(result.model)
+    for init in rewritten.graph.initializer:
+        if init.name == "fc1.codes":   # 5-bit codes 0b01111 (zero code) packed: all bits of 30 codes
+            init.CopyFrom(numpy_helper.from_array(np.packbits(np.tile([1, 1, 1, 1, 0], 30).astype(np.uint8),
+                                                              bitorder="little"), "fc1.codes"))
+    result.model = rewritten
+    layers = {c.node: c for c in result.report.changes}
+    assert result.report.costs["after"]["by_kind"]["int32_add"] == layers["fc2"].cost["after"]["by_kind"]["int32_add"]
+    assert layers["fc1"].cost["after"]["by_kind"]["int32_add"] == 0
