@@ -35,6 +35,12 @@ class ConvStats:
         self.total = torch.zeros(g, k, dtype=torch.float64)
         self.rows = 0
 
+    def output_error(self, weight: torch.Tensor, rounded: torch.Tensor) -> float:
+        """Σ‖(W − Q) r‖² over the rows: Σ_g tr((W_g − Q_g) H_g (W_g − Q_g)ᵀ), weights [M, K]."""
+        g = self.hessian.shape[0]
+        d = (weight.to(torch.float64) - rounded.to(torch.float64)).reshape(g, -1, self.hessian.shape[1])
+        return float((torch.bmm(d, self.hessian) * d).sum())
+
     @torch.no_grad()
     def add(self, layer: ShiftConv, x: torch.Tensor) -> None:
         x = x.detach().to(torch.float32)
@@ -111,10 +117,22 @@ def round_conv_layer(layer: ShiftConv, stats: ConvStats, damping: float, act_ord
         rounded, latent = rounded.reshape(layer.out_channels, -1), latent.reshape(layer.out_channels, -1)
     latent32, rounded32 = latent.to(torch.float32), rounded.to(torch.float32)
     layer.set_latent_weight(torch.where(quantize(latent32) == rounded32, latent32, rounded32))
-    if correct_bias and layer.bias is not None and stats.rows:
-        mean = (stats.total / stats.rows).to(torch.float64)               # [G, K]
-        drift = ((rounded32.double() - start.double()).reshape(g, mg, -1) @ mean[:, :, None]).reshape(-1)
-        layer.bias -= drift.to(torch.float32)
+    if correct_bias:
+        correct_conv_bias(layer, stats, start)
+
+
+@torch.no_grad()
+def correct_conv_bias(layer: ShiftConv, stats: ConvStats, start: torch.Tensor) -> None:
+    """b −= (Ŵ − W)·E[r] per group, Ŵ the weights the layer rounds to now, W = `start` [M, K] the
+    float weight it was rounded from, E[r] the mean im2col row of the statistics. Nothing without
+    a bias."""
+    if layer.bias is None or not stats.rows:
+        return
+    g, mg = layer.group, layer.out_channels // layer.group
+    mean = (stats.total / stats.rows).to(torch.float64)                   # [G, K]
+    rounded = layer.rounded_weight().detach().reshape(layer.out_channels, -1).double()
+    drift = ((rounded - start.double()).reshape(g, mg, -1) @ mean[:, :, None]).reshape(-1)
+    layer.bias -= drift.to(torch.float32)
 
 
 # -- BatchNormalization statistics after conversion -----------------------------------------------

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from mfconvert.calibrate.conv import ConvStats, round_conv_layer
+from mfconvert.calibrate.conv import ConvStats, correct_conv_bias, round_conv_layer
 from mfconvert.calibrate.data import Examples, chunks, model_fixed_batch
 from mfconvert.moe import expert_latent_weights
 from mfconvert.nn import pow2
@@ -82,7 +82,7 @@ def round_layer(layer: ShiftLinear, hessian: torch.Tensor, damping: float = DAMP
     """Re-round a DeepShift-Q ShiftLinear's latent weight by compensated rounding, in place.
     With terms > 1 the grid is that of the greedy sums of `terms` powers of two."""
     if isinstance(layer, ShiftConv):   # per group over its im2col rows (calibrate/conv.py)
-        return round_conv_layer(layer, hessian, damping, act_order)
+        return round_conv_layer(layer, hessian, damping, act_order, correct_bias=False)   # after the choice below
     if layer.mode != "Q":
         raise ValueError("compensated rounding needs a ShiftLinear in mode 'Q' (latent float weights)")
 
@@ -131,6 +131,8 @@ def shift_layer_groups(module: OnnxModule) -> list[list[ShiftLinear]]:
 
 def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
     """Σ‖(W − Q)x‖² over the inputs whose H = Σ x xᵀ is given: tr((W − Q) H (W − Q)ᵀ)."""
+    if isinstance(hessian, ConvStats):   # per group over a ShiftConv's im2col rows
+        return hessian.output_error(weight, rounded)
     d = (weight.to(torch.float64) - rounded.to(torch.float64))
     return float(((d @ hessian.to(torch.float64)) * d).sum())
 
@@ -167,12 +169,16 @@ def compensate_rounding(module: OnnxModule, batches: Iterable[dict[str, np.ndarr
                 nearest = layer.rounded_weight().detach().clone()
                 round_layer(layer, hessian, damping, act_order)
                 if check is None:
+                    if isinstance(layer, ShiftConv):
+                        correct_conv_bias(layer, hessian, weight)
                     continue
                 errors = {"compensated": output_error(weight, layer.rounded_weight().detach(), check),
                           "nearest": output_error(weight, nearest, check)}
                 kept = errors["compensated"] < errors["nearest"]
                 if not kept:
                     layer.set_latent_weight(weight)   # back to the nearest codes
+                if isinstance(layer, ShiftConv):
+                    correct_conv_bias(layer, hessian, weight)
                 decisions[names.get(id(layer), str(len(decisions)))] = {"compensated": kept,
                                                                         "held_out_error": errors}
             if progress is not None:

@@ -134,3 +134,18 @@ def test_batchnorm_statistics_reestimated():
     inits = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
     np.testing.assert_allclose(inits[bn.input[3]], h.mean(dim=(0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(inits[bn.input[4]], h.var(dim=(0, 2, 3), unbiased=False).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_stats_output_error_is_the_sum_over_im2col_rows():
+    """ConvStats.output_error (what compensate_rounding compares compensated and nearest codes by)
+    is Σ‖(W − Q) r‖² over the layer's output positions, computed here with F.conv2d."""
+    torch.manual_seed(4)
+    layer = ShiftConv(6, 6, [3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=3, bias=False)
+    x = torch.randn(3, 6, 9, 9)
+    stats = ConvStats(layer)
+    stats.add(layer, x[:2])
+    stats.add(layer, x[2:])
+    w, q = torch.randn(6, 18), layer.rounded_weight().detach()
+    direct = F.conv2d(F.pad(x, [1, 1, 1, 1]), (w - q).reshape(6, 2, 3, 3), stride=2, groups=3).double().square().sum()
+    assert stats.output_error(w, q) == pytest.approx(float(direct), rel=1e-5)
+    assert stats.rows == 3 * 5 * 5
