@@ -503,3 +503,29 @@ def test_counts_follow_a_replaced_model(mlp):
     layers = {c.node: c for c in result.report.changes}
     assert result.report.costs["after"]["by_kind"]["int32_add"] == layers["fc2"].cost["after"]["by_kind"]["int32_add"]
     assert layers["fc1"].cost["after"]["by_kind"]["int32_add"] == 0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_layers_and_totals_agree_on_an_exported_vit(tmp_path):
+    """On a torch.onnx export of a ViT (shift linears and add attention): what the layers'
+    'before' removes from the original graph's counted nodes is what is left once their 'after'
+    is taken from the converted graph's — the softmax core's before (two MatMuls and the Softmax,
+    written per layer as a formula) against the exported nodes counted one by one."""
+    import torch
+
+    from mfconvert.tests.attention_models import TinyViT, export
+
+    torch.manual_seed(0)
+    path = export(TinyViT().eval(), (torch.randn(2, 3, 32, 32),), tmp_path / "vit.onnx", dynamo=False, opset=17,
+                  input_names=["img"])
+    result = convert_onnx(str(path), ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0)))
+    report = result.report.to_dict()
+    layers = [c for p in report["passes"] for c in p["converted"]]
+    assert {c["pass_name"] for c in layers} == {"shift-linear", "add-attention"}
+    costs = report["costs"]
+    assert not costs["notes"]
+    for kind in costs["before"]["by_kind"]:
+        left_before = costs["before"]["by_kind"][kind] - sum(c["cost"]["before"]["by_kind"][kind] for c in layers)
+        left_after = costs["after"]["by_kind"][kind] - sum(c["cost"]["after"]["by_kind"][kind] for c in layers)
+        assert left_before == left_after, kind
+    assert costs["after"]["multiplications"] < costs["before"]["multiplications"] / 5   # the patch conv stays float
