@@ -40,6 +40,9 @@ class ShiftConvConfig(ShiftFormat):
     # Fractional bits per activation tensor name, from calibration (like ShiftLinearConfig's).
     act_frac_bits_by_input: dict[str, int] = field(default_factory=dict)
     fold_batchnorm: bool = True
+    # A Relu or a constant Clip (ReLU6) reading the conv alone runs inside the op (docs/ops.md,
+    # fused activation): one pass over the output fewer.
+    fuse_activation: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -267,6 +270,32 @@ def shift_conv_node(name: str, match: ConvMatch, cfg) -> tuple[gs.Node, int]:
     return node, nbytes
 
 
+def fusable_activation(graph: gs.Graph, output: gs.Tensor) -> tuple[gs.Node, dict] | None:
+    """(node, attributes) when `output`'s only reader is a Relu or a Clip with constant bounds
+    (ShiftConv's fused activation), else None."""
+    node = sole_consumer(graph, output)
+    if node is None or (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return None
+    if node.op == "Relu":
+        return node, {"activation": "Relu"}
+    if node.op != "Clip":
+        return None
+    opset = graph_opset(graph)
+    bounds = [float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))]
+    for index in (1, 2):
+        if len(node.inputs) > index and node.inputs[index].name:
+            try:
+                value = np.asarray(constant_value(node.inputs[index], opset), np.float64)
+            except NotConstant:
+                return None
+            if value.size != 1:
+                return None
+            bounds[index - 1] = float(value.reshape(-1)[0])
+    if np.isnan(bounds).any() or bounds[0] > bounds[1]:
+        return None
+    return node, {"activation": "Clip", "clip_min": bounds[0], "clip_max": bounds[1]}
+
+
 def _last_dim(tensor: gs.Tensor) -> int | None:
     dims = _dims(tensor)
     return int(dims[-1]) if dims and isinstance(dims[-1], (int, np.integer)) and dims[-1] >= 0 else None
@@ -297,7 +326,14 @@ def run(graph: gs.Graph, cfg: ShiftConvConfig) -> PassResult:
         frac_bits = cfg.act_frac_bits_by_input.get(match.activation.name, cfg.act_frac_bits)
         terms = cfg.terms_for(label) if hasattr(cfg, "terms_for") else cfg.terms   # per-layer allocation
         layer_cfg = replace(cfg, act_frac_bits=frac_bits, terms=terms)
+        fused = fusable_activation(graph, match.output) if cfg.fuse_activation else None
+        if fused is not None:
+            match.nodes.append(fused[0])
+            match.output = fused[0].outputs[0]
         new, nbytes = shift_conv_node(label, match, layer_cfg)
+        if fused is not None:
+            new.attrs.update(fused[1])
+            match.folded.append(fused[0].op)
         warnings = weight_warnings(label, matrix, new.inputs[2].values, layer_cfg)
         for old in match.nodes:
             old.outputs.clear()
@@ -310,7 +346,8 @@ def run(graph: gs.Graph, cfg: ShiftConvConfig) -> PassResult:
         result.changes.append(ConvChange(
             NAME, label, OP, k, m, before, nbytes, activation=match.output.name, last=_last_dim(match.output),
             detail=f"{kind}{shape} conv, stride {'×'.join(map(str, match.strides))}"
-                   + "".join(f" + {f}" for f in match.folded if f != "Pad")
+                   + "".join(f" + {f}" for f in match.folded if f not in ("Pad", "Relu", "Clip"))
+                   + "".join(f", {f} fused" for f in match.folded if f in ("Relu", "Clip"))
                    + (", Pad absorbed" if "Pad" in match.folded else "")
                    + f", {cfg.weight_bits}-bit codes" + (f" × {terms} terms" if terms > 1 else "")
                    + (f"; weights dequantised from {match.dequantised}" if match.dequantised else ""),

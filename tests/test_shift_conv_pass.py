@@ -48,6 +48,7 @@ def decoded(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    after = []
     for node in out.graph.node:
         if node.op_type != "ShiftConv":
             continue
@@ -70,6 +71,25 @@ def decoded(model: onnx.ModelProto) -> onnx.ModelProto:
         keep = {k_: a[k_] for k_ in ("kernel_shape", "strides", "pads", "dilations", "group")}
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(k_, v) for k_, v in keep.items())
+        if a.get("activation"):   # the fused activation, after the conv
+            y = node.output[0]
+            node.output[0] = y + ".pre"
+            if a["activation"] == b"Relu":
+                after.append(helper.make_node("Relu", [y + ".pre"], [y]))
+            else:
+                bounds = [node.name + ".min", node.name + ".max"]
+                out.graph.initializer.extend(numpy_helper.from_array(np.float32(a[k_]), n_) for k_, n_ in
+                                             (("clip_min", bounds[0]), ("clip_max", bounds[1])))
+                after.append(helper.make_node("Clip", [y + ".pre", *bounds], [y]))
+    out.graph.node.extend(after)
+    nodes = list(out.graph.node)          # back in a topological order: each activation after its conv
+    order = []
+    for n in nodes:
+        if n not in after:
+            order.append(n)
+            order += [m for m in after if m.input[0] == n.output[0]]
+    del out.graph.node[:]
+    out.graph.node.extend(order)
     del out.opset_import[:]
     out.opset_import.extend(o for o in model.opset_import if o.domain == "")
     return out
@@ -127,10 +147,10 @@ def test_conv_bn_relu_folds_and_matches_within_rounding(terms):
                        [f32("x", ["N", 3, 9, 10])], [f32("y", ["N", 8, 5, 5])],
                        [init("w", w), init("b", b), init("g", gamma), init("be", beta), init("mu", mean), init("var", var)])
     result = convert(model, terms=terms)
-    assert ops(result.model) == ["ShiftConv", "Relu"]
+    assert ops(result.model) == ["ShiftConv"]
     (change,) = result.report.changes
     assert (change.node, change.in_features, change.out_features) == ("conv", 27, 8)
-    assert "BatchNormalization" in change.detail
+    assert "BatchNormalization" in change.detail and "Relu fused" in change.detail
     x = RNG.normal(0, 1, (2, 3, 9, 10)).astype(np.float32)
     y = ort_run(decoded(result.model), {"x": x})
     y_ref = ort_run(model, {"x": x})
@@ -267,7 +287,7 @@ def test_converted_cnn_runs_in_ort_bit_exact_with_the_layer(terms):
         inits += i_
     model = make_model(nodes, [f32("x", ["N", 3, 15, 16])], [f32(x, ["N", 16, 4, 4])], inits)
     result = convert(model, terms=terms)
-    assert ops(result.model).count("ShiftConv") == 4 and "BatchNormalization" not in ops(result.model)
+    assert ops(result.model) == ["ShiftConv"] * 4            # BatchNormalization folded, ReLU6 fused
     feed = RNG.normal(0, 1, (2, 3, 15, 16)).astype(np.float32)
     y = session(result.model.SerializeToString(), threads=1).run(None, {"x": feed})[0]
     with torch.no_grad():
