@@ -32,8 +32,9 @@ from mfconvert.nn import pow2
 
 ACTIVATIONS = ("", "Relu", "Clip")
 ETA = 0.2                      # AdderNet's η of the adaptive learning rate
+OP_NAME = "AdderConv"
 MAX_TAPS = 1 << 22             # taps · C/group per output element (docs/ops.md: the kernel checks it)
-_CHUNK = 1 << 22               # elements of a [rows, M/g, C/g·prod(k)] block built at a time
+_CHUNK = 1 << 18               # elements of a [rows, M/g, C/g·prod(k)] block built at a time
 
 
 def conv_attributes(kernel_shape, strides=None, pads=None, dilations=None) -> tuple[list, list, list, list]:
@@ -80,11 +81,15 @@ class AdderFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_cols = torch.empty_like(cols)
             g, r, d = cols.shape
-            step = max(1, _CHUNK // max(1, weight.shape[1] * d))
+            m = weight.shape[1]
+            step = max(1, _CHUNK // max(1, m * d))
             for start in range(0, r, step):
                 x = cols[:, start:start + step]                                   # [g, s, d]
+                s = x.shape[1]
                 clipped = (weight.unsqueeze(1) - x.unsqueeze(2)).clamp_(-1, 1)    # [g, s, m, d]
-                grad_cols[:, start:start + step] = (clipped * grad_out[:, start:start + step].unsqueeze(3)).sum(2)
+                # Σ_m clipped[., ., m, :]·g[., ., m] as one batched product per row
+                part = torch.bmm(grad_out[:, start:start + step].reshape(g * s, 1, m), clipped.reshape(g * s, m, d))
+                grad_cols[:, start:start + step] = part.reshape(g, s, d)
         return grad_cols, grad_w, None
 
 
@@ -271,3 +276,36 @@ def to_onnx(layer: AdderConv, node, values: dict) -> list:
     if layer.bias is not None and len(node.input) > 2 and node.input[2]:
         values[node.input[2]] = layer.bias.detach().cpu().numpy().astype("float32")
     return []
+
+
+def registry_examples() -> list:
+    """Small AdderConv nodes for the registry test: 2-D with asymmetric pads, bias and ReLU6,
+    depthwise stride 2, 1-D dilated without bias at Q8.8; the layer must match the kernel bit for
+    bit (atol 0)."""
+    import numpy as np
+    from onnx import helper
+
+    from mfconvert.nn.registry import Example   # the registry imports this module
+    from mfconvert.ort_ops import DOMAIN
+
+    rng = np.random.default_rng(5)
+    torch.manual_seed(5)
+    cases = [(dict(in_channels=4, out_channels=6, kernel_shape=[3, 3], pads=[1, 0, 1, 1], activation="Clip",
+                   clip_min=0.0, clip_max=6.0), True, (2, 4, 7, 6)),
+             (dict(in_channels=6, out_channels=6, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=6),
+              True, (1, 6, 9, 8)),
+             (dict(in_channels=4, out_channels=5, kernel_shape=[3], dilations=[2], pads=[2, 2], act_bits=16,
+                   act_frac_bits=8), False, (2, 4, 11))]
+    out = []
+    for i, (kw, bias, shape) in enumerate(cases):
+        layer = AdderConv(bias=bias, **kw).eval()
+        with torch.no_grad():
+            layer.weight.mul_(0.5)
+            if bias:
+                layer.bias.uniform_(10.0, 30.0)
+        consts = {f"weight{i}": layer.weight.detach().numpy().copy(),
+                  **({f"bias{i}": layer.bias.detach().numpy().copy()} if bias else {})}
+        node = helper.make_node(OP_NAME, ["X", *consts], ["Y"], name=f"adder_conv{i}", domain=DOMAIN,
+                                **layer.onnx_attributes())
+        out.append(Example(node, consts, {"X": (rng.normal(size=shape) * 2).astype(np.float32)}, 0.0))
+    return out

@@ -342,3 +342,132 @@ def run_shift_add(graph: gs.Graph, cfg: ShiftAddConvConfig) -> PassResult:
                                       f"{cfg.weight_bits}-bit codes, ±1 mixing of condition {cond:.3g}"))
     graph.cleanup().toposort()
     return result
+
+
+# -- with --data ---------------------------------------------------------------------------------
+CANDIDATE_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def _teacher_values(teacher, examples, tensors: list[str], count: int, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The teacher's values of `tensors` on the first `count` examples, in ORT."""
+    import onnx
+
+    from mfconvert.calibrate.activation_stats import _run
+    from mfconvert.calibrate.data import Examples, model_fixed_batch
+    from mfconvert.runtime import session
+
+    augmented = onnx.ModelProto.FromString(teacher.SerializeToString())
+    outputs = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
+    sess = session(augmented.SerializeToString())
+    seen: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for batch in Examples(examples.items[:count], examples.pad_values).batches(batch_size):
+        for name, value in _run(sess, tensors, batch, model_fixed_batch(teacher)):
+            seen[name].append(np.asarray(value, np.float64))
+    return {t: np.concatenate(v) for t, v in seen.items()}
+
+
+def _channel_stats(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    axes = (0, *range(2, v.ndim))
+    return v.mean(axes), v.var(axes)
+
+
+def calibrate_adders(student, teacher, examples, count: int = 256) -> tuple[object, list[str]]:
+    """Re-start the adder layers the passes made from data (--data), in a copy of `student`:
+    each adder-conv layer's weights w_a = c + α_m·w (c, σ measured per input channel, α_m·mean|w_m|
+    = A·σ with A among CANDIDATE_SIGMAS the one whose output correlates best with the conv's) and its
+    BatchNormalization mapping the adder output's measured mean/variance to the conv's (keeping the
+    sign of the correlation); each shift-add pair's L_c from the largest |s_c| seen. The conv's
+    inputs and outputs come from the teacher on the first `count` examples. Returns (model, one
+    line per layer)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from mfconvert.nn.adder_conv import from_onnx
+    from mfconvert.nn.onnx_ops import attributes
+
+    model = onnx.ModelProto.FromString(student.SerializeToString())
+    inits = {i.name: i for i in model.graph.initializer}
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    teacher_names = {o for n in teacher.graph.node for o in n.output} | {i.name for i in teacher.graph.input}
+    jobs = []
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != OP:
+            continue
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "BatchNormalization":
+            continue
+        bn = after[0]
+        shift = produced_by.get(node.input[0])
+        pair = shift is not None and shift.domain == DOMAIN and shift.op_type == "ShiftConv"
+        source = shift.input[0] if pair else node.input[0]
+        if source in teacher_names and bn.output[0] in teacher_names:
+            jobs.append((node, bn, pair, source))
+    if not jobs:
+        return model, []
+    values = _teacher_values(teacher, examples, sorted({t for _, bn, _, s in jobs for t in (s, bn.output[0])}), count)
+    lines = []
+
+    def write(name: str, value: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(np.asarray(value, np.float32).reshape(
+            numpy_helper.to_array(inits[name]).shape), name))
+
+    for node, bn, pair, source in jobs:
+        y = values[bn.output[0]]
+        attrs = attributes(node)
+        w_a = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        m = w_a.shape[0]
+        if pair:
+            # s = A⁻¹·(conv output), the shift conv's output before its rounding (module docstring)
+            a = -np.sign(w_a.reshape(m, m))
+            s = np.einsum("mc,nc...->nm...", np.linalg.inv(a), y)
+            big = np.exp2(np.ceil(np.log2(np.maximum(1.25 * np.abs(s).max(axis=(0, *range(2, s.ndim))), 2.0 ** -8))))
+            limit = (2.0 ** (attrs.get("act_bits", 32) - 1) - 1) * 2.0 ** -attrs.get("act_frac_bits", 16)
+            big = np.minimum(big, 2.0 ** math.floor(math.log2(limit)))
+            write(node.input[1], (-big.reshape(1, -1) * a).reshape(w_a.shape))
+            write(bn.input[3], np.full(m, -big.sum()))
+            lines.append(f"{node.name}: 1×1 adder range L_c from max |s_c| on {len(y)} examples "
+                         f"(L = 2^{int(np.log2(big.min()))}…2^{int(np.log2(big.max()))})")
+            continue
+        x = values[source]
+        group = int(attrs.get("group", 1))
+        center, var = _channel_stats(x)
+        sigma = np.sqrt(np.maximum(var, 1e-12))
+        cg = w_a.shape[1]
+        rows_c = np.repeat(center.reshape(group, cg), m // group, axis=0)
+        direction = w_a / np.maximum(np.abs(w_a.reshape(m, -1)).mean(1), 1e-30).reshape(-1, *[1] * (w_a.ndim - 1))
+        limit = (2.0 ** (attrs.get("act_bits", 32) - 1) - 1) * 2.0 ** -attrs.get("act_frac_bits", 16)
+        o_mean, o_var = _channel_stats(y)
+        best = None
+        xt = torch.from_numpy(x[:64].astype(np.float32))
+        for k in CANDIDATE_SIGMAS:
+            cand = adder_start(direction, rows_c, k * float(sigma.mean()), limit)
+            layer = from_onnx(node, attrs, {1: cand.astype(np.float32)}).eval()
+            with torch.no_grad():
+                out = layer(xt).double().numpy()
+            yo = y[:64]
+            axes = (0, *range(2, out.ndim))
+            a_c, y_c = out - out.mean(axes, keepdims=True), yo - yo.mean(axes, keepdims=True)
+            corr = (a_c * y_c).sum(axes) / np.sqrt((a_c ** 2).sum(axes) * (y_c ** 2).sum(axes) + 1e-30)
+            if best is None or np.abs(corr).mean() > best[0]:
+                best = (float(np.abs(corr).mean()), k, cand, corr)
+        score, k, cand, corr = best
+        layer = from_onnx(node, attrs, {1: cand.astype(np.float32)}).eval()
+        with torch.no_grad():
+            out = np.concatenate([layer(torch.from_numpy(x[i:i + 64].astype(np.float32))).double().numpy()
+                                  for i in range(0, len(x), 64)])
+        a_mean, a_var = _channel_stats(out)
+        sign = np.where(corr < 0, -1.0, 1.0)
+        write(node.input[1], cand)
+        write(bn.input[1], sign * np.sqrt(o_var + BN_EPSILON))
+        write(bn.input[2], o_mean)
+        write(bn.input[3], a_mean)
+        write(bn.input[4], np.maximum(a_var, BN_EPSILON) - BN_EPSILON)
+        lines.append(f"{node.name}: adder start from {len(x)} examples, α·mean|w| = {k:g}σ, "
+                     f"output correlation with the conv {score:.3f}")
+    return model, lines
