@@ -94,11 +94,18 @@ def _shift_linear_weights(student: onnx.ModelProto, teacher) -> dict[str, np.nda
     return {**weights, **expert_latent_weights(student)}
 
 
-# op type → fn(student, teacher: a ModelProto or a path) returning {node name: float weight [M, K]} for that op's nodes:
-# the one place a new shift-weighted op (ShiftConv: its weight's im2col view) plugs in. The
-# node's exponent per row is its input 2 and its B its weight_bits attribute, as ShiftLinear's.
-FLOAT_WEIGHTS: dict[str, Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, np.ndarray]]] = {
+def _shift_conv_weights(student: onnx.ModelProto, teacher) -> dict[str, np.ndarray]:
+    """{ShiftConv node: its teacher conv's weight in im2col view [M, C/g·k], BatchNorm folded}."""
+    from mfconvert.passes.conv import conv_latent_weights
+    return conv_latent_weights(student, teacher if isinstance(teacher, onnx.ModelProto) else onnx.load(teacher))
+
+
+# op type → fn(student, teacher: a ModelProto or a path) returning {node name: float weight
+# [M, K]} for that op's nodes: the one place a shift-weighted op plugs in. The node's exponent
+# per row is its input 2 and its B its weight_bits attribute, as ShiftLinear's.
+FLOAT_WEIGHTS: dict[str, Callable[[onnx.ModelProto, object], dict[str, np.ndarray]]] = {
     "ShiftLinear": _shift_linear_weights,
+    "ShiftConv": _shift_conv_weights,
 }
 
 
