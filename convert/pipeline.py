@@ -155,11 +155,12 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
                                   shift.act_frac_bits_by_input, ranges)
     # passes (canonicalised and shape-inferred inside), allocate
     allocation = None
-    source = original if original is not None else model_path
+    source = model_path   # read again, lazily: labels and external data as the file has them
     first = convert_onnx(source, config, input_shapes=options.input_shapes, progress=progress, input_ranges=ranges)
     result = first
     if allocating(config, options):
-        nodes = allocate.shift_weighted_nodes(first.model, source, first.report.changes)
+        nodes = allocate.shift_weighted_nodes(first.model, original if original is not None else source,
+                                              first.report.changes)
         if nodes and calibration is not None:
             sample = Examples(calibration.items[:ALLOCATION_EXAMPLES], calibration.pad_values)
             measurer = Measurer(original, sample, options.logits, options.input_shapes, options.outputs)
