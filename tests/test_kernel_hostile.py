@@ -294,3 +294,81 @@ def test_scratch_of_a_wide_row_is_bounded_and_freed():
         assert r["run_peak"] < 24, (isa, r)
         assert r["held_after_run"] < 24, (isa, r)
         assert r["after_session_deleted"] < 24, (isa, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftConv and AdderConv (issue 13): attributes of the wrong type, sizes past the limits, empty
+# tensors. Every case is a clean ORT error naming the node, or the reference's result.
+
+def conv_model(op, extra=(), x_channels=4, **attrs):
+    """A 3x3 ShiftConv (M = 6, C = 4) or AdderConv with initializer weights."""
+    if op == "ShiftConv":
+        inits = [numpy_helper.from_array(np.zeros((6 * 4 * 9 * 5 + 7) // 8, np.uint8), "W"),
+                 numpy_helper.from_array(np.zeros(6, np.int8), "E")]
+        names = ["X", "W", "E"]
+    else:
+        inits = [numpy_helper.from_array(np.zeros((6, 4, 3, 3), np.float32), "W")]
+        names = ["X", "W"]
+    base = dict(out_channels=6, kernel_shape=[3, 3])
+    base.update(attrs)
+    return model(op, names, {k: v for k, v in base.items() if v is not None}, inits, extra)
+
+
+CONV_X = np.zeros((1, 4, 5, 5), np.float32)
+CONV_INT = ["out_channels", "group", "act_bits", "act_frac_bits"]
+CONV_LISTS = ["kernel_shape", "strides", "pads", "dilations"]
+
+
+@pytest.mark.parametrize("op", ["ShiftConv", "AdderConv"])
+@pytest.mark.parametrize("got", list(WRONG))
+@pytest.mark.parametrize("attr", CONV_INT + ["weight_bits", "terms"] + CONV_LISTS + ["activation", "clip_min"])
+def test_conv_attribute_of_wrong_type(op, attr, got):
+    if op == "AdderConv" and attr in ("weight_bits", "terms"):
+        return    # not AdderConv attributes (ignored)
+    kind = ("an int" if attr in CONV_INT + ["weight_bits", "terms"] else "a list of ints" if attr in CONV_LISTS
+            else "a string" if attr == "activation" else "a float")
+    if got == kind or (kind == "a float" and got == "a list of floats" and False):
+        return
+    if attr in CONV_LISTS and got == "a list of ints":
+        return    # the right type
+    extra = [helper.make_attribute(attr, WRONG[got])]
+    m = conv_model(op, extra, **{attr: None}, **({"activation": "Clip"} if attr == "clip_min" else {}))
+    expect_error(m, {"X": CONV_X}, f"attribute {attr} must be {kind}, got {got}")
+
+
+@pytest.mark.parametrize("op", ["ShiftConv", "AdderConv"])
+@pytest.mark.parametrize("attrs,part", [
+    (dict(pads=[1 << 31, 1 << 31, 1 << 31, 1 << 31]), "does not fit int64"),        # OH * OW * M wraps
+    (dict(kernel_shape=[1 << 22, 1 << 22]), "4194304"),   # K = 2^44: larger than X (and W)
+    (dict(dilations=[1, 1 << 31]), "smaller than the dilated kernel 4294967297"),
+    (dict(pads=[(1 << 31) + 1, 0, 0, 0]), "pads"),
+    (dict(strides=[-(1 << 63), 1]), "strides"),
+    (dict(out_channels=1 << 62), "out_channels"),
+    (dict(group=-(1 << 63)), "group"),
+])
+def test_conv_sizes_past_the_limits(op, attrs, part):
+    expect_error(conv_model(op, **attrs), {"X": CONV_X}, part)
+
+
+def test_conv_reduction_above_2_22_is_an_error():
+    """(C/G) * K * terms above 2^22 is refused before the codes length is even computed."""
+    m = conv_model("ShiftConv", kernel_shape=[1, 1], terms=4)
+    expect_error(m, {"X": np.zeros((1, (1 << 20) + 1, 1, 1), np.float32)}, "above 2^22")
+
+
+@pytest.mark.parametrize("op", ["ShiftConv", "AdderConv"])
+@pytest.mark.parametrize("shape", [(0, 4, 5, 5), (0, 4, 0, 0), (2, 4, 0, 3)])
+def test_conv_empty_inputs(op, shape):
+    """N = 0: an empty Y; a spatial size 0 with padding that makes the output >= 1 reads only
+    padding (x_q = 0); without padding it is an output size below 1."""
+    pads = [2, 2, 2, 2]
+    m = conv_model(op, pads=pads)
+    x = np.zeros(shape, np.float32)
+    if op == "ShiftConv":
+        codes = np.zeros((1, 6, 4, 3, 3), np.uint8)
+        expect = ref.shift_conv(x, codes, np.zeros(6, np.int8), None, 5, 32, 16, [3, 3], None, pads)
+    else:
+        expect = ref.adder_conv(x, np.zeros((6, 4, 3, 3), np.float32), None, 32, 16, [3, 3], None, pads)
+    for isa in SL_ISAS:
+        np.testing.assert_array_equal(run(m, {"X": x}, isa), expect)
+    expect_error(conv_model(op), {"X": np.zeros((1, 4, 0, 5), np.float32)}, "output size below 1")

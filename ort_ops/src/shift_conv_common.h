@@ -66,13 +66,26 @@ inline std::vector<int64_t> ReadInts(const OrtKernelInfo* info, const char* name
   OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
   if (st == nullptr && n == 0) {
     // ORT answers the size query of a scalar or string attribute with 0: ask what it is.
+    // (Types no getter reads, such as strings or a graph, stay an empty list: a length error.)
     int64_t i = 0;
     float f = 0;
-    size_t len = 0;
-    const char* got = Ok(api.KernelInfoGetAttribute_int64(info, name, &i))             ? "an int"
-                      : Ok(api.KernelInfoGetAttribute_float(info, name, &f))           ? "a float"
-                      : Ok(api.KernelInfoGetAttribute_string(info, name, nullptr, &len)) ? "a string"
-                                                                                          : nullptr;
+    size_t len = 0, nf = 0;
+    OrtAllocator* alloc = nullptr;
+    OrtValue* tensor = nullptr;
+    const char* got = nullptr;
+    if (Ok(api.KernelInfoGetAttribute_int64(info, name, &i))) {
+      got = "an int";
+    } else if (Ok(api.KernelInfoGetAttribute_float(info, name, &f))) {
+      got = "a float";
+    } else if (Ok(api.KernelInfoGetAttribute_string(info, name, nullptr, &len))) {
+      got = "a string";
+    } else if (Ok(api.KernelInfoGetAttributeArray_float(info, name, nullptr, &nf)) && nf > 0) {
+      got = "a list of floats";
+    } else if (Ok(api.GetAllocatorWithDefaultOptions(&alloc)) &&
+               Ok(api.KernelInfoGetAttribute_tensor(info, name, alloc, &tensor))) {
+      api.ReleaseValue(tensor);
+      got = "a tensor";
+    }
     if (got != nullptr) throw ConvError{std::string("attribute ") + name + " must be a list of ints, got " + got};
     *present = true;
     return {};
