@@ -551,16 +551,23 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
     # Totals: every counted node of each graph (MoE blocks as a whole).
     total_before = ops()
     open_before = []
+    by_op_before: dict[str, dict] = {}
+    by_op_after: dict[str, dict] = {}
     for n in original.graph.node:
         if counted(n):
-            total_before = _plus(total_before, float_node_ops(n, dims), open_before, n)
+            got = float_node_ops(n, dims)
+            total_before = _plus(total_before, got, open_before, n)
+            _tally(by_op_before, n.op_type, got)
     total_before["fp32_add"] += bias_adds
+    _tally(by_op_before, "Add (bias, fused by a pass)", ops(fp32_add=bias_adds) if bias_adds else None)
     total_after = ops()
     open_after = []
     moe_prefixes = tuple(f"{b}/moe/" for b in blocks)
     for n in converted.graph.node:
         if counted(n) and not (moe_prefixes and n.name.startswith(moe_prefixes)):
-            total_after = _plus(total_after, node_ops(n, new_dims, inits, memo), open_after, n)
+            got = node_ops(n, new_dims, inits, memo)
+            total_after = _plus(total_after, got, open_after, n)
+            _tally(by_op_after, n.op_type, got)
     for b in blocks:
         for p in ("router", "fc1", "fc2"):
             got = moe_ops(b, p, by_name, new_dims, inits, split[b])
@@ -568,6 +575,7 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
                 open_after.append(f"{b} ({p})")
             else:
                 total_after = add_ops(total_after, got)
+                _tally(by_op_after, "ShiftMoEMLP", got)
     if why and (unknown or open_before or open_after):
         notes.append(f"operation counts incomplete: shape inference at {shapes} failed: {why}")
     elif unknown:
@@ -588,6 +596,9 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
         "energy_source": "45 nm: Horowitz, ISSCC 2014 (fp32, int32); shift: ShiftAddNet (NeurIPS 2020, "
                          "Table 1); int64 add = 2 × int32 add and |x| = int32 add assumed; exp/sqrt not priced",
         "before": before, "after": after,
+        # the same totals by op type: what each kind of node costs, e.g. the float MatMuls left
+        "by_op": {"before": {k: summary(v) for k, v in by_op_before.items()},
+                  "after": {k: summary(v) for k, v in by_op_after.items()}},
         "weight_bytes": {"before": sum(c.bytes_before for c in changes), "after": sum(c.bytes_after for c in changes)},
         "notes": notes,
     }
@@ -613,6 +624,11 @@ def _still_there(node: onnx.NodeProto, converted: onnx.ModelProto) -> bool:
     BatchNormalization a pass took into its layer is gone."""
     return any(n.op_type == node.op_type and n.name == node.name and list(n.input) == list(node.input)
                for n in converted.graph.node)
+
+
+def _tally(table: dict, op: str, got: dict | None) -> None:
+    if got is not None:
+        table[op] = add_ops(table.get(op, ops()), got)
 
 
 def _plus(total: dict, got: dict | None, missing: list, node) -> dict:

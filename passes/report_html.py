@@ -130,6 +130,15 @@ def render(report: dict, title: str = "mfconvert conversion report") -> str:
                     f"<tr><td>model file</td><td>{human_bytes(report.get('file_bytes_before', 0))}</td>"
                     f"<td>{human_bytes(report.get('file_bytes_after', 0))}</td><td></td></tr></table>")
         body.append(f"<p class=note>Energy per operation: {escape(costs.get('energy_source', ''))}.</p>")
+        by_op = costs.get("by_op") or {}
+        ops_names = list(dict.fromkeys([*by_op.get("before", {}), *by_op.get("after", {})]))
+        if ops_names:
+            def cell(side, op):
+                f = by_op.get(side, {}).get(op)
+                return "—" if f is None else f"{_ops_cell(f)}; {human_energy(f['energy_pj'])}"
+            body.append("<h2>By op type</h2><table><tr><th>op</th><th>before</th><th>after</th></tr>"
+                        + "".join(f"<tr><td>{escape(op)}</td><td>{cell('before', op)}</td><td>{cell('after', op)}</td></tr>"
+                                  for op in ops_names) + "</table>")
     for note in costs.get("notes", []) + report.get("notes", []):
         body.append(f"<p class=note>{escape(note)}</p>")
     head = ("<tr><th>layer</th><th>pass</th><th>became</th><th>in→out</th><th>weight SQNR</th><th>output error</th>"

@@ -529,3 +529,8 @@ def test_layers_and_totals_agree_on_an_exported_vit(tmp_path):
         left_after = costs["after"]["by_kind"][kind] - sum(c["cost"]["after"]["by_kind"][kind] for c in layers)
         assert left_before == left_after, kind
     assert costs["after"]["multiplications"] < costs["before"]["multiplications"] / 5   # the patch conv stays float
+    for side in ("before", "after"):   # the totals by op type add up to the totals
+        for kind, total in costs[side]["by_kind"].items():
+            assert sum(f["by_kind"][kind] for f in costs["by_op"][side].values()) == total
+    assert set(costs["by_op"]["after"]) == {"Conv", "ShiftLinear", "AddLinearAttention"}   # the float ops left: Conv
+    assert "Softmax" in costs["by_op"]["before"] and "Softmax" not in costs["by_op"]["after"]
