@@ -151,6 +151,14 @@ class ConversionReport:
         which changes which codes are zero, is then counted) that the cost figures count."""
         self._models, self._costs = (original, converted), None
 
+    def set_output_errors(self, errors: dict[str, float]) -> None:
+        """Per-layer output errors measured on data, {layer (its node, or its target: an MoE
+        block's fc1) : error}, e.g. --max-drop's sensitivities; each layer's fidelity on data."""
+        for c in self.changes:
+            found = errors.get(c.node, errors.get(c.target) if c.target else None)
+            if found is not None:
+                c.output_error = float(found)
+
     @property
     def costs(self) -> dict | None:
         if self._models is None:

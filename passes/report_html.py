@@ -141,6 +141,17 @@ def render(report: dict, title: str = "mfconvert conversion report") -> str:
                                   for op in ops_names) + "</table>")
     for note in costs.get("notes", []) + report.get("notes", []):
         body.append(f"<p class=note>{escape(note)}</p>")
+    # --shift-terms auto (convert/pipeline.py's report): each node's terms and its SQNR at 1–4 terms
+    allocated = {n["node"]: n for n in ((report.get("allocation") or {}).get("nodes") or [])}
+
+    def sqnr_cell(c):
+        sqnr, a = c.get("weight_sqnr_db"), allocated.get(c.get("node"))
+        text = "—" if sqnr is None else f"{sqnr:.1f} dB"
+        if a is not None:
+            text += (f" ({a['terms']} term(s); 1–4 terms: "
+                     + " / ".join(f"{v:.0f}" for v in a["weight_sqnr_db"]) + " dB)")
+        return text
+
     head = ("<tr><th>layer</th><th>pass</th><th>became</th><th>in→out</th><th>weight SQNR</th><th>output error</th>"
             "<th>operations before</th><th>operations after</th><th>energy before → after</th>"
             "<th>bytes before → after</th><th>detail</th></tr>")
@@ -152,7 +163,7 @@ def render(report: dict, title: str = "mfconvert conversion report") -> str:
         rows.append(f"<tr{' class=low' if sqnr is not None and sqnr < LOW_SQNR_DB else ''}>"
                     f"<td>{escape(str(c.get('node')))}</td><td>{escape(str(c.get('pass_name')))}</td>"
                     f"<td>{escape(str(c.get('new_op')))}</td><td>{c.get('in_features')}→{c.get('out_features')}</td>"
-                    f"<td>{'—' if sqnr is None else f'{sqnr:.1f} dB'}</td><td>{'—' if err is None else f'{err:.4g}'}</td>"
+                    f"<td>{escape(sqnr_cell(c))}</td><td>{'—' if err is None else f'{err:.4g}'}</td>"
                     f"<td>{_ops_cell(cost.get('before'))}</td><td>{_ops_cell(cost.get('after'))}</td>"
                     f"<td>{human_energy(_energy(c, 'before'))} → {human_energy(_energy(c, 'after'))}</td>"
                     f"<td>{human_bytes(c.get('bytes_before', 0))} → {human_bytes(c.get('bytes_after', 0))}</td>"

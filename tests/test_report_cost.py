@@ -534,3 +534,14 @@ def test_layers_and_totals_agree_on_an_exported_vit(tmp_path):
             assert sum(f["by_kind"][kind] for f in costs["by_op"][side].values()) == total
     assert set(costs["by_op"]["after"]) == {"Conv", "ShiftLinear", "AddLinearAttention"}   # the float ops left: Conv
     assert "Softmax" in costs["by_op"]["before"] and "Softmax" not in costs["by_op"]["after"]
+
+
+def test_measured_output_errors_are_drawn(mlp):
+    result = convert_onnx(mlp, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0), add_attention=None),
+                          input_shapes={"x": [3, 6]})
+    result.report.set_output_errors({"fc1": 0.02, "fc2": 0.001, "elsewhere": 1.0})
+    report = result.report.to_dict()
+    assert [c["output_error"] for c in report["passes"][0]["converted"]] == [0.02, 0.001]
+    checker = Checker()
+    checker.feed(render(report))
+    assert checker.tags["svg"] == 2 and checker.tags["circle"] == 4   # SQNR and measured error, 2 layers each
