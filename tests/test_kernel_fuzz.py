@@ -386,3 +386,141 @@ def test_add_attention_fuzz(c):
         assert (diff[bi, :, hi] <= th[bi, :, hi]).all(), \
             f"{c['isa']}: batch {bi} head {hi}: max |diff| {diff[bi, :, hi].max():.3g}, bound {th[bi, :, hi].min():.3g}"
     count("add_attention", "within_bound" if ok.any() else "not_compared")
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftConv and AdderConv: exactly the NumPy reference, or a clean error naming the node.
+
+CONV_MALFORMED = ["codes_length", "exponent_length", "w_shape", "x_channels", "group", "attr_type", "attr_range",
+                  "output_size", "activation"]
+
+
+@st.composite
+def conv_cases(draw):
+    d = draw(st.sampled_from([1, 2, 2]))
+    c = dict(
+        seed=draw(st.integers(0, 2**32 - 1)),
+        isa=draw(st.sampled_from(ISAS)),
+        op=draw(st.sampled_from(["ShiftConv", "AdderConv"])),
+        d=d,
+        n=draw(st.sampled_from([0, 1, 1, 2, 3])),
+        group=draw(st.sampled_from([1, 1, 2, 3, "depthwise"])),
+        cg=draw(st.integers(1, 5)),
+        mg=draw(st.integers(1, 4)),
+        kernel=[draw(st.integers(1, 5)) for _ in range(d)],
+        strides=[draw(st.integers(1, 3)) for _ in range(d)],
+        dilations=[draw(st.integers(1, 3)) for _ in range(d)],
+        pads=[draw(st.integers(0, 3)) for _ in range(2 * d)],
+        spatial=[draw(st.integers(0, 20)) for _ in range(d)],
+        terms=draw(st.sampled_from([1, 1, 2, 3, 4])),
+        weight_bits=draw(st.integers(2, 5)),
+        act_bits=draw(st.integers(2, 32)),
+        act_frac_bits=draw(st.integers(-32, 32)),
+        activation=draw(st.sampled_from(["", "", "Relu", "Clip"])),
+        as_inputs=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        x_special=draw(st.booleans()),
+        x_scale=draw(st.sampled_from([1e-3, 1.0, 1e3, 1e9])),
+        malformed=draw(st.one_of(st.none(), st.none(), st.none(), st.sampled_from(CONV_MALFORMED))),
+        bad_value=draw(st.sampled_from(WRONG_TYPES)),
+    )
+    if c["group"] == "depthwise":
+        c["group"], c["cg"] = draw(st.integers(1, 6)), 1
+    return c
+
+
+@FUZZ
+@given(conv_cases())
+def test_conv_fuzz(c):
+    rng = np.random.default_rng(c["seed"])
+    d, g, kernel = c["d"], c["group"], c["kernel"]
+    cin, m = g * c["cg"], g * c["mg"]
+    act_bits, frac, terms, bits = c["act_bits"], c["act_frac_bits"], c["terms"], c["weight_bits"]
+    attrs = dict(out_channels=m, kernel_shape=kernel, strides=c["strides"], pads=c["pads"],
+                 dilations=c["dilations"], group=g, act_bits=act_bits, act_frac_bits=frac)
+    clip = (-np.inf, np.inf)
+    if c["activation"]:
+        attrs["activation"] = c["activation"]
+    if c["activation"] == "Clip":
+        lo = float(rng.standard_normal() * 3)
+        clip = (lo, lo + abs(float(rng.standard_normal() * 5)))
+        attrs.update(clip_min=clip[0], clip_max=clip[1])
+    kk = int(np.prod(kernel))
+    x = hostile_floats(rng, (c["n"], cin, *c["spatial"]), c["x_scale"], c["x_special"])
+    bias = hostile_floats(rng, (m,), 4.0, False) if c["bias"] else None
+    if c["op"] == "ShiftConv":
+        attrs.update(weight_bits=bits, terms=terms)
+        z = (1 << (bits - 1)) - 1
+        codes = rng.integers(0, 1 << bits, size=(terms, m, c["cg"], *kernel)).astype(np.uint8)
+        packed = np.packbits(((codes.reshape(-1)[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1),
+                             bitorder="little")
+        exponent = rng.integers(-20, 21, m).astype(np.int8)
+        exponent = np.clip(exponent, frac - 126, frac + 127).astype(np.int8)
+        weights = [("W_codes", TensorProto.UINT8, packed), ("W_exponent", TensorProto.INT8, exponent)]
+        assert (codes & z).max(initial=0) <= z
+    else:
+        w = hostile_floats(rng, (m, c["cg"], *kernel), c["x_scale"], c["x_special"])
+        weights = [("W", TensorProto.FLOAT, w)]
+    if bias is not None:
+        weights.append(("B", TensorProto.FLOAT, bias))
+
+    bad, extra = c["malformed"], []
+    if bad == "codes_length" and c["op"] == "ShiftConv":
+        weights[0] = ("W_codes", TensorProto.UINT8, np.concatenate([packed, [0]]).astype(np.uint8))
+    elif bad == "exponent_length" and c["op"] == "ShiftConv":
+        weights[1] = ("W_exponent", TensorProto.INT8, np.zeros(m + 1, np.int8))
+    elif bad == "w_shape" and c["op"] == "AdderConv":
+        weights[0] = ("W", TensorProto.FLOAT, np.zeros((m, c["cg"] + 1, *kernel), np.float32))
+    elif bad == "x_channels":
+        x = np.zeros((c["n"], cin + g, *c["spatial"]), np.float32)
+    elif bad == "group" and g > 1:
+        attrs["group"] = g + 1 if m % (g + 1) else 0
+    elif bad == "attr_type":
+        name = ["out_channels", "kernel_shape", "strides", "pads", "group", "act_bits"][c["seed"] % 6]
+        attrs.pop(name, None)
+        lists = ("kernel_shape", "strides", "pads")      # [1, 2] is a list of ints: a float instead
+        extra.append(helper.make_attribute(name, 2.0 if name in lists and c["bad_value"] == [1, 2] else c["bad_value"]))
+    elif bad == "attr_range":
+        name, value = [("act_bits", 33), ("act_frac_bits", -33), ("strides", [0] * d), ("dilations", [-1] * d),
+                       ("pads", [-1] * (2 * d)), ("kernel_shape", [0] * d)][c["seed"] % 6]
+        attrs[name] = value
+    elif bad == "output_size":
+        attrs["pads"] = [0] * (2 * d)
+        attrs["dilations"] = [1] * d
+        attrs["kernel_shape"] = kernel = [s + 1 for s in c["spatial"]]
+        if c["op"] == "AdderConv":
+            weights[0] = ("W", TensorProto.FLOAT, np.zeros((m, c["cg"], *kernel), np.float32))
+    elif bad == "activation":
+        attrs["activation"] = "HardSwish"
+    else:
+        bad = None
+
+    names = ["X"] + [n for n, _, _ in weights]
+    typed = [("X", TensorProto.FLOAT)] + ([(n, t) for n, t, _ in weights] if c["as_inputs"] else [])
+    inits = [] if c["as_inputs"] else [numpy_helper.from_array(a, n) for n, _, a in weights]
+    model = graph(c["op"], names, typed, attrs, inits, extra)
+    feeds = {"X": x, **({n: a for n, _, a in weights} if c["as_inputs"] else {})}
+    y, err = run_or_error(model, feeds, c["isa"])
+    test = c["op"].lower()
+    if bad is not None:
+        # Malformed weights on an empty batch are still checked (every run checks its weights).
+        assert err is not None, f"malformed case ({bad}) ran"
+        count(test, "clean_error")
+        return
+    # A geometry whose output size is below 1 is an error by the spec.
+    out = ref.conv_output_shape(c["spatial"], kernel, c["strides"], c["pads"], c["dilations"])
+    if min(out) < 1:
+        assert err is not None and "output size below 1" in err, err
+        count(test, "clean_error")
+        return
+    assert err is None, err
+    if c["op"] == "ShiftConv":
+        expect = ref.shift_conv(x, codes, exponent, bias, bits, act_bits, frac, kernel, c["strides"], c["pads"],
+                                c["dilations"], g, c["activation"], *clip)
+    else:
+        expect = ref.adder_conv(x, w, bias, act_bits, frac, kernel, c["strides"], c["pads"], c["dilations"], g,
+                                c["activation"], *clip)
+    assert y.shape == expect.shape and y.dtype == np.float32
+    same = (y == expect) | (np.isnan(y) & np.isnan(expect))
+    assert same.all(), f"{c['isa']}: {(~same).sum()} of {same.size} differ"
+    count(test, "exact" if y.size else "empty_ok")
