@@ -162,6 +162,17 @@ def test_per_node_terms_survive_the_moe_and_the_executor(deep):
     assert _terms(moe)[experts[0]] == 4 and set(_terms(moe).values()) == {1, 4}
 
 
+def test_per_node_terms_survive_finetuning(deep, tmp_path):
+    """Two steps of distillation write each layer back with the terms it was allocated."""
+    from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+    student = convert_onnx(deep, ConvertConfig(shift_linear=ShiftLinearConfig(terms_by_node={"fc0": 2, "fc2": 3}),
+                                               **SHIFT_ONLY)).model
+    out = str(tmp_path / "ft.onnx")
+    finetune(student, onnx.load(deep), Examples([{"x": v} for v in _inputs(64, 64, seed=8)], {}),
+             FinetuneConfig(steps=2, batch_size=16, lr=1e-3, progress=False), output=out)
+    assert _terms(onnx.load(out)) == {"fc0": 2, "fc1": 1, "fc2": 3, "fc3": 1}
+
+
 def test_moe_output_is_flagged_for_finetuning(deep, tmp_path):
     res = runner.invoke(app, [deep, "-o", str(tmp_path / "moe.onnx"), "--moe-mlp", "--no-shift-linear"])
     assert res.exit_code == 0, res.output
