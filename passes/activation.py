@@ -49,9 +49,10 @@ def _is_standard(node: gs.Node) -> bool:
     return (node.domain or "") in ("", "ai.onnx")
 
 
-def find_activation(graph: gs.Graph, h: gs.Tensor) -> tuple[Activation, gs.Node] | str | None:
+def find_activation(graph: gs.Graph, h: gs.Tensor, ends: tuple = ()) -> tuple[Activation, gs.Node] | str | None:
     """(activation, the linear node reading its output) when h flows through an elementwise
-    activation into exactly one MatMul/Gemm; a reason when it does but cannot be converted;
+    activation into exactly one MatMul/Gemm (or op in `ends`: a layout op or fake quantisation
+    before it, which the caller follows); a reason when it does but cannot be converted;
     None when h's consumers are not an activation-then-linear at all."""
     region, inside, frontier, linears = [], {id(h): h}, [h], []
     while frontier:
@@ -59,7 +60,7 @@ def find_activation(graph: gs.Graph, h: gs.Tensor) -> tuple[Activation, gs.Node]
         for consumer in t.outputs:
             if any(consumer is n for n in region):
                 continue
-            if consumer.op in ("MatMul", "Gemm") and _is_standard(consumer):
+            if consumer.op in ("MatMul", "Gemm", *ends) and _is_standard(consumer):
                 linears.append((t, consumer))
                 continue
             if consumer.op not in ELEMENTWISE or not _is_standard(consumer) or len(region) == MAX_NODES:

@@ -12,7 +12,9 @@ import onnx_graphsurgeon as gs
 
 from mfconvert.nn.moe_mlp import router_init
 from mfconvert.passes.activation import Activation, copy_nodes, find_activation
-from mfconvert.passes.graph import claim, claimant, graph_opset, node_label
+from mfconvert.passes.graph import (NotConstant, claim, claimant, constant_value, graph_opset, is_graph_output,
+                                    node_label)
+from mfconvert.passes.match import MatchResult, failed, fake_quant_user, matched
 from mfconvert.passes.linear import LinearMatch, match_linear, shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
@@ -46,30 +48,126 @@ class MoEMLPConfig(ShiftFormat):
 
 @dataclass
 class Block:
-    """An MLP found in the graph: fc1 → activation → fc2."""
+    """An MLP found in the graph: fc1 → activation → fc2, on N-D or flattened ([B·T, C]) tokens;
+    reshapes and activation fake quantisation (QuantizeLinear → DequantizeLinear) between the
+    linears are part of the block (a bias Add after fc1's fake quantisation is folded into fc1)."""
     fc1: LinearMatch
     act: Activation
     fc2: LinearMatch
+    between: list = field(default_factory=list)   # the reshapes and fake quantisation the rewrite drops
 
 
-def match_block(graph: gs.Graph, node: gs.Node) -> Block | str | None:
-    """The MLP block whose fc1 is `node`; a reason when it is one but cannot be converted;
-    None when `node` does not start an MLP (attention projections, heads)."""
+# What may sit between the linears and the activation without changing its meaning: reshapes
+# (an elementwise function commutes with them; both ends keep the hidden axis last, so tokens keep
+# their order) and activation fake quantisation (the identity up to rounding).
+_BETWEEN = ("Reshape", "QuantizeLinear")
+
+
+def _through(graph: gs.Graph, t: gs.Tensor, opset: int, hidden: int, bias: list | None,
+             nodes: list) -> gs.Tensor:
+    """Follow t forward through reshapes, fake quantisation and (with `bias`, a one-element list
+    to add into) a per-channel constant Add, each its only reader; the tensor reached."""
+    for _ in range(8):
+        users = list(t.outputs)
+        if len(users) != 1 or is_graph_output(graph, t):
+            return t
+        user = users[0]
+        if user.op == "Reshape" and user.inputs[0] is t:
+            nodes.append(user)
+            t = user.outputs[0]
+        elif (fq := fake_quant_user(t)) is not None:
+            nodes.extend(fq[1])
+            t = fq[0]
+        elif bias is not None and user.op == "Add" and any(n.op == "QuantizeLinear" for n in nodes):
+            other = user.inputs[1] if user.inputs[0] is t else user.inputs[0]
+            try:
+                b = np.asarray(constant_value(other, opset), dtype=np.float64)
+            except NotConstant:
+                return t
+            if b.size != hidden or b.shape[-1] != hidden:
+                return t
+            bias[0] = bias[0] + b.reshape(-1)
+            nodes.append(user)
+            t = user.outputs[0]
+        else:
+            return t
+    return t
+
+
+def _rank(t: gs.Tensor) -> int | None:
+    if t.shape is not None:
+        return len(t.shape)
+    node = t.inputs[0] if t.inputs else None
+    if node is not None and node.op == "Reshape" and node.inputs[1].shape is not None:
+        d = node.inputs[1].shape[0]
+        return int(d) if isinstance(d, (int, np.integer)) else None
+    return None
+
+
+# com.microsoft activations (onnxruntime.transformers.optimizer fuses fc1's bias into BiasGelu):
+# the probe evaluation cannot run them, their definitions name them. Their constant inputs (the
+# bias) stay with the node, which both experts copy.
+CONTRIB_ACTIVATIONS = {"BiasGelu": "GELU", "Gelu": "GELU", "FastGelu": "GELU(tanh)", "QuickGelu": "QuickGELU"}
+
+
+def _contrib_activation(graph: gs.Graph, h: gs.Tensor, opset: int):
+    users = list(h.outputs)
+    if len(users) != 1 or users[0].domain != "com.microsoft" or users[0].op not in CONTRIB_ACTIVATIONS:
+        return None
+    node = users[0]
+    if node.inputs[0] is not h or len(node.outputs[0].outputs) != 1 or is_graph_output(graph, node.outputs[0]):
+        return None
+    for t in node.inputs[1:]:
+        if t.name and not isinstance(t, gs.Constant):
+            try:
+                constant_value(t, opset)
+            except NotConstant:
+                return f"{node.op} '{node.name}': bias '{t.name}' is not constant"
+            return f"{node.op} '{node.name}': bias '{t.name}' is computed, not an initializer"
+    end = node.outputs[0].outputs[0]
+    if end.op not in ("MatMul", "Gemm", *_BETWEEN):
+        return None
+    return Activation(CONTRIB_ACTIVATIONS[node.op], [node], h, node.outputs[0], {}), end
+
+
+def match_block(graph: gs.Graph, node: gs.Node) -> MatchResult:
+    """The MLP block whose fc1 is `node` (value: Block; claims: its linears' nodes), or the reason
+    it cannot be converted; a `quiet` miss when `node` does not start an MLP (attention
+    projections, heads)."""
+    opset = graph_opset(graph)
     fc1 = match_linear(graph, node)
     if isinstance(fc1, str):
-        return None
-    found = find_activation(graph, fc1.output)
+        return MatchResult(reason=fc1, node=node, quiet=True)
+    hidden = fc1.weight.shape[0]
+    between: list[gs.Node] = []
+    bias = [np.zeros(hidden) if fc1.bias is None else np.asarray(fc1.bias, dtype=np.float64)]
+    h = _through(graph, fc1.output, opset, hidden, bias, between)
+    found = _contrib_activation(graph, h, opset) or find_activation(graph, h, ends=_BETWEEN)
     if not isinstance(found, tuple):
-        return found
-    act, fc2_node = found
+        return MatchResult(reason=found or "not followed by an activation and a linear", node=node,
+                           quiet=found is None)
+    act, end = found
+    a = _through(graph, act.output, opset, hidden, None, between) if end.op in _BETWEEN else act.output
+    fc2_node = next(iter(a.outputs), None) if len(a.outputs) == 1 else None
+    if fc2_node is None or fc2_node.op not in ("MatMul", "Gemm") or fc2_node.inputs[0] is not a:
+        return MatchResult(reason="the activation does not reach one linear", node=end, quiet=True)
     if claimant(graph, fc2_node) is not None:
-        return None
+        return MatchResult(reason=f"fc2 '{node_label(fc2_node)}' already converted", node=fc2_node, quiet=True)
     fc2 = match_linear(graph, fc2_node)
     if isinstance(fc2, str):
-        return f"fc2 '{node_label(fc2_node)}': {fc2}"
+        return failed(f"fc2 '{node_label(fc2_node)}': {fc2}", fc2_node)
+    if fc2.weight.shape[1] != hidden:
+        return failed(f"fc1 has {hidden} outputs, fc2 takes {fc2.weight.shape[1]}", fc2_node)
+    if any(n.op == "Reshape" for n in between):
+        ranks = (_rank(fc1.activation), _rank(a))
+        if None in ranks or ranks[0] != ranks[1]:
+            return failed(f"the reshapes between fc1 and fc2 change the token layout (rank {ranks[0]} → {ranks[1]})",
+                          next(n for n in between if n.op == "Reshape"))
     if graph_opset(graph) < MIN_OPSET:
-        return f"opset {graph_opset(graph)} < {MIN_OPSET}"
-    return Block(fc1, act, fc2)
+        return failed(f"opset {graph_opset(graph)} < {MIN_OPSET}", node)
+    if any(n.op == "Add" for n in between):
+        fc1 = replace(fc1, bias=bias[0])
+    return matched(Block(fc1, act, fc2, between), claims=fc1.nodes + fc2.nodes)
 
 
 class _Emitter:
@@ -143,7 +241,7 @@ def rewrite(graph: gs.Graph, block: Block, label: str, cfg: MoEMLPConfig) -> tup
     reshape_attrs = {"allowzero": 1} if graph_opset(graph) >= 14 else {}
     emit("Reshape", [gated, out_shape], "output", out=y, **reshape_attrs)
 
-    for old in block.fc1.nodes + block.act.nodes + block.fc2.nodes:
+    for old in block.fc1.nodes + block.act.nodes + block.fc2.nodes + block.between:
         old.outputs.clear()
     graph.nodes.extend(emit.nodes)
     claim(graph, [n for n in emit.nodes if n.op == "Gemm"], NAME)
@@ -174,14 +272,15 @@ def run(graph: gs.Graph, cfg: MoEMLPConfig) -> PassResult:
         if id(node) in used:
             continue
         label = node_label(node)
-        block = match_block(graph, node)
-        if block is None:
+        found = match_block(graph, node)
+        if not found and found.quiet:
             continue
-        reason = block if isinstance(block, str) else exclusion_reason(label, cfg.include, cfg.exclude)
+        reason = found.message if not found else exclusion_reason(label, cfg.include, cfg.exclude)
         if reason:
             result.skip(label, reason)
             continue
-        used.update(id(n) for n in block.fc1.nodes + block.fc2.nodes)
+        block = found.value
+        used.update(id(n) for n in found.claims)
         fc2_label = node_label(block.fc2.nodes[0])
         route, after = rewrite(graph, block, label, cfg)
         routes[label] = route.name
