@@ -398,17 +398,6 @@ def code_sqnr_db(weight: np.ndarray, packed: np.ndarray, exponent: np.ndarray, b
     return EXACT_DB if noise == 0.0 else min(EXACT_DB, 10.0 * math.log10(signal / noise))
 
 
-def fixed_point_sqnr_db(weight: np.ndarray, frac_bits: int, act_bits: int) -> float | None:
-    """SQNR of AdderConv's w_q = sat_A(floor(w·2^F))·2^−F against w."""
-    w = weight.astype(np.float64)
-    lo, hi = -(2.0 ** (act_bits - 1)), 2.0 ** (act_bits - 1) - 1
-    q = np.clip(np.floor(w.astype(np.float32) * np.float32(2.0 ** frac_bits)), lo, hi) * 2.0 ** -frac_bits
-    signal, noise = float((w * w).sum()), float(((w - q) ** 2).sum())
-    if signal == 0.0:
-        return None
-    return EXACT_DB if noise == 0.0 else min(EXACT_DB, 10.0 * math.log10(signal / noise))
-
-
 def _linear_weight(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
     """The float weight [out, in] of an original MatMul/Gemm whose weight is a constant."""
     if len(node.input) < 2:
@@ -424,8 +413,9 @@ def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict
                folded: dict | None = None) -> float | None:
     """Weight SQNR of a converted layer: its shift codes against the original float weights
     (ShiftLinear; ShiftConv against the conv's weights with what the pass folded in, `folded`;
-    a MoE block's Shift expert against its Mult expert), or AdderConv's fixed-point weights
-    against its float ones; None where there are none."""
+    a MoE block's Shift expert against its Mult expert). None where the layer's weights are not
+    a rounding of the original ones: attention (none), AdderConv (−Σ|x − w| is another function:
+    only its output error says what it costs), ShiftAddNet's shift conv (A⁻¹W)."""
     if change.pass_name == "moe-mlp":
         block = change.target or change.node
         part = "fc1" if change.node == block else "fc2"
@@ -433,21 +423,16 @@ def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict
         weight = _array(inits, f"{block}/moe/mult.{part}.weight")
         node = shift
     else:
-        node = next((n for n in new_nodes if n.op_type in ("ShiftLinear", "ShiftConv", "AdderConv")), None)
+        node = next((n for n in new_nodes if n.op_type in ("ShiftLinear", "ShiftConv")), None)
         weight = None
         if node is not None and orig_node is not None:
             if orig_node.op_type in ("MatMul", "Gemm"):
                 weight = _linear_weight(orig_node, orig_inits)
-            elif orig_node.op_type == "Conv" and node.op_type == "AdderConv":
-                weight = _array(inits, node.input[1])   # the float weights it quantises
-                weight = None if weight is None else weight.reshape(weight.shape[0], -1)
-            elif orig_node.op_type == "Conv":
+            elif orig_node.op_type == "Conv" and node.op_type == "ShiftConv":
                 weight = (folded or {}).get(node.name)
     if node is None or weight is None:
         return None
     at = _attrs(node)
-    if node.op_type == "AdderConv":
-        return fixed_point_sqnr_db(weight, at.get("act_frac_bits", 16), at.get("act_bits", 32))
     bits, terms = at.get("weight_bits", 5), at.get("terms", 1)
     packed = _codes_input(node, inits, terms * weight.size, bits)
     exponent = _array(inits, node.input[2]) if _given(node, 2) else None
