@@ -192,8 +192,8 @@ def test_cli_moe_mlp_flag(tmp_path):
     from mfconvert.cli.main import app
     path = tmp_path / "mlp.onnx"
     onnx.save(mlp_model(ACTIVATIONS["gelu_erf_torch"][1]), path)
-    out = CliRunner().invoke(app, [str(path), "--moe-mlp", "--weight-bits", "4", "--save-config",
-                                   str(tmp_path / "cfg.json")])
+    out = CliRunner().invoke(app, [str(path), "--moe-mlp", "--weight-bits", "4", "--shift-terms", "1", "--save-config",
+                                   str(tmp_path / "cfg.json")])   # 1: no terms_by_node allocated
     assert out.exit_code == 0, out.output
     assert out.output.count("ShiftMoEMLP") == 2
     cfg = ConvertConfig.from_dict(json.loads((tmp_path / "cfg.json").read_text()))
