@@ -40,8 +40,16 @@ def scatter(layers: list[dict], y_key: str, y_label: str, log_y: bool = False) -
     ys = [math.log10(y) if log_y else y for _, _, y in drawn]
     x0, x1 = math.floor(min(xs)), math.ceil(max(xs))
     x1 = x1 if x1 > x0 else x0 + 1
-    y0, y1 = (math.floor(min(ys)), math.ceil(max(ys))) if log_y else (min(0.0, min(ys)), max(ys) * 1.1 or 1.0)
-    y1 = y1 if y1 > y0 else y0 + 1
+    if log_y:
+        y0, y1 = math.floor(min(ys)), math.ceil(max(ys))
+        y1 = y1 if y1 > y0 else y0 + 1
+    else:   # round ticks: a step of 1, 2 or 5 × 10^k, about five of them
+        y0 = min(0.0, min(ys))
+        span = (max(ys) - y0) or 1.0
+        step = min((m * 10.0 ** math.floor(math.log10(span / 5)) for m in (1, 2, 5, 10)),
+                   key=lambda v: abs(span / v - 5))
+        y0 = math.floor(y0 / step) * step
+        y1 = max(math.ceil(max(ys) / step), math.floor(y0 / step) + 1) * step
 
     def px(v):
         return LEFT + (v - x0) / (x1 - x0) * (W - LEFT - RIGHT)
@@ -53,15 +61,20 @@ def scatter(layers: list[dict], y_key: str, y_label: str, log_y: bool = False) -
            f'role="img" aria-label="{escape(y_label)} against energy per layer">',
            f'<line x1="{LEFT}" y1="{H - BOTTOM}" x2="{W - RIGHT}" y2="{H - BOTTOM}" stroke="#444"/>',
            f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{H - BOTTOM}" stroke="#444"/>']
+    marks = (1, 2, 5) if x1 - x0 <= 2 else (1,)   # a decade or two: 1-2-5 ticks
     for e in range(x0, x1 + 1):
-        x = px(e)
-        out.append(f'<line x1="{x:.1f}" y1="{H - BOTTOM}" x2="{x:.1f}" y2="{H - BOTTOM + 5}" stroke="#444"/>'
-                   f'<text x="{x:.1f}" y="{H - BOTTOM + 18}" text-anchor="middle" font-size="11">'
-                   f'{escape(human_energy(10.0 ** e))}</text>')
-    y_ticks = range(y0, y1 + 1) if log_y else [y0 + (y1 - y0) * i / 5 for i in range(6)]
+        for m in marks:
+            v = e + math.log10(m)
+            if v > x1:
+                break
+            x = px(v)
+            out.append(f'<line x1="{x:.1f}" y1="{H - BOTTOM}" x2="{x:.1f}" y2="{H - BOTTOM + 5}" stroke="#444"/>'
+                       f'<text x="{x:.1f}" y="{H - BOTTOM + 18}" text-anchor="middle" font-size="11">'
+                       f'{escape(human_energy(m * 10.0 ** e))}</text>')
+    y_ticks = range(y0, y1 + 1) if log_y else [y0 + step * i for i in range(round((y1 - y0) / step) + 1)]
     for v in y_ticks:
         y = py(v)
-        text = f"{10.0 ** v:.0e}" if log_y else f"{v:.0f}"
+        text = f"{10.0 ** v:.0e}" if log_y else f"{v:g}"
         out.append(f'<line x1="{LEFT - 5}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="#ddd"/>'
                    f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{text}</text>')
     if not log_y and y0 <= LOW_SQNR_DB <= y1:
