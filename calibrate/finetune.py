@@ -33,6 +33,7 @@ from mfconvert.calibrate.rounding import calibration_batches, check_rounding, co
 from mfconvert.convert.files import WriteError, atomic_file, check_outputs
 from mfconvert.convert.onnx_model import ConversionError, save_model_atomic
 from mfconvert.moe import router_logits
+from mfconvert.nn.adder_conv import AdderConv
 from mfconvert.nn.moe_mlp import BALANCE_COEF, DEFAULT_LATENCY, balance_loss_from_logits
 from mfconvert.nn.onnx_module import OnnxModule
 from mfconvert.nn.shift_linear import ShiftLinear
@@ -80,6 +81,12 @@ class FinetuneConfig:
     keep_best: bool = True
     # The outputs distilled and scored (--outputs); None: every float output.
     outputs: list[str] | None = None
+    # AdderConv weights (--adder-conv, --shift-add-conv) train by SGD with momentum 0.9, AdderNet's
+    # optimiser, at this peak rate: their gradients come scaled to the adaptive rate η·√k/‖ΔW‖₂
+    # (nn/adder_conv.py), so a step moves a layer's weights by adder_lr·η·√k in norm.
+    adder_lr: float = 0.02
+    # Keep the shift layers' weights as converted (ShiftAddNet's fixed-shift training).
+    freeze_shift: bool = False
 
     def __post_init__(self):
         if self.steps is None and self.minutes is None:
@@ -97,6 +104,8 @@ class FinetuneConfig:
         check_rounding(self.rounding)
         if self.rounding_examples < 1:
             raise ValueError(f"--rounding-examples must be >= 1, got {self.rounding_examples}")
+        if not self.adder_lr > 0:
+            raise ValueError(f"--adder-lr must be > 0, got {self.adder_lr}")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError("--batch-size and --lr must be positive")
 
@@ -270,7 +279,18 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
                "peak_lr": cfg.shift_lr or cfg.lr},
               {"params": [p for p in module.parameters() if p.requires_grad and id(p) not in latent],
                "peak_lr": cfg.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.freeze_shift:
+        for layer in module.modules():
+            if isinstance(layer, ShiftLinear):
+                for p in (layer.weight,) if layer.mode == "Q" else (layer.shift, layer.sign):
+                    p.requires_grad_(False)
+    adders = {id(layer.weight) for layer in module.modules() if isinstance(layer, AdderConv)}
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad and id(p) not in adders]} for g in groups]
+    adder_weights = [p for p in module.parameters() if id(p) in adders and p.requires_grad]
+    groups = [g for g in groups if g["params"]]
+    optimizer = _Optimizers(([torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)] if groups else [])
+                            + ([torch.optim.SGD([{"params": adder_weights, "peak_lr": cfg.adder_lr}], lr=cfg.adder_lr,
+                                                momentum=0.9)] if adder_weights else []))
     # Batches are fixed once (a seeded shuffle, then bucketed by length) so the teacher's outputs
     # can be cached; each epoch visits them in a new order. Rank r takes every world-th batch.
     batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=True))
@@ -404,6 +424,38 @@ def _piece_loss(model, piece: dict, real: int, offset: int, n_rows: int, t_out: 
     if logits_of and cfg.balance_coef > 0:
         loss = loss + cfg.balance_coef * sum(balance_loss_from_logits(s_feat[t], latency) for t in logits_of.values())
     return loss, distill, s_feat
+
+
+class _Optimizers:
+    """AdamW, and for AdderConv weights SGD with momentum, stepped as one optimiser (the lr schedule
+    sets every group's lr from its peak_lr); a checkpoint holds a list of their states."""
+
+    def __init__(self, parts: list):
+        if not parts:
+            raise ConversionError("nothing to train: every parameter of the student is frozen")
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.parts for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return self.parts[0].state_dict() if len(self.parts) == 1 else {"parts": [o.state_dict() for o in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("parts", [state])
+        if len(states) != len(self.parts):
+            raise ValueError(f"the checkpoint has {len(states)} optimiser state(s), this student needs {len(self.parts)}")
+        for o, s in zip(self.parts, states):
+            o.load_state_dict(s)
 
 
 def _snapshot(module: OnnxModule) -> onnx.ModelProto:

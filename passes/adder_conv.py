@@ -26,7 +26,8 @@ in its ResNet bodies. We use 1×1, which admits an exact start: with adder weigh
 conv's output s. So the shift conv gets the weights A⁻¹W (and bias A⁻¹b), the adder undoes A,
 and the BatchNormalization (scale −1, mean −Σ L_c) the sign and offset: before training the pair
 computes the shift conv of W (its power-of-two rounding error passed through A, which is why A is
-a ±1 matrix of least condition number: Sylvester's Hadamard matrix for M a power of two, 1 then).
+a ±1 matrix of least condition number: Sylvester's Hadamard matrix for M a power of two, 1 then;
+for a grouped conv A is block diagonal, one block per group, and the adder takes the conv's group).
 L_c = a power of two ≥ 8·input_std·‖A⁻¹W_c‖₂ + |b'_c| data-free (≥ 1.25·max|s_c| with --data).
 Finetuning moves the adder weights into their nonlinear range; --freeze-shift keeps the shift
 layers' weights as converted (ShiftAddNet's fixed-shift variant).
@@ -294,9 +295,12 @@ def shift_add_init(match, cfg, stats: dict | None = None):
     [scale, bias, mean, var], condition of A) — the exact start of the module docstring. `stats`
     may give max_abs [M] of the shift conv's outputs on data."""
     w = np.asarray(match.weight, np.float64)
-    m = w.shape[0]
-    a, cond = sign_matrix(m)
-    a_inv = np.linalg.inv(a)
+    m, g = w.shape[0], match.group
+    # Grouped convs: output channel m reads only its group's inputs, so A mixes within a group
+    # (block diagonal; the 1×1 adder takes the conv's group).
+    block, cond = sign_matrix(m // g)
+    a = np.kron(np.eye(g), block)
+    a_inv = np.kron(np.eye(g), np.linalg.inv(block))
     w_shift = (a_inv @ w.reshape(m, -1)).reshape(w.shape)
     b_shift = a_inv @ match.bias if match.bias is not None else None
     if stats is not None and "max_abs" in stats:
@@ -307,8 +311,9 @@ def shift_add_init(match, cfg, stats: dict | None = None):
     limit = _fixed_limit(cfg)
     big = np.exp2(np.ceil(np.log2(np.maximum(reach, 2.0 ** -8))))
     big = np.minimum(big, 2.0 ** math.floor(math.log2(limit)))          # L_c, a power of two in range
-    adder_w = (-big.reshape(1, -1) * a).reshape(m, m, *[1] * (w.ndim - 2))
-    bn = [-np.ones(m), np.zeros(m), np.full(m, -big.sum()), np.full(m, 1.0 - BN_EPSILON)]
+    adder_w = np.concatenate([(-big.reshape(1, -1) * a)[i * (m // g):(i + 1) * (m // g), i * (m // g):(i + 1) * (m // g)]
+                              for i in range(g)]).reshape(m, m // g, *[1] * (w.ndim - 2))
+    bn = [-np.ones(m), np.zeros(m), np.repeat(-big.reshape(g, -1).sum(1), m // g), np.full(m, 1.0 - BN_EPSILON)]
     return w_shift, b_shift, adder_w.astype(np.float32), bn, cond
 
 
@@ -331,14 +336,15 @@ def run_shift_add(graph: gs.Graph, cfg: ShiftAddConvConfig) -> PassResult:
                                         replace(cfg.shift_format, terms=cfg.terms_for(f"{label}.shift")))
         spatial = len(match.kernel_shape)
         adder = adder_node(f"{label}.adder", shifted, distances, adder_w, cfg, pads=[0] * (2 * spatial),
-                           strides=[1] * spatial, dilations=[1] * spatial, group=1)
+                           strides=[1] * spatial, dilations=[1] * spatial, group=match.group)
         norm = batchnorm_node(f"{label}.bn", distances, output, *bn)
         for old in match.nodes:
             old.outputs.clear()
         graph.nodes.extend([shift, adder, norm])
         claim(graph, [shift, adder, norm], SHIFT_ADD)
         result.changes.append(_change(SHIFT_ADD, label, "ShiftConv+AdderConv", match, nbytes + adder_w.size * 4 + 4 * m * 4,
-                                      f"{_conv_detail(match)} → ShiftConv + 1×1 AdderConv {m}→{m} + BatchNormalization, "
+                                      f"{_conv_detail(match)} → ShiftConv + 1×1 AdderConv {m}→{m}"
+                                      + (f" (group {match.group})" if match.group > 1 else "") + " + BatchNormalization, "
                                       f"{cfg.weight_bits}-bit codes, ±1 mixing of condition {cond:.3g}"))
     graph.cleanup().toposort()
     return result
@@ -424,13 +430,17 @@ def calibrate_adders(student, teacher, examples, count: int = 256) -> tuple[obje
         m = w_a.shape[0]
         if pair:
             # s = A⁻¹·(conv output), the shift conv's output before its rounding (module docstring)
-            a = -np.sign(w_a.reshape(m, m))
-            s = np.einsum("mc,nc...->nm...", np.linalg.inv(a), y)
+            group = int(attrs.get("group", 1))
+            blocks = -np.sign(w_a.reshape(group, m // group, m // group))
+            a_inv = np.zeros((m, m))
+            for i, b in enumerate(blocks):
+                a_inv[i * (m // group):(i + 1) * (m // group), i * (m // group):(i + 1) * (m // group)] = np.linalg.inv(b)
+            s = np.einsum("mc,nc...->nm...", a_inv, y)
             big = np.exp2(np.ceil(np.log2(np.maximum(1.25 * np.abs(s).max(axis=(0, *range(2, s.ndim))), 2.0 ** -8))))
             limit = (2.0 ** (attrs.get("act_bits", 32) - 1) - 1) * 2.0 ** -attrs.get("act_frac_bits", 16)
             big = np.minimum(big, 2.0 ** math.floor(math.log2(limit)))
-            write(node.input[1], (-big.reshape(1, -1) * a).reshape(w_a.shape))
-            write(bn.input[3], np.full(m, -big.sum()))
+            write(node.input[1], -big.reshape(group, 1, -1) * blocks)
+            write(bn.input[3], np.repeat(-big.reshape(group, -1).sum(1), m // group))
             lines.append(f"{node.name}: 1×1 adder range L_c from max |s_c| on {len(y)} examples "
                          f"(L = 2^{int(np.log2(big.min()))}…2^{int(np.log2(big.max()))})")
             continue
@@ -444,20 +454,20 @@ def calibrate_adders(student, teacher, examples, count: int = 256) -> tuple[obje
         limit = (2.0 ** (attrs.get("act_bits", 32) - 1) - 1) * 2.0 ** -attrs.get("act_frac_bits", 16)
         o_mean, o_var = _channel_stats(y)
         best = None
-        xt = torch.from_numpy(x[:64].astype(np.float32))
+        xt = torch.from_numpy(x[:32].astype(np.float32))
         for k in CANDIDATE_SIGMAS:
             cand = adder_start(direction, rows_c, k * float(sigma.mean()), limit)
-            layer = from_onnx(node, attrs, {1: cand.astype(np.float32)}).eval()
+            layer = from_onnx(node, attrs, {1: cand.astype(np.float32)}).train()   # float forward: faster, as close
             with torch.no_grad():
                 out = layer(xt).double().numpy()
-            yo = y[:64]
+            yo = y[:32]
             axes = (0, *range(2, out.ndim))
             a_c, y_c = out - out.mean(axes, keepdims=True), yo - yo.mean(axes, keepdims=True)
             corr = (a_c * y_c).sum(axes) / np.sqrt((a_c ** 2).sum(axes) * (y_c ** 2).sum(axes) + 1e-30)
             if best is None or np.abs(corr).mean() > best[0]:
                 best = (float(np.abs(corr).mean()), k, cand, corr)
         score, k, cand, corr = best
-        layer = from_onnx(node, attrs, {1: cand.astype(np.float32)}).eval()
+        layer = from_onnx(node, attrs, {1: cand.astype(np.float32)}).train()
         with torch.no_grad():
             out = np.concatenate([layer(torch.from_numpy(x[i:i + 64].astype(np.float32))).double().numpy()
                                   for i in range(0, len(x), 64)])
