@@ -117,7 +117,13 @@ def _ops_cell(figures: dict | None) -> str:
 
 def render(report: dict, title: str = "mfconvert conversion report") -> str:
     """The page for a ConversionReport.to_dict()."""
-    layers = sorted(_layers(report), key=lambda c: -(_energy(c, "after") or -1.0))
+    layers = sorted((dict(c) for c in _layers(report)), key=lambda c: -(_energy(c, "after") or -1.0))
+    # --shift-terms auto (convert/pipeline.py's report): each node's terms and its SQNR at 1–4 terms
+    allocated = {n["node"]: n for n in ((report.get("allocation") or {}).get("nodes") or [])}
+    for c in layers:   # the allocation's SQNR where the report could not read the original weights
+        a = allocated.get(c.get("node"))
+        if c.get("weight_sqnr_db") is None and a is not None and 1 <= a["terms"] <= len(a["weight_sqnr_db"]):
+            c["weight_sqnr_db"] = a["weight_sqnr_db"][a["terms"] - 1]
     costs = report.get("costs") or {}
     body = [f"<h1>{escape(title)}</h1>"]
     shapes = ", ".join(f"{k}={v}" for k, v in (report.get("input_shapes") or {}).items())
@@ -154,9 +160,6 @@ def render(report: dict, title: str = "mfconvert conversion report") -> str:
                                   for op in ops_names) + "</table>")
     for note in costs.get("notes", []) + report.get("notes", []):
         body.append(f"<p class=note>{escape(note)}</p>")
-    # --shift-terms auto (convert/pipeline.py's report): each node's terms and its SQNR at 1–4 terms
-    allocated = {n["node"]: n for n in ((report.get("allocation") or {}).get("nodes") or [])}
-
     def sqnr_cell(c):
         sqnr, a = c.get("weight_sqnr_db"), allocated.get(c.get("node"))
         text = "—" if sqnr is None else f"{sqnr:.1f} dB"

@@ -557,3 +557,14 @@ def test_measured_output_errors_are_drawn(mlp):
     checker = Checker()
     checker.feed(render(report))
     assert checker.tags["svg"] == 2 and checker.tags["circle"] == 4   # SQNR and measured error, 2 layers each
+
+
+def test_page_takes_the_allocations_sqnr_where_the_report_has_none(mlp):
+    result = convert_onnx(mlp, ConvertConfig(shift_linear=ShiftLinearConfig(min_params=0), add_attention=None),
+                          input_shapes={"x": [3, 6]})
+    report = result.report.to_dict()
+    report["passes"][0]["converted"][0]["weight_sqnr_db"] = None   # e.g. a dequantised QDQ weight
+    report["allocation"] = {"nodes": [{"node": "fc1", "terms": 2, "weight_sqnr_db": [13.9, 28.1, 42.6, 56.0]}]}
+    page = render(report)
+    assert "28.1" in page and "2 term(s); 1–4 terms: 14 / 28 / 43 / 56 dB" in page
+    assert page.count("<circle") == 2 and report["passes"][0]["converted"][0]["weight_sqnr_db"] is None
