@@ -135,6 +135,10 @@ def main(
     attention_conv: Optional[str] = typer.Option(None, "--attention-conv",
                                                  help="Train a depthwise conv on V in add attention: "
                                                       "'tokens' or 'grid:HxW+P'."),
+    adder_lr: float = typer.Option(0.02, "--adder-lr", help="Peak learning rate of AdderConv weights (SGD with "
+                                   "momentum; their gradients come at AdderNet's adaptive rate η·√k/‖ΔW‖)."),
+    freeze_shift: bool = typer.Option(False, "--freeze-shift", help="Keep the shift layers' weights as given "
+                                      "(ShiftAddNet's fixed-shift training)."),
     held_out: float = typer.Option(0.1, "--held-out", help="Fraction of the data kept for evaluation."),
     keep_best: bool = typer.Option(True, "--keep-best/--keep-last", help="Write whichever of STUDENT, STUDENT "
                                    "after rounding, and the trained one scores best on the held-out data."),
@@ -156,7 +160,7 @@ def main(
                              balance_coef=balance_coef, expert_latency=parse_latency(expert_latency),
                              attention_conv=attention_conv, rounding=rounding,
                              rounding_examples=rounding_examples, keep_best=keep_best,
-                             outputs=parse_outputs(outputs))
+                             outputs=parse_outputs(outputs), adder_lr=adder_lr, freeze_shift=freeze_shift)
         if resume and checkpoint is None:
             raise ValueError("--resume needs --checkpoint")
         # Every file written, checked before the data is read: never a file read, never one

@@ -25,6 +25,8 @@ from mfconvert.convert.files import check_outputs, write_text_atomic
 from mfconvert.convert.onnx_model import check_serializable, external_data_reads, load_model, output_path_for
 from mfconvert.convert.pipeline import TERMS_AUTO, PipelineOptions, convert_model
 from mfconvert.passes.add_attention import AddAttentionConfig
+from mfconvert.passes.adder_conv import AdderConvConfig, ShiftAddConvConfig
+from mfconvert.passes.conv import ShiftConvConfig
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.report_html import render as render_html
 from mfconvert.passes.shift_linear import ShiftLinearConfig
@@ -110,6 +112,16 @@ def convert(
                                        help="Softmax attention cores → AddLinearAttention (binary Q/K, additions)."),
     moe_mlp: bool = typer.Option(False, "--moe-mlp", help="MLP blocks → router + float expert + ShiftLinear "
                                  "expert (same format flags); other linears follow --shift-linear."),
+    shift_conv: bool = typer.Option(True, "--shift-conv/--no-shift-conv",
+                                    help="Convolutions → power-of-two ShiftConv (BatchNorm, bias Add and Pad folded "
+                                    "in; Relu/ReLU6 fused)."),
+    adder_conv: bool = typer.Option(False, "--adder-conv", help="Convolutions → AdderConv (AdderNet: y = −Σ|x − w|) "
+                                    "+ BatchNormalization; the first conv stays. Finetune after (with --data: a "
+                                    "calibrated start)."),
+    shift_add_conv: bool = typer.Option(False, "--shift-add-conv", help="Convolutions → ShiftConv + 1×1 AdderConv "
+                                        "+ BatchNormalization (ShiftAddNet), starting as the shift conv."),
+    freeze_shift: bool = typer.Option(False, "--freeze-shift", help="With --finetune-*: keep the shift layers' "
+                                      "weights as converted (ShiftAddNet's fixed-shift training)."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
     shift_terms: str = typer.Option("auto", "--shift-terms", help="Powers of two per shift weight (MoE Shift "
                                     "experts too): 'auto' chooses 1–4 per layer to meet --target-drop at the least "
@@ -166,9 +178,17 @@ def convert(
                 shift_linear=ShiftLinearConfig(**fmt, include=include, exclude=exclude, min_params=min_params)
                 if shift_linear else None,
                 moe_mlp=MoEMLPConfig(**fmt, include=include, exclude=exclude) if moe_mlp else None,
-                add_attention=AddAttentionConfig(include=include, exclude=exclude) if add_attention else None)
+                add_attention=AddAttentionConfig(include=include, exclude=exclude) if add_attention else None,
+                adder_conv=AdderConvConfig(act_bits=act_bits, act_frac_bits=act_frac_bits, include=include,
+                                           exclude=exclude) if adder_conv else None,
+                shift_add_conv=ShiftAddConvConfig(**fmt, include=include, exclude=exclude) if shift_add_conv else None,
+                shift_conv=ShiftConvConfig(**fmt, include=include, exclude=exclude) if shift_conv else None)
     except (ValueError, TypeError) as err:
         fail(as_flags(str(err).splitlines()[0]))
+    if adder_conv and shift_add_conv:
+        fail("--adder-conv and --shift-add-conv convert the same convolutions; choose one")
+    if freeze_shift and finetune_steps is None and finetune_minutes is None:
+        fail("--freeze-shift is for --finetune-steps/--finetune-minutes")
     if not cfg.enabled():
         fail("every pass is turned off; nothing to do")
     if not 0 < target_drop < 1:
@@ -212,7 +232,7 @@ def convert(
     if finetuning:
         try:
             ft_cfg = FinetuneConfig(steps=finetune_steps, minutes=finetune_minutes, loss=finetune_loss,
-                                    rounding=rounding, outputs=distilled)
+                                    rounding=rounding, outputs=distilled, freeze_shift=freeze_shift)
         except ValueError as err:
             fail(str(err))
     options = PipelineOptions(

@@ -82,7 +82,8 @@ def needs_finetuning(result: ConversionResult, model_path: str) -> str | None:
     """One line when the converted model's output needs finetuning to be usable: binarised
     attention and MoE routers are untrained after conversion."""
     passes = {c.pass_name for c in result.report.changes}
-    what = [w for p, w in (("add-attention", "add attention"), ("moe-mlp", "the MoE routers")) if p in passes]
+    what = [w for p, w in (("add-attention", "add attention"), ("moe-mlp", "the MoE routers"),
+                           ("adder-conv", "adder convs (their data-free start)")) if p in passes]
     if not what:
         return None
     return (f"note: {' and '.join(what)} are untrained after conversion, so the output is not yet usable; "
@@ -189,6 +190,12 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         rounding["calibration"] = len(calibration)
         annotate_accumulators(result.report.changes, accumulator_checks(rounded, ranges))   # the codes written
         result.model = rounded
+    # adder layers (--adder-conv, --shift-add-conv): their weights' scale and BatchNormalization from the data
+    if calibration is not None and any(c.pass_name in ("adder-conv", "shift-add-conv") for c in result.report.changes):
+        from mfconvert.passes.adder_conv import calibrate_adders
+
+        result.model, adder_lines = calibrate_adders(result.model, original, calibration)
+        notes += adder_lines
     # save
     if output is not None:
         save_result(result, output)
