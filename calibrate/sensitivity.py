@@ -133,6 +133,8 @@ def convert_within_budget(model_path, config: ConvertConfig, examples: Examples,
                         examples, logits, input_shapes, outputs)
     measure = measurer.measure
     full, full_error = measure(config)
+    if full_error <= max_drop:   # nothing to keep float (e.g. the terms allocated already meet it)
+        return BudgetResult(full, full_error, [], [])
     sensitivities = [LayerSensitivity(c.pass_name, c.node, 0.0, c.target) for c in full.report.changes]
     units = list(dict.fromkeys(s.unit for s in sensitivities))   # what converts, or stays float, as one
     errors = {}
@@ -148,8 +150,6 @@ def convert_within_budget(model_path, config: ConvertConfig, examples: Examples,
     def kept(k: int) -> list[LayerSensitivity]:
         return [s for s in sensitivities if s.unit in units[:k]]
 
-    if full_error <= max_drop:
-        return BudgetResult(full, full_error, [], sensitivities)
     # Bisection for the fewest most-sensitive units to keep float.
     lo, hi = 0, len(units)          # lo fails the budget; hi (everything float) meets it
     best = None

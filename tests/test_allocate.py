@@ -114,6 +114,19 @@ def test_allocation_from_data_meets_its_target_on_held_out_data(deep):
     assert _terms(done.result.model) == a.terms
 
 
+def test_max_drop_chooses_terms_first_and_float_last(deep):
+    """--max-drop with auto: terms meet the budget and no layer stays float; at one term fixed the
+    same budget keeps layers float."""
+    x = _inputs(128, 64, seed=9)
+    data = Examples([{"x": v} for v in x], {})
+    cfg = ConvertConfig(shift_linear=ShiftLinearConfig(), **SHIFT_ONLY)
+    auto = convert_model(deep, cfg, PipelineOptions(data=data, max_drop=0.002, rounding="nearest"))
+    assert auto.allocation.target == 0.002 and auto.allocation.measured <= 0.002
+    assert "0 layer(s) kept float" in auto.budget_lines[0] and len(auto.result.report.changes) == 4
+    fixed = convert_model(deep, cfg, PipelineOptions(shift_terms=1, data=data, max_drop=0.002, rounding="nearest"))
+    assert fixed.allocation is None and "kept float:" in "\n".join(fixed.budget_lines)
+
+
 def test_fixed_terms_and_deepshift(deep, tmp_path):
     """--shift-terms 1 is DeepShift exactly (no terms attribute, no allocation); N fixes N."""
     for flag, want in (("1", 1), ("3", 3)):
