@@ -21,7 +21,7 @@ class ConvertConfig:
     shift_linear: ShiftLinearConfig | None = dataclasses.field(default_factory=ShiftLinearConfig)
     add_attention: AddAttentionConfig | None = dataclasses.field(default_factory=AddAttentionConfig)
     moe_mlp: MoEMLPConfig | None = None
-    shift_conv: ShiftConvConfig | None = None
+    shift_conv: ShiftConvConfig | None = dataclasses.field(default_factory=ShiftConvConfig)
     adder_conv: AdderConvConfig | None = None          # --adder-conv (AdderNet)
     shift_add_conv: ShiftAddConvConfig | None = None   # --shift-add-conv (ShiftAddNet)
 
