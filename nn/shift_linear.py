@@ -132,7 +132,15 @@ class ShiftLinear(nn.Module):
     def rounded_weight(self) -> torch.Tensor:
         """The power-of-two weights the forward pass uses, with straight-through gradients."""
         if self.mode == "Q":
-            rounded = _ste(self.weight, pow2.round_weight(self.weight, self.exponent, self.weight_bits))
+            # Rounded once per weight update, not per forward: a model that fixes its batch to 1
+            # trains piece by piece, each piece a forward of every layer.
+            # The cache holds the tensors it was computed from (no address reuse) and their versions.
+            key = (self.weight, self.weight._version, self.exponent, self.exponent._version)
+            cache = self.__dict__.get("_rounded")
+            if cache is None or any(a is not b for a, b in zip(cache[0][::2], key[::2])) or cache[0][1::2] != key[1::2]:
+                cache = self.__dict__["_rounded"] = (
+                    key, pow2.round_weight(self.weight.detach(), self.exponent, self.weight_bits))
+            rounded = _ste(self.weight, cache[1])
             return rounded.sum(0) if self.terms > 1 else rounded
         z = pow2.zero_shift(self.weight_bits)
         e = self.exponent.to(torch.int32).unsqueeze(1)
