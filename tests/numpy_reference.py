@@ -331,3 +331,31 @@ def adder_conv(x: np.ndarray, w: np.ndarray, bias, act_bits: int, frac_bits: int
     with np.errstate(over="ignore", invalid="ignore"):
         y = b[None, :, None] - int_to_float32(acc) * np.float32(2.0 ** -frac_bits)
     return conv_activation(y, activation, clip_min, clip_max).reshape(n, m_out, *out)
+
+
+def spatial_shift(x: np.ndarray, offsets: np.ndarray, strides=(1, 1), padding: str = "zeros",
+                  channel_shift: int = 0) -> np.ndarray:
+    """SpatialShift (docs/ops.md#spatialshift), element by element: Y[n, c, i, j] =
+    X[n, (c - channel_shift) mod C, i·sh + dy_c, j·sw + dx_c], outside the image 0 or (edge) the
+    nearest pixel; [OH, OW] = ceil([H, W] / strides)."""
+    n, c, h, w = x.shape
+    sh, sw = strides
+    oh, ow = -(-h // sh), -(-w // sw)
+    y = np.zeros((n, c, oh, ow), np.float32)
+    for ch in range(c):
+        src = (ch - channel_shift) % c if c else 0
+        dy, dx = int(offsets[ch, 0]), int(offsets[ch, 1])
+        for i in range(oh):
+            r = i * sh + dy
+            if not 0 <= r < h:
+                if padding != "edge":
+                    continue
+                r = min(max(r, 0), h - 1)
+            for j in range(ow):
+                q = j * sw + dx
+                if not 0 <= q < w:
+                    if padding != "edge":
+                        continue
+                    q = min(max(q, 0), w - 1)
+                y[:, ch, i, j] = x[:, src, r, q]
+    return y

@@ -4,6 +4,7 @@
 
 #include "custom_ops.h"
 #include "shift_conv.h"
+#include "spatial_shift.h"
 
 namespace {
 
@@ -14,6 +15,7 @@ constexpr OpGetter kOps[] = {
     mfconvert::AddLinearAttentionCustomOp,
     mfconvert::ShiftConvCustomOp,
     mfconvert::AdderConvCustomOp,
+    mfconvert::SpatialShiftCustomOp,
 };
 
 }  // namespace
