@@ -18,19 +18,17 @@ const OrtCustomOp* ShiftConvCustomOp();
 const OrtCustomOp* AdderConvCustomOp();
 
 // ShiftConv weights decoded for a channel count C/G: normalised codes (sign << 4 | m, kZeroCode
-// for zero) [M][T][C/G][K], per output the rescale 2^(e_o - F), bias and count of negative codes.
+// for zero) [M][T][C/G][K], per output the rescale 2^(e_o - F) and bias.
 struct PackedShiftConv {
   int64_t cg = 0, m = 0, k = 0;
   int terms = 1;
   ActQuant quant{};
   std::vector<uint8_t> codes;
   std::vector<float> scale, bias;
-  std::vector<int32_t> neg_count;
 };
 
 // One non-zero weight term of an output channel for the SIMD kernels: the quantised input it
-// reads (offset from the group's first channel in the ConvPlanes buffer; negative weights read
-// the complement copy, ~x_q, and -(x >> m) = (~x >> m) + 1 adds neg_count once) and its shift.
+// reads (offset from the group's first channel in the ConvPlanes buffer) and its shift.
 struct ShiftConvEntry {
   int64_t offset;
   int32_t shift;
@@ -42,8 +40,9 @@ struct ShiftConvRun {
   ConvGeom g;
   ConvPlanes planes;
   ConvActivation act;
-  const ShiftConvEntry* entries;  // per output o: entries [begin[o], begin[o + 1])
+  const ShiftConvEntry* entries;  // per output o: positive [begin[o], split[o]), negative [split[o], begin[o + 1])
   const int64_t* begin;
+  const int64_t* split;
 };
 
 void ShiftConvScalar(const PackedShiftConv& p, const ConvGeom& g, const ConvActivation& act,

@@ -57,7 +57,6 @@ void Pack(const Format& f, int64_t m, int64_t cg, int64_t k, const uint8_t* code
   p.quant = ActQuant::Make(f.act_bits, f.act_frac_bits);
   p.scale.assign(m, 1.0f);
   p.bias.assign(m, 0.0f);
-  p.neg_count.assign(m, 0);
   for (int64_t o = 0; o < m; ++o) {
     const int shift = int{exponent[o]} - f.act_frac_bits;
     if (shift < -126 || shift > 127)
@@ -75,38 +74,39 @@ void Pack(const Format& f, int64_t m, int64_t cg, int64_t k, const uint8_t* code
     for (int64_t o = 0; o < m; ++o) {
       uint8_t* dst = p.codes.data() + (o * f.terms + t) * row;
       const int64_t j0 = t * per_term + o * row;
-      int32_t neg = 0;
       for (int64_t i = 0; i < row; ++i) {
         const unsigned c = CodeAt(codes, n_bytes, j0 + i, bits);
         const unsigned s = c >> (bits - 1), sh = c & zero;
-        if (sh == zero) continue;
-        dst[i] = static_cast<uint8_t>(s << 4 | sh);
-        neg += static_cast<int32_t>(s);
+        if (sh != zero) dst[i] = static_cast<uint8_t>(s << 4 | sh);
       }
-      p.neg_count[o] += neg;
     }
   }
 }
 
-// The SIMD kernels' entries: per output o, one per non-zero code, in order (c, tap, t).
+// The SIMD kernels' entries: per output o, one per non-zero code in order (c, tap, t), the
+// positive ones first.
 void BuildEntries(const PackedShiftConv& p, const ConvGeom& g, const ConvPlanes& pl,
-                  std::vector<ShiftConvEntry>* entries, std::vector<int64_t>* begin) {
+                  std::vector<ShiftConvEntry>* entries, std::vector<int64_t>* begin, std::vector<int64_t>* split) {
   std::vector<int64_t> tap(static_cast<size_t>(p.k));
   for (int64_t u = 0; u < g.kh; ++u)
     for (int64_t v = 0; v < g.kw; ++v) tap[u * g.kw + v] = pl.TapOffset(g, u, v);
   entries->clear();
   begin->assign(static_cast<size_t>(p.m + 1), 0);
+  split->assign(static_cast<size_t>(p.m), 0);
   const int64_t row = p.cg * p.k;
   for (int64_t o = 0; o < p.m; ++o) {
     (*begin)[o] = static_cast<int64_t>(entries->size());
     const uint8_t* codes = p.codes.data() + o * p.terms * row;
-    for (int64_t c = 0; c < p.cg; ++c)
-      for (int64_t i = 0; i < p.k; ++i)
-        for (int t = 0; t < p.terms; ++t) {
-          const uint8_t code = codes[t * row + c * p.k + i];
-          if (code == kZeroCode) continue;
-          entries->push_back(ShiftConvEntry{c * pl.channel + tap[i] + (code >> 4) * pl.count, code & 15, 0});
-        }
+    for (unsigned sign = 0; sign < 2; ++sign) {
+      if (sign == 1) (*split)[o] = static_cast<int64_t>(entries->size());
+      for (int64_t c = 0; c < p.cg; ++c)
+        for (int64_t i = 0; i < p.k; ++i)
+          for (int t = 0; t < p.terms; ++t) {
+            const uint8_t code = codes[t * row + c * p.k + i];
+            if (code == kZeroCode || (code >> 4) != sign) continue;
+            entries->push_back(ShiftConvEntry{c * pl.channel + tap[i], code & 15, 0});
+          }
+    }
   }
   (*begin)[p.m] = static_cast<int64_t>(entries->size());
 }
@@ -259,12 +259,13 @@ class ShiftConvKernel {
       ShiftConvScalar(*p, g, conv_.act, xd, yd, par);
       return;
     }
-    ShiftConvRun run{p.get(), g, ConvPlanes::Make(g, 2, 64), conv_.act, nullptr, nullptr};
+    ShiftConvRun run{p.get(), g, ConvPlanes::Make(g, 1, 64), conv_.act, nullptr, nullptr, nullptr};
     std::vector<ShiftConvEntry> entries;
-    std::vector<int64_t> begin;
-    BuildEntries(*p, g, run.planes, &entries, &begin);
+    std::vector<int64_t> begin, split;
+    BuildEntries(*p, g, run.planes, &entries, &begin, &split);
     run.entries = entries.data();
     run.begin = begin.data();
+    run.split = split.data();
     ScratchPool::Lease scratch(scratch_);
     if (isa_ == Isa::kAvx512) {
       ShiftConvAvx512(run, xd, yd, par, scratch.buffer());

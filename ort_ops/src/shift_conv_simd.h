@@ -7,8 +7,8 @@
 // split into stride-phase planes, so that for a tap the inputs of consecutive flat output indices
 // f = oh * Wq + ow are consecutive int32 — across output rows too. A kernel computes V vectors of
 // flat outputs at a time for one output channel, walking that channel's list of weights:
-//   ShiftConv: acc += (x >> m)  [load, vpsravd, vpaddd per S::kLanes MACs; a negative weight reads
-//              the complement copy ~x and the +1s are added once per output (neg_count)]
+//   ShiftConv: acc += (x >> m)  [load, vpsravd, vpaddd per S::kLanes MACs; the positive weights
+//              first, then the negative ones with vpsubd: -(x >> m) summed, int32 wrap-around]
 //   AdderConv: acc += |x - w|   [load, vpsubd, vpabsd, vpaddd], in int32 over chunks of weights
 //              whose bound max|x_q - w_q| * chunk stays below 2^31, each chunk carried into int64.
 // Columns ow >= OW of the flat grid are computed and dropped (at most (k - 1) d / s per row).
@@ -30,54 +30,51 @@ namespace {
 constexpr int kSimdVectors = 4;      // V: vectors of flat outputs per pass over the weights
 constexpr int64_t kOutBlock = 8;     // output channels per task
 
-// Quantises channel c of image xc ([H][W] floats) into its planes (and ~x_q into comp when
-// given); *lo, *hi: the range of the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32.
+// Quantises channel c of image xc ([H][W] floats) into its planes. With `range`, *lo and *hi get
+// the range of the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32 (sw > 1 only).
 template <class S>
 SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes& pl, const ActQuant& q,
-                            int32_t* dst, int32_t* comp, int32_t* tmp, int32_t* lo, int32_t* hi) {
+                            int32_t* dst, int32_t* tmp, bool range, int32_t* lo, int32_t* hi) {
   const int64_t row_len = pl.wq * g.sw;
   int32_t mn = 0, mx = 0;
   for (int64_t r = 0; r < pl.hq * g.sh; ++r) {
     const int64_t ph = r % g.sh, rq = r / g.sh, ih = r - g.pt;
-    std::memset(tmp, 0, static_cast<size_t>(row_len) * 4);
-    if (ih >= 0 && ih < g.h) {
-      S::QuantizeRow(xc + ih * g.w, g.w, q, tmp + g.pl);
-      for (int64_t i = 0; i < g.w; ++i) {
-        mn = std::min(mn, tmp[g.pl + i]);
-        mx = std::max(mx, tmp[g.pl + i]);
+    // sw = 1: the padded row is the plane row; else it is built in tmp and split by phase.
+    int32_t* row = g.sw == 1 ? dst + ph * pl.plane + rq * pl.wq : tmp;
+    if (ih < 0 || ih >= g.h) {
+      std::memset(row, 0, static_cast<size_t>(row_len) * 4);
+    } else {
+      std::memset(row, 0, static_cast<size_t>(g.pl) * 4);
+      S::QuantizeRow(xc + ih * g.w, g.w, q, row + g.pl);
+      std::memset(row + g.pl + g.w, 0, static_cast<size_t>(row_len - g.pl - g.w) * 4);
+      if (range) {
+        const int32_t* v = row + g.pl;
+        for (int64_t i = 0; i < g.w; ++i) {
+          mn = v[i] < mn ? v[i] : mn;
+          mx = v[i] > mx ? v[i] : mx;
+        }
       }
     }
+    if (g.sw == 1) continue;
     for (int64_t pw = 0; pw < g.sw; ++pw) {
-      const int64_t off = (ph * g.sw + pw) * pl.plane + rq * pl.wq;
-      int32_t* row = dst + off;
-      if (g.sw == 1) {
-        std::memcpy(row, tmp, static_cast<size_t>(pl.wq) * 4);
-      } else {
-        for (int64_t i = 0; i < pl.wq; ++i) row[i] = tmp[i * g.sw + pw];
-      }
-      if (comp != nullptr) {
-        int32_t* crow = comp + off;
-        for (int64_t i = 0; i < pl.wq; ++i) crow[i] = ~row[i];
-      }
+      int32_t* out = dst + (ph * g.sw + pw) * pl.plane + rq * pl.wq;
+      for (int64_t i = 0; i < pl.wq; ++i) out[i] = tmp[i * g.sw + pw];
     }
   }
   *lo = mn;
   *hi = mx;
 }
 
-// Stores the n outputs of flat indices [f, f + n) from res into channel plane yo ([OH][OW]).
+// Stores the n outputs of flat indices [f, f + n) from res into channel plane yo ([OH][OW]):
+// the columns ow < OW of each output row, one copy per row.
 inline void Scatter(const float* res, int64_t f, int64_t n, const ConvGeom& g, int64_t wq, float* yo) {
   if (wq == g.ow) {
     std::memcpy(yo + f, res, static_cast<size_t>(n) * 4);
     return;
   }
-  int64_t oh = f / wq, ow = f - oh * wq;
-  for (int64_t i = 0; i < n; ++i) {
-    if (ow < g.ow) yo[oh * g.ow + ow] = res[i];
-    if (++ow == wq) {
-      ow = 0;
-      ++oh;
-    }
+  for (int64_t oh = f / wq; oh * wq < f + n; ++oh) {
+    const int64_t a = std::max<int64_t>(f, oh * wq), b = std::min<int64_t>(f + n, oh * wq + g.ow);
+    if (a < b) std::memcpy(yo + oh * g.ow + (a - oh * wq), res + (a - f), static_cast<size_t>(b - a) * 4);
   }
 }
 
@@ -94,8 +91,8 @@ SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, i
   for (int64_t o = o0; o < o1; ++o) {
     const int32_t* base = buf + o / g.mg * g.cg * r.planes.channel;
     const ShiftConvEntry* e0 = r.entries + r.begin[o];
+    const ShiftConvEntry* en = r.entries + r.split[o];
     const ShiftConvEntry* e1 = r.entries + r.begin[o + 1];
-    const I neg = S::Set1(p.neg_count[o]);
     const auto scale = S::Set1F(p.scale[o]), bias = S::Set1F(p.bias[o]);
     float* yo = yn + o * g.oh * g.ow;
     for (int64_t f = f0; f < f1; f += V * L) {
@@ -103,16 +100,22 @@ SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, i
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[v] = S::Zero();
       const int32_t* src = base + f;
-      for (const ShiftConvEntry* e = e0; e < e1; ++e) {
+      for (const ShiftConvEntry* e = e0; e < en; ++e) {       // positive weights: acc += x >> m
         const I cnt = S::Set1(e->shift);
         const int32_t* s = src + e->offset;
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) acc[v] = S::Add(acc[v], S::Srav(S::Load(s + v * L), cnt));
       }
+      for (const ShiftConvEntry* e = en; e < e1; ++e) {       // negative weights: acc -= x >> m
+        const I cnt = S::Set1(e->shift);
+        const int32_t* s = src + e->offset;
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[v] = S::Sub(acc[v], S::Srav(S::Load(s + v * L), cnt));
+      }
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) {
-        // y = float(acc + neg_count) * 2^(e_o - F) + b_o, then the clamp (no FMA: -ffp-contract=off).
-        const auto y = S::AddF(S::MulF(S::ToF(S::Add(acc[v], neg)), scale), bias);
+        // y = float(acc) * 2^(e_o - F) + b_o, then the clamp (no FMA: -ffp-contract=off).
+        const auto y = S::AddF(S::MulF(S::ToF(acc[v]), scale), bias);
         S::StoreF(res + v * L, S::Clamp(y, lo, hi));
       }
       Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yo);
@@ -179,7 +182,7 @@ struct TaskGrid {
   size_t size() const { return static_cast<size_t>(chunks * blocks); }
 };
 
-// Scratch: [copies][C planes] + slack, then per channel a row buffer of Wq * sw + lanes int32
+// Scratch: [copies][C planes] + slack (one copy: x_q), then per channel a row buffer of Wq * sw + lanes int32
 // and the channel's x_q range.
 template <class S>
 int32_t* PlaneScratch(const ConvGeom& g, const ConvPlanes& pl, int copies, AlignedBuffer& scratch,
@@ -201,15 +204,15 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
   const ConvPlanes& pl = r.planes;
   int32_t *tmp = nullptr, *range = nullptr;
   int64_t tmp_stride = 0;
-  int32_t* buf = PlaneScratch<S>(g, pl, 2, scratch, &tmp, &range, &tmp_stride);
+  int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride);
   const TaskGrid grid(g, pl, S::kLanes);
   for (int64_t n = 0; n < g.n; ++n) {
     const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
     par.For(static_cast<size_t>(g.c), [&](size_t ci) {
       const int64_t c = static_cast<int64_t>(ci);
-      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, buf + pl.count + c * pl.channel,
-                      tmp + c * tmp_stride, range + 2 * c, range + 2 * c + 1);
+      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
+                      range + 2 * c, range + 2 * c + 1);
     });
     par.For(grid.size(), [&](size_t t) {
       const int64_t b = static_cast<int64_t>(t) / grid.chunks, k = static_cast<int64_t>(t) % grid.chunks;
@@ -237,7 +240,7 @@ bool AdderConvSimd(const AdderConvRun& r, const float* x, float* y, const Parall
     float* yn = y + n * g.m * g.oh * g.ow;
     par.For(static_cast<size_t>(g.c), [&](size_t ci) {
       const int64_t c = static_cast<int64_t>(ci);
-      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, nullptr, tmp + c * tmp_stride,
+      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, true,
                       range + 2 * c, range + 2 * c + 1);
     });
     int64_t xlo = 0, xhi = 0;

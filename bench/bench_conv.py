@@ -1,0 +1,188 @@
+"""Benchmark the ShiftConv (1 and 2 terms) and AdderConv kernels against ONNX Runtime's fp32 Conv
+and its static int8 quantisation (QDQ, per channel) of the same layer, on MobileNetV2 and
+ResNet-50 layer shapes at batch 1.
+
+    .venv/bin/python bench/bench_conv.py [--threads 1,2] [--repeats 30] [--only NAME]
+
+Each layer gets one single-node model per kind with the same random weights (normal, std 0.05;
+ShiftConv's rounded by nn/pow2.py, 5-bit codes, Q16.16), run interleaved (warm-up, then
+`repeats` samples, each the mean of enough runs to last >= 2 ms) with spinning off in every
+session (intra- and inter-op); the table gives medians and "t_X / t_ours" (> 1: ours faster).
+MAC/cycle/thread = MACs / (time x nominal clock x threads) against the inner loop's limit:
+ShiftConv is load + vpsravd + vpaddd per 16 (AVX-512) or 8 (AVX2) MACs — two ALU µops, so
+16 MAC/cycle on AVX-512's two vector ports (vpsravd runs on one of them: p0 on Intel), 12 with
+AVX2's three; AdderConv is vpsubd + vpabsd + vpaddd: 10.7 and 8. fp32 FMA peaks at 32 (two
+AVX-512 FMA ports) and int8 VNNI at 128.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shift_linear import cpu_name, time_interleaved  # noqa: E402
+
+from mfconvert.nn import pow2  # noqa: E402
+from mfconvert.ort_ops import DOMAIN, library_path  # noqa: E402
+
+# name: (C, H, W, M, k, stride, group); pads k // 2 on every side (the networks' own).
+LAYERS = {
+    "MobileNetV2 stem 3x3 s2 3→32 @224": (3, 224, 224, 32, 3, 2, 1),
+    "MobileNetV2 dw 3x3 32 @112": (32, 112, 112, 32, 3, 1, 32),
+    "MobileNetV2 dw 3x3 s2 144 @56": (144, 56, 56, 144, 3, 2, 144),
+    "MobileNetV2 dw 3x3 576 @14": (576, 14, 14, 576, 3, 1, 576),
+    "MobileNetV2 pw 24→144 @56": (24, 56, 56, 144, 1, 1, 1),
+    "MobileNetV2 pw 576→96 @14": (576, 14, 14, 96, 1, 1, 1),
+    "ResNet-50 3x3 64→64 @56": (64, 56, 56, 64, 3, 1, 1),
+    "ResNet-50 3x3 s2 128→128 @56": (128, 56, 56, 128, 3, 2, 1),
+    "ResNet-50 3x3 256→256 @14": (256, 14, 14, 256, 3, 1, 1),
+    "ResNet-50 pw 256→64 @56": (256, 56, 56, 64, 1, 1, 1),
+    "ResNet-50 pw 1024→256 @14": (1024, 14, 14, 256, 1, 1, 1),
+}
+KINDS = ["shift1", "shift2", "adder", "fp32", "int8"]
+LIMIT = {"avx512": {"shift": 16.0, "adder": 16.0 * 2 / 3}, "avx2": {"shift": 12.0, "adder": 8.0}}
+
+
+def conv_attrs(c, m, k, stride, group):
+    return dict(kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4, group=group)
+
+
+def layer_model(node, inits, c, h, w):
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, c, h, w])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 8
+    return model
+
+
+def fp32_model(w, b, c, h, wd, m, k, stride, group):
+    node = helper.make_node("Conv", ["X", "W", "B"], ["Y"], **conv_attrs(c, m, k, stride, group))
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    return layer_model(node, inits, c, h, wd)
+
+
+def shift_model(w, b, c, h, wd, m, k, stride, group, terms):
+    wt = torch.from_numpy(w.reshape(m, -1))
+    e = pow2.channel_exponents(wt)
+    codes = pow2.round_to_term_codes(wt, e, 5, terms).numpy()          # [T, M, C/G * K]
+    inits = [numpy_helper.from_array(pow2.pack_codes(codes, 5), "W_codes"),
+             numpy_helper.from_array(e.numpy(), "W_exponent"), numpy_helper.from_array(b, "B")]
+    node = helper.make_node("ShiftConv", ["X", "W_codes", "W_exponent", "B"], ["Y"], domain=DOMAIN, out_channels=m,
+                            terms=terms, **conv_attrs(c, m, k, stride, group))
+    return layer_model(node, inits, c, h, wd)
+
+
+def adder_model(w, b, c, h, wd, m, k, stride, group):
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    node = helper.make_node("AdderConv", ["X", "W", "B"], ["Y"], domain=DOMAIN, out_channels=m,
+                            **conv_attrs(c, m, k, stride, group))
+    return layer_model(node, inits, c, h, wd)
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, xs):
+        self.it = iter(xs)
+
+    def get_next(self):
+        x = next(self.it, None)
+        return None if x is None else {"X": x}
+
+
+def quiet_session(model, threads, ours=False):
+    """Spinning off for intra- and inter-op threads in every session (interleaved sessions'
+    spinning threads would steal the cores from the one that runs)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if ours:
+        opts.register_custom_ops_library(library_path())
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def clock_ghz():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) / 1000
+    except OSError:
+        pass
+    return float("nan")
+
+
+def isa():
+    flags = open("/proc/cpuinfo").read()
+    return "avx512" if "avx512bw" in flags and os.environ.get("MFCONVERT_ISA", "avx512") == "avx512" else "avx2"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="layers whose name contains this")
+    args = ap.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
+    rng = np.random.default_rng(args.seed)
+    threads_list = [int(t) for t in args.threads.split(",")]
+    ghz = clock_ghz()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (c, h, wd, m, k, stride, group) in LAYERS.items():
+            if args.only not in name:
+                continue
+            w = (rng.standard_normal((m, c // group, k, k)) * 0.05).astype(np.float32)
+            b = (rng.standard_normal(m) * 0.05).astype(np.float32)
+            x = rng.standard_normal((1, c, h, wd)).astype(np.float32)
+            fp32 = fp32_model(w, b, c, h, wd, m, k, stride, group)
+            fp32_path, int8_path = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+            onnx.save(fp32, fp32_path)
+            quantize_static(fp32_path, int8_path, _Reader([rng.standard_normal(x.shape).astype(np.float32)
+                                                           for _ in range(4)]),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+            models = {"shift1": shift_model(w, b, c, h, wd, m, k, stride, group, 1).SerializeToString(),
+                      "shift2": shift_model(w, b, c, h, wd, m, k, stride, group, 2).SerializeToString(),
+                      "adder": adder_model(w, b, c, h, wd, m, k, stride, group).SerializeToString(),
+                      "fp32": fp32.SerializeToString(), "int8": int8_path}
+            oh = (h + 2 * (k // 2) - k) // stride + 1
+            macs = m * oh * oh * (c // group) * k * k
+            for threads in threads_list:
+                sessions = {kind: quiet_session(mod, threads, ours=kind in ("shift1", "shift2", "adder"))
+                            for kind, mod in models.items()}
+                feeds = {"X": x}
+                runs = {kind: (lambda s=s: s.run(None, feeds)) for kind, s in sessions.items()}
+                t = time_interleaved(runs, args.repeats)
+                results.append((name, threads, macs, t))
+                print(f"{name} x{threads}: " + ", ".join(f"{kk} {v * 1e6:.0f} µs" for kk, v in t.items()),
+                      file=sys.stderr, flush=True)
+
+    lim = LIMIT[isa()]
+    print(f"ShiftConv / AdderConv ({isa()}, 5-bit codes, Q16.16) vs ONNX Runtime {ort.__version__} Conv (fp32; "
+          f"int8 = quantize_static QDQ per channel) on {cpu_name()} at a nominal {ghz:.2f} GHz, batch 1, "
+          f"median of {args.repeats} interleaved samples, spinning off\n")
+    print("| layer | threads | MMAC | shift1 µs | shift2 µs | adder µs | fp32 µs | int8 µs "
+          "| fp32/shift1 | fp32/shift2 | fp32/adder | int8/shift1 | MAC/cycle/thread shift1 · adder · fp32 "
+          f"(limits {lim['shift']:.0f} · {lim['adder']:.1f} · 32) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, threads, macs, t in results:
+        per = {kk: macs / (v * ghz * 1e9 * threads) for kk, v in t.items()}
+        print(f"| {name} | {threads} | {macs / 1e6:.1f} | " + " | ".join(f"{t[kk] * 1e6:.0f}" for kk in KINDS)
+              + f" | {t['fp32'] / t['shift1']:.2f}× | {t['fp32'] / t['shift2']:.2f}× | {t['fp32'] / t['adder']:.2f}× "
+              f"| {t['int8'] / t['shift1']:.2f}× | {per['shift1']:.1f} · {per['adder']:.1f} · {per['fp32']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
