@@ -20,9 +20,10 @@ towards more terms.
 
 Error, with data. Each unit (a layer, an MoE block) is converted alone with 1 and 2 terms and
 its drop measured in ONNX Runtime against the original model (calibrate/sensitivity.py); 3 and 4
-terms scale the 2-term drop by the node's NSR ratio. The chosen allocation is then measured
-whole, and re-chosen at a tighter target while it misses (drops of several layers are not quite
-additive).
+terms follow the line e(t) = floor + c·NSR_t through the two measured points (the floor: error
+no number of terms removes, e.g. a saturating activation format). The chosen allocation is then
+measured whole, and re-chosen at a tighter target while it misses (drops of several layers are
+not quite additive).
 
 Choice: start every node at one term and add a term where it removes the most error per cost
 until the predicted error meets the target (greedy on convex-ish error curves: each term cuts a
@@ -179,10 +180,13 @@ def predicted_drop(nodes: list[ShiftWeighted], terms: dict[str, int]) -> float:
 def greedy(errors: dict[str, list[float]], cost: dict[str, float], target: float,
            start: dict[str, int] | None = None) -> dict[str, int]:
     """Terms per item: from `start` (default 1 each), add the term that removes the most error
-    per cost until Σ error ≤ target or every item has MAX_TERMS. errors[item][t−1]: its error
-    with t terms."""
+    per cost until Σ error ≤ target (plus what MAX_TERMS everywhere would leave) or every item has
+    MAX_TERMS. errors[item][t−1]: its error with t terms."""
     terms = {k: 1 for k in errors} | dict(start or {})
     total = sum(errors[k][terms[k] - 1] for k in errors)
+    # What MAX_TERMS everywhere leaves is out of reach: aim within `target` of it, so a floor that
+    # terms cannot remove (measured with data) buys no terms.
+    target += sum(errors[k][MAX_TERMS - 1] for k in errors)
     while total > target:
         best, gain = None, 0.0
         for k, t in terms.items():
@@ -218,7 +222,8 @@ class Allocation:
         return sum(-(-n.params * n.weight_bits * terms.get(n.node, 1) // 8) for n in self.nodes)
 
     def lines(self) -> list[str]:
-        """The report's lines: terms and weight SQNR per node, the predicted error, the cost."""
+        """The report's lines: terms and weight SQNR per node, the predicted error, the cost, and
+        what to do when the measured error misses the target."""
         how = (f"measured on the data: 1 − cosine {self.measured:.4f}" if self.measured is not None
                else f"predicted from the weights: 1 − cosine ≈ {self.predicted:.4f}")
         counts = {t: sum(1 for n in self.nodes if self.terms.get(n.node, 1) == t) for t in range(1, MAX_TERMS + 1)}
@@ -227,6 +232,9 @@ class Allocation:
                + ", ".join(f"{c} node(s) × {t}" for t, c in counts.items() if c)
                + f"; additions {self.additions() / max(self.additions(ones), 1):.2f}× and code bytes "
                  f"{self.code_bytes() / max(self.code_bytes(ones), 1):.2f}× those of one term"]
+        if self.measured is not None and self.measured > self.target:
+            out.append(f"  target not met on the data: what is left does not fall with more terms (activation format, "
+                       f"accumulators: see the warnings); --max-drop {self.target:g} keeps the layers causing it float")
         width = max((len(n.node) for n in self.nodes), default=4)
         for n in self.nodes:
             t = self.terms.get(n.node, 1)
@@ -281,13 +289,17 @@ def allocate_from_data(measurer, config, nodes: list[ShiftWeighted], target: flo
                 progress(f"terms {t}, unit {i + 1}/{len(units)}: {unit[1]}")
             cfg = only_unit(config, *unit, terms=t)
             measured.append(max(measurer.measure(cfg, counts=False)[1], 0.0))
+        # e(t) = floor + c·NSR_t through the two measured points: the floor is what no number of
+        # terms removes (a saturating activation format, say), so more terms buy nothing there.
         nsr = [sum(n.nsr[t] for n in members) for t in range(MAX_TERMS)]
-        tail = [measured[1] * (nsr[t] / nsr[1] if nsr[1] > 0 else 0.0) for t in range(2, MAX_TERMS)]
-        tail = [min(e, measured[1]) for e in tail]
-        errors[unit] = [measured[0], min(measured[1], measured[0])] + tail
+        e1, e2 = measured[0], min(measured[1], measured[0])
+        c = (e1 - e2) / (nsr[0] - nsr[1]) if nsr[0] > nsr[1] else 0.0
+        floor = max(e2 - c * nsr[1], 0.0)
+        errors[unit] = [e1, e2] + [min(floor + c * nsr[t], e2) for t in range(2, MAX_TERMS)]
     unit_cost = {u: sum(cost_of[n.node] for n in ms) for u, ms in units.items()}
     count = 2 * len(units)
     goal, best, last = target, None, None
+    reachable = sum(e[MAX_TERMS - 1] for e in errors.values())
     for _ in range(rounds):
         chosen = greedy(errors, unit_cost, goal)
         terms = {n.node: chosen[u] for u, ms in units.items() for n in ms}
@@ -298,8 +310,8 @@ def allocate_from_data(measurer, config, nodes: list[ShiftWeighted], target: flo
         if drop <= target:
             best = last
             break
-        if all(t == MAX_TERMS for t in chosen.values()):
-            break
+        if all(t == MAX_TERMS for t in chosen.values()) or reachable >= target:
+            break   # no more terms can help: the floor is out of reach
         goal = goal * max(min(target / max(drop, 1e-12), 0.9), 0.1)   # tighten by how far it missed
     terms, result, drop, predicted = best or last
     return Allocation(terms, nodes, target, predicted, drop, True, count), result
