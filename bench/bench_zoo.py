@@ -156,6 +156,11 @@ def _cli(args: list[str], log) -> tuple[int, float, str]:
     return done.returncode, seconds, (done.stderr.strip().splitlines() or [""])[-1]
 
 
+def _reason(text: str) -> str:
+    """A skip reason without its node-specific tail."""
+    return text.split(" (at ")[0].split(":")[0][:70]
+
+
 def _report(path: Path) -> dict:
     """Converted ops, skips, multiplications from a --report-json file."""
     data = json.loads(path.read_text())
@@ -163,10 +168,11 @@ def _report(path: Path) -> dict:
     skips = [s for p in data["passes"] for s in p["skipped"]]
     macs = [c.get("macs_removed") for c in changes]
     return {"ops": dict(Counter(c["new_op"] for c in changes)),
-            "skips": dict(Counter(s["reason"].split(":")[0][:60] for s in skips)),
+            "skips": dict(Counter(_reason(s["reason"]) for s in skips)),
             "macs_removed": None if None in macs else int(sum(macs)),
             "mul_before": data["costs"]["before"]["multiplications"],
-            "mul_after": data["costs"]["after"]["multiplications"]}
+            "mul_after": data["costs"]["after"]["multiplications"],
+            "terms": dict(Counter(str(n["terms"]) for n in (data.get("allocation") or {}).get("nodes", [])))}
 
 
 def run_model(name: str, spec, work: Path, minutes: float) -> dict:
@@ -235,7 +241,15 @@ def run_model(name: str, spec, work: Path, minutes: float) -> dict:
 
 
 # -- table ----------------------------------------------------------------------------------------
-def _fid(f: dict | None) -> str:
+def _terms(report: dict | None) -> str:
+    """'2 terms' / '1–2 terms' of the shift layers `--shift-terms auto` chose."""
+    chosen = sorted(int(t) for t in (report or {}).get("terms", {}))
+    if not chosen:
+        return ""
+    return f" [{chosen[0]}{'–' + str(chosen[-1]) if chosen[-1] != chosen[0] else ''} term{'s' * (chosen[-1] > 1)}]"
+
+
+def _fid(f: dict | None, report: dict | None = None) -> str:
     if not f:
         return "—"
     text = f"{f['sqnr_db']:.1f} dB, cos {f['mean_cosine']:.4f}"
@@ -243,7 +257,7 @@ def _fid(f: dict | None) -> str:
         text += f", top-1 {f['top1_agreement']:.0%}"
     if "accuracy" in f:
         text += f", acc {f['accuracy']:.0%}"
-    return text
+    return text + _terms(report)
 
 
 def table(work: Path, names) -> str:
@@ -260,18 +274,18 @@ def table(work: Path, names) -> str:
                         f"| — | — | — | 0 | {r['commit']} |")
             continue
         ops = " + ".join(f"{n} {op}" for op, n in r["ops"].items())
-        skips = "; ".join(f"{n}× {why}" for why, n in r["skips"].items())
+        skips = "; ".join(f"{n}× {_reason(why)}" for why, n in r["skips"].items())
         data = f"{r['data']}; {r['n_train']} / {r['n_held']}"
         if "original_accuracy" in r:
             data += f"; original acc {r['original_accuracy']:.0%}"
         ft = _fid(r.get("ft_fidelity")) if "ft_error" not in r else f"error: {r['ft_error']}"
         if "ft_steps" in r:
             ft += f" ({r['ft_steps']} steps, kept {r['ft_kept']})"
-        dat = _fid(r.get("data_fidelity")) if "data_error" not in r else f"error: {r['data_error']}"
+        dat = _fid(r.get("data_fidelity"), r.get("data_report")) if "data_error" not in r else f"error: {r['data_error']}"
         macs = "unknown" if r["macs_removed"] is None else f"{r['macs_removed']:,}"
         macs += f" ({r['mul_before']:,} → {r['mul_after']:,} mul)"
         rows.append(f"| {name} | {r['exporter']} | {data} | {ops} / {sum(r['skips'].values())}"
-                    f"{' (' + skips + ')' if skips else ''} | {_fid(r.get('default_fidelity'))} | {dat} | {ft} "
+                    f"{' (' + skips + ')' if skips else ''} | {_fid(r.get('default_fidelity'), r)} | {dat} | {ft} "
                     f"| {macs} | {r['commit']} |")
     return "\n".join(rows)
 
