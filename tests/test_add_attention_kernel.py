@@ -251,3 +251,35 @@ def test_grid_conv_needs_matching_token_count():
     x = np.zeros((1, 6, 8), np.float32)
     with pytest.raises(Exception, match="node 'attn0': a \\[H, kh, kw\\] conv_weight needs T = prefix_tokens"):
         run_op(model, {"Q": x, "V": x})
+
+
+@pytest.mark.parametrize("d", [5, 16, 37, 65])
+def test_sign_codes_without_thresholds(d):
+    """No q_/k_threshold inputs (τ = 0): the kernels test x > 0 per lane (AVX-512: 16 at a time,
+    masked tail; AVX2: 8), so head sizes around the vector widths, exact zeros of both signs and
+    denormals must give the layer's codes on every ISA."""
+    h, t = 2, 23
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    layer = AddLinearAttention(h * d, h, conv="tokens")
+    torch.nn.init.normal_(layer.conv_weight)
+    q, k, v = (rng.normal(size=(1, t, h * d)).astype(np.float32) for _ in range(3))
+    for x in (q, k):
+        x[0, ::3, ::4] = 0.0
+        x[0, 1::3, ::5] = -0.0
+        x[0, 2::3, ::7] = 1e-45
+    with torch.no_grad():
+        layer.binarizer.q_threshold.zero_()
+        layer.binarizer.k_threshold.zero_()
+        layer.binarizer.fitted.fill_(True)                 # keep τ = 0 (no fit on first use)
+        expect = layer.core(*(torch.from_numpy(a) for a in (q, k, v)), None).numpy()
+    tol = tolerance(layer, *(torch.from_numpy(a) for a in (q, k, v)), None)
+    consts = {i: c for i, c in layer.onnx_constants().items() if i not in (5, 6)}
+    names, inits = op_inputs(consts, with_k=True, with_mask=False)
+    node = helper.make_node("AddLinearAttention", names, ["Y"], name="attn0", domain=DOMAIN, **layer.onnx_attributes())
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names[:4] if n]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    for isa in ISAS:
+        got = run_op(model, {"Q": q, "K": k, "V": v}, isa)
+        assert (np.abs(got - expect) - tol).max() <= 0, f"{isa}: {np.abs(got - expect).max()}"

@@ -33,4 +33,9 @@ void AddAttentionScalar(const AddAttentionProblem& p, const Parallel& par);
 void AddAttentionAvx2(const AddAttentionProblem& p, const Parallel& par);
 void AddAttentionAvx512(const AddAttentionProblem& p, const Parallel& par);
 
+// The sign codes with τ = 0: bit d of out[0:ceil(depth / 64)] is x[d] > 0 (false for NaN).
+void PositiveBitsScalar(const float* x, int64_t depth, uint64_t* out);
+void PositiveBitsAvx2(const float* x, int64_t depth, uint64_t* out);
+void PositiveBitsAvx512(const float* x, int64_t depth, uint64_t* out);
+
 }  // namespace mfconvert

@@ -30,6 +30,16 @@ struct Vec {
 
 void AddAttentionAvx2(const AddAttentionProblem& p, const Parallel& par) { Run(p, par); }
 
+void PositiveBitsAvx2(const float* x, int64_t depth, uint64_t* out) {
+  std::fill(out, out + (depth + 63) / 64, uint64_t{0});
+  int64_t d = 0;
+  for (; d + 8 <= depth; d += 8) {  // 8 | 64: a chunk never straddles two words
+    const __m256 gt = _mm256_cmp_ps(_mm256_loadu_ps(x + d), _mm256_setzero_ps(), _CMP_GT_OQ);
+    out[d / 64] |= static_cast<uint64_t>(static_cast<unsigned>(_mm256_movemask_ps(gt))) << (d % 64);
+  }
+  for (; d < depth; ++d) out[d / 64] |= static_cast<uint64_t>(x[d] > 0.0f) << (d % 64);
+}
+
 }  // namespace mfconvert
 
 #pragma GCC pop_options

@@ -31,6 +31,16 @@ struct Vec {
 
 void AddAttentionAvx512(const AddAttentionProblem& p, const Parallel& par) { Run(p, par); }
 
+void PositiveBitsAvx512(const float* x, int64_t depth, uint64_t* out) {
+  std::fill(out, out + (depth + 63) / 64, uint64_t{0});
+  for (int64_t d = 0; d < depth; d += 16) {  // 16 | 64: a chunk never straddles two words
+    const int64_t n = std::min<int64_t>(16, depth - d);
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1);
+    const __mmask16 gt = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(m, x + d), _mm512_setzero_ps(), _CMP_GT_OQ);
+    out[d / 64] |= static_cast<uint64_t>(gt) << (d % 64);
+  }
+}
+
 }  // namespace mfconvert
 
 #pragma GCC pop_options

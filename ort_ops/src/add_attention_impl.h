@@ -69,25 +69,35 @@ void AddConv(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, floa
 }
 
 // acc[0:n] = Σ over the set bits r of code of s[r][0:n] (rows of stride d), four vectors of
-// the accumulator held in registers per pass over the bits.
+// the accumulator held in registers per pass over the bits, as two partial sums (the set bits
+// taken alternately, then added) so the two dependency chains of adds overlap.
 inline void GatherRows(float* acc, const float* s, int64_t d, const uint64_t* code, int64_t words, int64_t n) {
   constexpr int64_t kBlock = 4 * Vec::kWidth;
   int64_t i0 = 0;
   for (; i0 + kBlock <= n; i0 += kBlock) {
     auto r0 = Vec::Zero(), r1 = Vec::Zero(), r2 = Vec::Zero(), r3 = Vec::Zero();
+    auto e0 = Vec::Zero(), e1 = Vec::Zero(), e2 = Vec::Zero(), e3 = Vec::Zero();
     for (int64_t w = 0; w < words; ++w) {
-      for (uint64_t m = code[w]; m != 0; m &= m - 1) {
+      for (uint64_t m = code[w]; m != 0;) {
         const float* row = s + (w * 64 + __builtin_ctzll(m)) * d + i0;
+        m &= m - 1;
         r0 = Vec::Add(r0, Vec::Load(row));
         r1 = Vec::Add(r1, Vec::Load(row + Vec::kWidth));
         r2 = Vec::Add(r2, Vec::Load(row + 2 * Vec::kWidth));
         r3 = Vec::Add(r3, Vec::Load(row + 3 * Vec::kWidth));
+        if (m == 0) break;
+        const float* next = s + (w * 64 + __builtin_ctzll(m)) * d + i0;
+        m &= m - 1;
+        e0 = Vec::Add(e0, Vec::Load(next));
+        e1 = Vec::Add(e1, Vec::Load(next + Vec::kWidth));
+        e2 = Vec::Add(e2, Vec::Load(next + 2 * Vec::kWidth));
+        e3 = Vec::Add(e3, Vec::Load(next + 3 * Vec::kWidth));
       }
     }
-    Vec::Store(acc + i0, r0);
-    Vec::Store(acc + i0 + Vec::kWidth, r1);
-    Vec::Store(acc + i0 + 2 * Vec::kWidth, r2);
-    Vec::Store(acc + i0 + 3 * Vec::kWidth, r3);
+    Vec::Store(acc + i0, Vec::Add(r0, e0));
+    Vec::Store(acc + i0 + Vec::kWidth, Vec::Add(r1, e1));
+    Vec::Store(acc + i0 + 2 * Vec::kWidth, Vec::Add(r2, e2));
+    Vec::Store(acc + i0 + 3 * Vec::kWidth, Vec::Add(r3, e3));
   }
   if (i0 == n) return;
   std::fill(acc + i0, acc + n, 0.0f);

@@ -47,15 +47,16 @@ struct Binarizer {
   const float* center = nullptr;        // [H, m]
   const float* projection = nullptr;    // [H, bits, m]
   const float* sigma = nullptr;         // [H]
+  void (*positive_bits)(const float*, int64_t, uint64_t*) = PositiveBitsScalar;  // per ISA
 
   void Codes(const float* x, int64_t stride, int64_t h, const float* threshold, uint64_t* out,
              std::vector<double>& xn, std::vector<double>& kappa) const {
-    std::fill(out, out + words, uint64_t{0});
     if (!ksh && threshold == nullptr) {
       // τ = 0: x̂ > 0 ⇔ x > 0 (‖x‖ > 0 whenever some x > 0), no norm needed.
-      for (int64_t d = 0; d < depth; ++d) out[d / 64] |= static_cast<uint64_t>(x[d] > 0.0f) << (d % 64);
+      positive_bits(x, depth, out);
       return;
     }
+    std::fill(out, out + words, uint64_t{0});
     double sq = 0.0;
     for (int64_t d = 0; d < depth; ++d) sq += static_cast<double>(x[d]) * static_cast<double>(x[d]);
     const double norm = std::sqrt(sq);
@@ -134,6 +135,7 @@ struct AddAttentionKernel {
     bz.ksh = ksh;
     bz.heads = heads;
     bz.depth = d;
+    bz.positive_bits = isa == Isa::kAvx512 ? PositiveBitsAvx512 : isa == Isa::kAvx2 ? PositiveBitsAvx2 : PositiveBitsScalar;
     if (!ksh) {
       bz.bits = d;
       const Tensor tq = Get(ctx, kQThreshold, "q_threshold"), tk = Get(ctx, kKThreshold, "k_threshold");

@@ -23,4 +23,9 @@ struct Vec {
 
 void AddAttentionScalar(const AddAttentionProblem& p, const Parallel& par) { Run(p, par); }
 
+void PositiveBitsScalar(const float* x, int64_t depth, uint64_t* out) {
+  std::fill(out, out + (depth + 63) / 64, uint64_t{0});
+  for (int64_t d = 0; d < depth; ++d) out[d / 64] |= static_cast<uint64_t>(x[d] > 0.0f) << (d % 64);
+}
+
 }  // namespace mfconvert
