@@ -30,6 +30,7 @@ from mfconvert.passes.conv import ShiftConvConfig
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.report_html import render as render_html
 from mfconvert.passes.shift_linear import ShiftLinearConfig
+from mfconvert.passes.spatial_shift import SpatialShiftConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Convert an ONNX model into a multiplication-free model for ONNX Runtime. "
@@ -120,6 +121,9 @@ def convert(
                                     "calibrated start)."),
     shift_add_conv: bool = typer.Option(False, "--shift-add-conv", help="Convolutions → ShiftConv + 1×1 AdderConv "
                                         "+ BatchNormalization (ShiftAddNet), starting as the shift conv."),
+    spatial_shift: bool = typer.Option(False, "--spatial-shift", help="Depthwise convs → SpatialShift (one tap per "
+                                       "channel, zero FLOPs) + per-channel scale folded into the next 1×1 conv "
+                                       "(a Mul where a ReLU6 sits between); fidelity/sparsity via --config."),
     freeze_shift: bool = typer.Option(False, "--freeze-shift", help="With --finetune-*: keep the shift layers' "
                                       "weights as converted (ShiftAddNet's fixed-shift training)."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
@@ -182,7 +186,8 @@ def convert(
                 adder_conv=AdderConvConfig(act_bits=act_bits, act_frac_bits=act_frac_bits, include=include,
                                            exclude=exclude) if adder_conv else None,
                 shift_add_conv=ShiftAddConvConfig(**fmt, include=include, exclude=exclude) if shift_add_conv else None,
-                shift_conv=ShiftConvConfig(**fmt, include=include, exclude=exclude) if shift_conv else None)
+                shift_conv=ShiftConvConfig(**fmt, include=include, exclude=exclude) if shift_conv else None,
+                spatial_shift=SpatialShiftConfig(include=include, exclude=exclude) if spatial_shift else None)
     except (ValueError, TypeError) as err:
         fail(as_flags(str(err).splitlines()[0]))
     if adder_conv and shift_add_conv:

@@ -11,6 +11,7 @@ from mfconvert.passes.conv import ShiftConvConfig
 from mfconvert.passes.adder_conv import AdderConvConfig, ShiftAddConvConfig
 from mfconvert.passes.moe_mlp import MoEMLPConfig
 from mfconvert.passes.shift_linear import ShiftLinearConfig
+from mfconvert.passes.spatial_shift import SpatialShiftConfig
 
 CONFIG_VERSION = 1
 
@@ -24,6 +25,7 @@ class ConvertConfig:
     shift_conv: ShiftConvConfig | None = dataclasses.field(default_factory=ShiftConvConfig)
     adder_conv: AdderConvConfig | None = None          # --adder-conv (AdderNet)
     shift_add_conv: ShiftAddConvConfig | None = None   # --shift-add-conv (ShiftAddNet)
+    spatial_shift: SpatialShiftConfig | None = None    # --spatial-shift (depthwise convs → shifts)
 
     def enabled(self) -> list:
         """The pass configs that are on, in the order their passes run."""

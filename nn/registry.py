@@ -34,7 +34,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from mfconvert.nn import adder_conv, pow2, shift_conv
+from mfconvert.nn import adder_conv, pow2, shift_conv, spatial_shift
 from mfconvert.nn.add_attention import AddLinearAttention
 from mfconvert.nn.shift_conv import ShiftConv
 from mfconvert.nn.shift_linear import ShiftLinear
@@ -200,6 +200,9 @@ OPS: dict[tuple[str, str], OpEntry] = {(e.domain, e.op): e for e in [
     OpEntry(op="AdderConv", passes=("adder-conv", "shift-add-conv"), layer=adder_conv.AdderConv, flow_inputs=1,
             from_onnx=adder_conv.from_onnx, to_onnx=adder_conv.to_onnx,
             call=lambda layer, flow: (layer(flow[0]),), spec="adderconv", examples=adder_conv.registry_examples),
+    OpEntry(op="SpatialShift", passes=("spatial-shift",), layer=spatial_shift.SpatialShift, flow_inputs=1,
+            from_onnx=spatial_shift.from_onnx, to_onnx=spatial_shift.to_onnx,
+            call=lambda layer, flow: (layer(flow[0]),), spec="spatialshift", examples=spatial_shift.registry_examples),
 ]}
 
 
