@@ -84,7 +84,7 @@ class FinetuneConfig:
     # AdderConv weights (--adder-conv, --shift-add-conv) train by SGD with momentum 0.9, AdderNet's
     # optimiser, at this peak rate: their gradients come scaled to the adaptive rate η·√k/‖ΔW‖₂
     # (nn/adder_conv.py), so a step moves a layer's weights by adder_lr·η·√k in norm.
-    adder_lr: float = 0.02
+    adder_lr: float = 0.002
     # Keep the shift layers' weights as converted (ShiftAddNet's fixed-shift training).
     freeze_shift: bool = False
 

@@ -135,7 +135,7 @@ def main(
     attention_conv: Optional[str] = typer.Option(None, "--attention-conv",
                                                  help="Train a depthwise conv on V in add attention: "
                                                       "'tokens' or 'grid:HxW+P'."),
-    adder_lr: float = typer.Option(0.02, "--adder-lr", help="Peak learning rate of AdderConv weights (SGD with "
+    adder_lr: float = typer.Option(0.002, "--adder-lr", help="Peak learning rate of AdderConv weights (SGD with "
                                    "momentum; their gradients come at AdderNet's adaptive rate η·√k/‖ΔW‖)."),
     freeze_shift: bool = typer.Option(False, "--freeze-shift", help="Keep the shift layers' weights as given "
                                       "(ShiftAddNet's fixed-shift training)."),

@@ -78,12 +78,13 @@ def allocating(config: ConvertConfig, options: PipelineOptions) -> bool:
     return options.shift_terms == TERMS_AUTO and bool(shift) and not any(c.terms_by_node for c in shift.values())
 
 
-def needs_finetuning(result: ConversionResult, model_path: str) -> str | None:
+def needs_finetuning(result: ConversionResult, model_path: str, with_data: bool = False) -> str | None:
     """One line when the converted model's output needs finetuning to be usable: binarised
     attention and MoE routers are untrained after conversion."""
     passes = {c.pass_name for c in result.report.changes}
     what = [w for p, w in (("add-attention", "add attention"), ("moe-mlp", "the MoE routers"),
-                           ("adder-conv", "adder convs (their data-free start)")) if p in passes]
+                           ("adder-conv", "adder convs (their data-free start)")) if p in passes
+            and not (with_data and p == "adder-conv")]
     if not what:
         return None
     return (f"note: {' and '.join(what)} are untrained after conversion, so the output is not yet usable; "
@@ -199,7 +200,7 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
     # save
     if output is not None:
         save_result(result, output)
-    finetune = None if options.finetuning else needs_finetuning(result, model_path)
+    finetune = None if options.finetuning else needs_finetuning(result, model_path, calibration is not None)
     if finetune:
         notes.append(finetune)
     return PipelineResult(result, config, allocation, budget_lines, rounding, notes)
