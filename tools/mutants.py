@@ -82,4 +82,14 @@ MUTANTS = [
     Mutant("attn-pass-drops-mask", "AddLinearAttention pass", "passes/add_attention.py",
            "inputs = [q, k, v] + ([m.mask] if m.mask is not None else [])", "inputs = [q, k, v]",
            ("tests/test_add_attention_pass.py", "-k", "mask")),
+    # -- AdderConv ----------------------------------------------------------------------------
+    Mutant("adder-layer-no-floor", "AdderConv layer", "nn/adder_conv.py",
+           "x_q = pow2.quantize_activation(x, self.act_bits, self.act_frac_bits).to(torch.float64)",
+           "x_q = torch.round(x.double() * 2.0 ** self.act_frac_bits)", ("tests/test_adder_conv_layer.py",)),
+    Mutant("adder-layer-sign-not-hardtanh", "AdderConv layer (training)", "nn/adder_conv.py",
+           "clipped = (weight.unsqueeze(1) - x.unsqueeze(2)).clamp_(-1, 1)",
+           "clipped = (weight.unsqueeze(1) - x.unsqueeze(2)).sign_()", ("tests/test_adder_conv_layer.py",)),
+    Mutant("adder-pass-shift-add-unmixed", "AdderConv pass (shift-add-conv)", "passes/adder_conv.py",
+           "a_inv = np.kron(np.eye(g), np.linalg.inv(block))", "a_inv = np.kron(np.eye(g), block)",
+           ("tests/test_adder_conv_pass.py", "-k", "shift_add")),
 ]
