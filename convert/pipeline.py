@@ -197,6 +197,17 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
 
         result.model, adder_lines = calibrate_adders(result.model, original, calibration)
         notes += adder_lines
+    # shift convs: a BatchNormalization the pass kept (not right after a conv) takes its statistics
+    # on the data as the converted model computes them (calibrate/conv.py)
+    if calibration is not None and any(c.pass_name == "shift-conv" for c in result.report.changes):
+        from mfconvert.calibrate.conv import reestimate_batchnorm
+        from mfconvert.runtime import session
+
+        feeds = list(calibration.batches(32))
+        result.model, kept_bn = reestimate_batchnorm(result.model, feeds, lambda data: session(data))
+        if kept_bn:
+            notes.append(f"BatchNormalization statistics of {len(kept_bn)} node(s) the shift-conv pass kept "
+                         f"re-estimated on {len(calibration)} examples")
     # save
     if output is not None:
         save_result(result, output)

@@ -149,3 +149,42 @@ def test_stats_output_error_is_the_sum_over_im2col_rows():
     direct = F.conv2d(F.pad(x, [1, 1, 1, 1]), (w - q).reshape(6, 2, 3, 3), stride=2, groups=3).double().square().sum()
     assert stats.output_error(w, q) == pytest.approx(float(direct), rel=1e-5)
     assert stats.rows == 3 * 5 * 5
+
+
+def test_pipeline_reestimates_kept_batchnorm(tmp_path):
+    """`mfconvert MODEL --shift-conv --data …`: a BatchNormalization after a ReLU (kept by the pass)
+    ends with the mean and variance of its input as the converted model (ShiftConv, in ORT)
+    computes it on the calibration examples."""
+    from mfconvert.calibrate.data import Examples
+    from mfconvert.convert.pipeline import PipelineOptions, convert_model
+    from mfconvert.runtime import session
+
+    r = np.random.default_rng(5)
+    consts = {"w": r.normal(0, 0.3, (8, 3, 3, 3)), "b": r.normal(0, 0.1, 8), "g": r.uniform(0.5, 2, 8),
+              "be": r.normal(size=8), "mu": r.normal(size=8), "var": r.uniform(0.5, 2, 8),
+              "w2": r.normal(0, 0.3, (4, 8, 1, 1))}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["h"]),
+         helper.make_node("BatchNormalization", ["h", "g", "be", "mu", "var"], ["n"], name="bn"),
+         helper.make_node("Conv", ["n", "w2"], ["y"], name="head")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    data = Examples([{"x": r.normal(size=(3, 8, 8)).astype(np.float32)} for _ in range(40)])
+    out = convert_model(str(path), ConvertConfig(shift_linear=None, add_attention=None, shift_conv=ShiftConvConfig()),
+                        PipelineOptions(shift_terms=1, data=data))
+    assert any("BatchNormalization statistics of 1 node(s)" in line for line in out.notes)
+    model = out.result.model
+    assert [n.op_type for n in model.graph.node] == ["ShiftConv", "BatchNormalization", "ShiftConv"]
+    bn = model.graph.node[1]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_empty_tensor_value_info(bn.input[0]))
+    x = np.stack([item["x"] for item in data.items])
+    h = session(probe.SerializeToString(), threads=1).run([bn.input[0]], {"x": x})[0].astype(np.float64)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_allclose(inits[bn.input[3]], h.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inits[bn.input[4]], h.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
