@@ -125,7 +125,7 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
     changes = [c for r in results for c in r.changes]
     open_tokens = [c for c in changes if getattr(c, "tokens", 0) is None]   # attention over dynamic T
     wanted = {c.activation for c in changes if c.activation and rows.get(c.activation, -1) < 0}
-    wanted |= {c.activation for c in open_tokens if c.activation}
+    wanted |= {getattr(c, "tokens_tensor", None) or c.activation for c in open_tokens if c.activation}
     if wanted:   # left open (or negative) by onnx's inference: ORT's symbolic one (canonicalize.py)
         more: list[str] = []
         dims: dict = {}
@@ -134,9 +134,10 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         rows.update(canonical_rows(model, shapes, wanted, more, dims))
         if not notes or all(a in rows for a in wanted):
             notes[:] = more
-        for c in open_tokens:   # its query [B, T, C] at the stated shapes gives T
-            if len(dims.get(c.activation, ())) == 3:
-                c.tokens = dims[c.activation][1]
+        for c in open_tokens:   # its query [B, T, C] (or its tokens_tensor's tokens_axis) gives T
+            d = dims.get(getattr(c, "tokens_tensor", None) or c.activation, ())
+            if len(d) == 3 or (getattr(c, "tokens_tensor", None) and len(d) >= 2):
+                c.tokens = d[getattr(c, "tokens_axis", 1)]
     for result in results:
         for change in result.changes:
             change.rows = rows.get(change.activation)

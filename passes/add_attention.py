@@ -455,6 +455,7 @@ class AttentionMatch:
     # Reshape stays and reads the op's [B, T, C] output ("T,B": through a Transpose first).
     merge: str = "B,T"
     merge_reshape: gs.Node | None = None
+    scores: gs.Tensor | None = None     # the Softmax input [B, H, T, T]: its last axis is T
 
 
 def _strip_scale(graph, t: gs.Tensor, opset: int, nodes: list) -> gs.Tensor:
@@ -757,7 +758,8 @@ def _match_attention(graph: gs.Graph, softmax: gs.Node) -> AttentionMatch:
         out = merge_reshape.inputs[0]
     if reason:
         raise NoMatch(reason, softmax)
-    return AttentionMatch(q, k, v, mask, out, heads, heads * depth, core, query_key_mask, merge, merge_reshape)
+    return AttentionMatch(q, k, v, mask, out, heads, heads * depth, core, query_key_mask, merge, merge_reshape,
+                          softmax.inputs[0])
 
 
 def _to_batch_major(tr: Traced, channels: int, name: str, nodes: list) -> gs.Tensor:
@@ -793,6 +795,10 @@ class AttentionChange(LayerChange):
     and P·V. `rows` (set by convert_onnx) is B·T; T is the static token count when the graph
     has one, else the count is unknown."""
     tokens: int | None = None
+    # Where convert_onnx reads T when it is not static: axis tokens_axis of tensor tokens_tensor
+    # (the scores [B, H, T, T]; None: axis 1 of the query `activation`, [B, T, C]).
+    tokens_tensor: str | None = None
+    tokens_axis: int = 1
 
     @property
     def params(self) -> int:
@@ -806,8 +812,8 @@ class AttentionChange(LayerChange):
 
 
 def _static_tokens(m: "AttentionMatch") -> int | None:
-    dims = _dims(m.output)
-    return int(dims[1]) if dims and len(dims) == 3 and isinstance(dims[1], (int, np.integer)) else None
+    dims = _dims(m.scores)
+    return int(dims[-1]) if dims and isinstance(dims[-1], (int, np.integer)) and dims[-1] > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1056,6 +1062,7 @@ def run(graph: gs.Graph, cfg: AddAttentionConfig) -> PassResult:
                   ("T*B",): ", flattened time-major tokens [T·B, C]"}[tuple(m.q.labels[:-1])]
         result.changes.append(AttentionChange(
             NAME, label, OP, c, c, 0, 0, activation=m.q.source.name, tokens=_static_tokens(m),
+            tokens_tensor=m.scores.name, tokens_axis=-1,
             detail=f"{m.heads} heads × {c // m.heads}, {'fused qkv' if m.q.select is not None else 'separate q/k/v'}"
                    + (", key mask" if m.mask is not None else "")
                    + (" (query × key, rows checked at run time)" if m.query_key_mask else "") + layout))

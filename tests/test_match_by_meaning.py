@@ -21,8 +21,8 @@ from mfconvert.tests.attention_models import TinyViT, export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ONLY_ATTENTION = ConvertConfig(shift_linear=None, add_attention=AddAttentionConfig())
-ALL_MULT_MOE = ConvertConfig(shift_linear=None, add_attention=None,
+ONLY_ATTENTION = ConvertConfig(shift_linear=None, shift_conv=None, add_attention=AddAttentionConfig())
+ALL_MULT_MOE = ConvertConfig(shift_linear=None, shift_conv=None, add_attention=None,
                              moe_mlp=MoEMLPConfig(router_std=0.0, router_bias=-30.0))
 # Attention: ORT's and PyTorch's float ops around the core differ in the last bits and the codes
 # are signs, so outputs agree unless a q/k channel lies within ~1e-6 of 0 (as in
@@ -153,7 +153,7 @@ def test_com_microsoft_attention_with_its_projection():
     node = helper.make_node("Attention", ["x", "w", "b", "mask"], ["y"], domain="com.microsoft", num_heads=H)
     model = _model([node], [_float("x", [B, T, C]), helper.make_tensor_value_info("mask", TensorProto.INT32, [B, T])])
     model.graph.initializer.extend([onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
-    result = convert_onnx(model, ConvertConfig(add_attention=AddAttentionConfig(), shift_linear=None))
+    result = convert_onnx(model, ONLY_ATTENTION)
     (change,) = result.report.changes
     assert "com.microsoft.Attention" in change.detail and "key mask" in change.detail
     assert [n.op_type for n in result.model.graph.node].count("MatMul") == 1   # the projection, for shift-linear
