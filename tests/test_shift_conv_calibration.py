@@ -188,3 +188,29 @@ def test_pipeline_reestimates_kept_batchnorm(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     np.testing.assert_allclose(inits[bn.input[3]], h.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(inits[bn.input[4]], h.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_trains_shift_convs():
+    """`mfconvert finetune` on a converted CNN: ShiftConv layers train through OnnxModule (the
+    registry entry), the result runs in ORT with our kernel and its shift convs equal
+    nn.ShiftConv's evaluation of the written codes bit for bit."""
+    from mfconvert.calibrate.data import Examples
+    from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+    from mfconvert.runtime import session
+
+    net, teacher = _tiny_cnn()
+    student = convert_onnx(teacher, ConvertConfig(shift_linear=None, add_attention=None,
+                                                  shift_conv=ShiftConvConfig())).model
+    rng = np.random.default_rng(6)
+    data = Examples([{"x": rng.normal(size=(3, 16, 16)).astype(np.float32)} for _ in range(24)])
+    result = finetune(student, teacher, data, FinetuneConfig(steps=3, batch_size=8, lr=1e-3, rounding="nearest",
+                                                             progress=False, keep_best=False))
+    assert result.steps == 3 and np.isfinite(result.losses).all()
+    before = {i.name: numpy_helper.to_array(i) for i in student.graph.initializer if i.name.endswith(".codes")}
+    after = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer if i.name.endswith(".codes")}
+    assert before.keys() == after.keys() and any((before[k] != after[k]).any() for k in before)   # codes moved
+    x = rng.normal(size=(4, 3, 16, 16)).astype(np.float32)
+    y = session(result.model.SerializeToString(), threads=1).run(None, {"x": x})[0]
+    with torch.no_grad():
+        y_layer = OnnxModule(result.model).eval()(x=torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(y, y_layer, rtol=1e-6, atol=1e-6)   # the float Gemm head: summation order
