@@ -111,8 +111,10 @@ def _int8(path: str) -> onnx.ModelProto:
         return onnx.load(out)
 
 
-def measure(name: str, spec: dict, threads: int, repeats: int, say) -> dict:
+def measure(name: str, spec: dict, threads: int, repeats: int, say, choices=CHOICES, n_eval: int | None = None) -> dict:
     path = spec["path"]
+    if n_eval is not None:
+        spec["eval"] = Examples(spec["eval"].items[:n_eval], spec["eval"].pad_values)
     reference = model_outputs(path, spec["eval"])
     feed = next(iter(spec["eval"].batches(model_fixed_batch(onnx.load(path, load_external_data=False)) or 8)))
     rows: dict[str, dict] = {}
@@ -128,7 +130,7 @@ def measure(name: str, spec: dict, threads: int, repeats: int, say) -> dict:
 
     rows["fp32"] = figures(path)
     adds_per_term = None
-    for choice in CHOICES:
+    for choice in choices:
         t0 = time.perf_counter()
         terms = "auto" if choice.startswith("auto") else int(choice[0])
         cfg = ConvertConfig(shift_linear=ShiftLinearConfig(terms=1 if terms == "auto" else terms), add_attention=None)
@@ -237,6 +239,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default="out/bench/terms.json")
     ap.add_argument("--plot", default="out/bench/terms.png")
+    ap.add_argument("--no-data", default="", help="models measured without auto+data (comma-separated)")
+    ap.add_argument("--eval", type=int, default=None, help="held-out examples per model (default: all)")
+    ap.add_argument("--merge", default=None, help="a JSON of this script's earlier results to add to the table")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -244,8 +249,14 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         spec = MODELS[name]()
-        results.append(measure(name, spec, args.threads, args.repeats, lambda s: print(s, flush=True)))
+        choices = tuple(c for c in CHOICES if c != "auto+data" or name not in args.no_data.split(","))
+        results.append(measure(name, spec, args.threads, args.repeats, lambda s: print(s, flush=True), choices,
+                               args.eval))
         Path(args.json).write_text(json.dumps({"results": results}, indent=2))   # what is done so far
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        results = earlier["results"] + results
+        print(f"merged: {args.merge} ({earlier.get('date')}, commit {earlier.get('commit')})")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "command": " ".join(sys.argv), "threads": args.threads}
