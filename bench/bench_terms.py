@@ -133,7 +133,8 @@ def measure(name: str, spec: dict, threads: int, repeats: int, say, choices=CHOI
     for choice in choices:
         t0 = time.perf_counter()
         terms = "auto" if choice.startswith("auto") else int(choice[0])
-        cfg = ConvertConfig(shift_linear=ShiftLinearConfig(terms=1 if terms == "auto" else terms), add_attention=None)
+        cfg = ConvertConfig(shift_linear=ShiftLinearConfig(terms=1 if terms == "auto" else terms), add_attention=None,
+                            shift_conv=None)   # linears only (convolutions: bench/bench_conv.py)
         opts = PipelineOptions(shift_terms=terms, input_shapes=spec["shapes"],
                                data=spec["calib"] if choice == "auto+data" else None)
         done = convert_model(path, cfg, opts)
