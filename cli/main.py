@@ -123,7 +123,7 @@ def convert(
                                         "+ BatchNormalization (ShiftAddNet), starting as the shift conv."),
     spatial_shift: bool = typer.Option(False, "--spatial-shift", help="Depthwise convs → SpatialShift (one tap per "
                                        "channel, zero FLOPs) + per-channel scale folded into the next 1×1 conv "
-                                       "(a Mul where a ReLU6 sits between); fidelity/sparsity via --config."),
+                                       "(a 1×1 depthwise conv where a ReLU6 sits between); fidelity/sparsity via --config."),
     freeze_shift: bool = typer.Option(False, "--freeze-shift", help="With --finetune-*: keep the shift layers' "
                                       "weights as converted (ShiftAddNet's fixed-shift training)."),
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),

@@ -5,8 +5,9 @@ by that tap's offset times a per-channel scale plus the bias.
 
 The scale and bias fold into the following pointwise conv's input channels when it reads the
 depthwise output alone (W'[:, c] = W[:, c]·a_c, b' = b + W·β: no multiplication left); otherwise
-(MobileNetV2: a ReLU6 sits between) they stay as a per-channel Mul and Add, one multiplication per
-output element instead of k². With `fidelity` set, channels whose dominant tap holds less than that
+(MobileNetV2: a ReLU6 sits between) they stay as a 1×1 depthwise Conv, one multiplication per output
+element instead of k² (ORT fuses the ReLU6 into it; the shift-conv pass, which runs after, rounds
+it to powers of two). With `fidelity` set, channels whose dominant tap holds less than that
 share of the kernel's energy (w_dom² / Σ w²) stay in a depthwise conv of their own (the channels
 split by Gather, joined by Concat and a Gather back to the original order). Runs before the conv
 passes, so the pointwise conv they convert already carries the scales.
@@ -58,7 +59,7 @@ class SpatialShiftConfig:
 class ShiftChange(ConvChange):
     """A depthwise conv that became a shift: in_features = k² (taps), out_features = C. Per output
     element `removed_taps / C` multiplications go on average (k² per shifted channel, less the
-    one of a Mul that stays); `moved` channels have a non-zero offset."""
+    one of a 1×1 scale that stays); `moved` channels have a non-zero offset."""
     removed_taps: int = 0
     moved: int = 0
     kept_depthwise: int = 0
@@ -183,14 +184,11 @@ def run(graph: gs.Graph, cfg: SpatialShiftConfig) -> PassResult:
             pw_node.inputs[0] = moved_out
             mults_left = 0
         else:
-            scaled = gs.Variable(f"{label}.scaled", np.float32)
-            new_nodes.append(gs.Node("Mul", f"{label}.scale", {}, [moved_out, _const(
-                f"{label}.scale_c", scale[idx].astype(np.float32).reshape(1, -1, 1, 1))], [scaled]))
-            last = scaled
-            if bias[idx].any():
-                last = gs.Variable(f"{label}.biased", np.float32)
-                new_nodes.append(gs.Node("Add", f"{label}.bias", {}, [scaled, _const(
-                    f"{label}.bias_c", bias[idx].astype(np.float32).reshape(1, -1, 1, 1))], [last]))
+            # a 1×1 depthwise Conv: ORT fuses the Relu/Clip after it, shift-conv may take it (w = ±2^p)
+            last = gs.Variable(f"{label}.scaled", np.float32)
+            new_nodes.append(gs.Node("Conv", f"{label}.scale", {"kernel_shape": [1, 1], "group": int(idx.size)}, [
+                moved_out, _const(f"{label}.scale_c", scale[idx].astype(np.float32).reshape(-1, 1, 1, 1)),
+                _const(f"{label}.bias_c", bias[idx].astype(np.float32))], [last]))
             if keep.size:
                 kept_in, kept_out = gs.Variable(f"{label}.kept_in", np.float32), gs.Variable(f"{label}.kept", np.float32)
                 new_nodes.append(gs.Node("Gather", f"{label}.kept_channels", {"axis": 1},
@@ -222,8 +220,8 @@ def run(graph: gs.Graph, cfg: SpatialShiftConfig) -> PassResult:
                    + "".join(f" + {f}" for f in match.folded if f != "Pad")
                    + f": {idx.size}/{c} channels shifted ({moved} moved, {idx.size - moved} offset 0)"
                    + (f", {keep.size} kept depthwise (dominant tap < {cfg.fidelity:.0%} of the energy)" if keep.size else "")
-                   + (f"; scale folded into {node_label(pw[0])}" if pw is not None else "; per-channel Mul"
-                      + (" + Add" if bias[idx].any() else "") + " left (no pointwise conv reads it alone)")
+                   + (f"; scale folded into {node_label(pw[0])}" if pw is not None else
+                      "; per-channel scale left as a 1×1 depthwise Conv (no pointwise conv reads it alone)")
                    + f"; energy kept {float((scale[idx] ** 2).sum() / max((match.weight.astype(np.float64) ** 2)[idx].sum(), 1e-300)):.0%}",
             removed_taps=int(idx.size * (k - mults_left)), moved=moved, kept_depthwise=int(keep.size)))
     graph.cleanup().toposort()

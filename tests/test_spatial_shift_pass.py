@@ -2,7 +2,7 @@
 → 1×1 conv, exported by torch, converted with the pass alone and run in ONNX Runtime (our kernel),
 against the same torch block whose depthwise kernels keep only their dominant tap (the others
 zeroed: the function the pass promises); the scale folded into the 1×1 conv where it reads the
-depthwise output alone, a Mul where a ReLU6 sits between; fidelity keeps channels depthwise (then
+depthwise output alone, a 1×1 depthwise conv where a ReLU6 sits between; fidelity keeps channels depthwise (then
 exactly the original kernels for those); skips with reasons; the layer and the registry entry."""
 import copy
 import io
@@ -70,8 +70,8 @@ def test_block_computes_the_dominant_tap_conv(stride, relu_between):
     block = Block(stride, relu_between, seed=stride * 2 + relu_between)
     result = convert(export(block))
     ops = [n.op_type for n in result.model.graph.node]
-    assert ops.count("SpatialShift") == 1 and ops.count("Conv") == 2   # stem and 1×1 left
-    assert ("Mul" in ops) == relu_between
+    # stem and 1×1 left, and the scale as a 1×1 depthwise conv where a ReLU6 keeps it from the 1×1
+    assert ops.count("SpatialShift") == 1 and ops.count("Conv") == 2 + relu_between
     change, = result.report.changes
     assert "BatchNormalization" in change.detail and change.in_features == 9 and change.out_features == 8
     assert ("folded into" in change.detail) == (not relu_between)

@@ -139,13 +139,32 @@ inline int64_t Clamp(int64_t offset, int64_t size, int64_t stride) {
   return std::min(std::max(offset, -bound), bound);
 }
 
+constexpr int64_t kTaskFloats = 16384;
+
+void Plane(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y, int64_t p, int64_t plane,
+           int64_t out_plane);
+
 }  // namespace
 
 void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y,
                      const Parallel& par) {
-  const int64_t plane = g.h * g.w, out_plane = g.oh * g.ow;
-  par.For(static_cast<size_t>(g.n * g.c), [&](size_t task) {
-    const int64_t n = static_cast<int64_t>(task) / g.c, c = static_cast<int64_t>(task) % g.c;
+  const int64_t plane = g.h * g.w, out_plane = g.oh * g.ow, planes = g.n * g.c;
+  // Tasks of whole planes, ~16K output floats each (a 7×7 plane alone is too little to hand out).
+  const int64_t per_task = std::max<int64_t>(1, std::min<int64_t>(planes, kTaskFloats / std::max<int64_t>(out_plane, 1)));
+  const int64_t tasks = (planes + per_task - 1) / per_task;
+  par.For(static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
+    for (int64_t p = first; p < last; ++p) Plane(g, offsets, x, y, p, plane, out_plane);
+  });
+}
+
+namespace {
+
+// One output plane p = n * C + c.
+void Plane(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y, int64_t p, int64_t plane,
+           int64_t out_plane) {
+  {
+    const int64_t n = p / g.c, c = p % g.c;
     const int64_t src_c = (c + g.c - g.channel_shift) % g.c;
     const int64_t dy = Clamp(offsets[2 * c], g.h, g.sh), dx = Clamp(offsets[2 * c + 1], g.w, g.sw);
     const float* xp = x + (n * g.c + src_c) * plane;
@@ -172,8 +191,10 @@ void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const fl
       }
       std::fill(yr + j1, yr + g.ow, g.edge ? xr[g.w - 1] : 0.0f);
     }
-  });
+  }
 }
+
+}  // namespace
 
 const OrtCustomOp* SpatialShiftCustomOp() {
   static const SpatialShiftOp op;

@@ -1,0 +1,209 @@
+"""Issue 15's figures: MobileNetV2 (torchvision ImageNet weights, zoo/public.py) with every
+depthwise 3×3 conv turned into SpatialShift (--spatial-shift alone: the other convs stay float, so
+the figures are the shifts' own), judged against the original in ONNX Runtime:
+
+- top-1 agreement with the original on crops of foolbox's ImageNet images none of the finetuning
+  saw (train: crops of images 0–9; judged: crops of images 10–19), before and after finetuning
+  (calibrate.finetune, what `mfconvert finetune` runs: KL on the logits), with and without the
+  Sparse Shift penalty; the share of channels left unshifted (offset (0, 0)); with --fidelity also
+  the converted model that keeps non-shift-like channels depthwise;
+- the SpatialShift kernel against ORT's depthwise Conv (3×3, bias) on every depthwise shape of
+  MobileNetV2 (batch 1), and end-to-end latency of the converted model against the original:
+  medians of interleaved runs, their ratio; sessions with spinning off (the machine is shared).
+
+    nice .venv/bin/python bench/bench_spatial_shift.py --minutes 3 --json out/bench_spatial_shift.json
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from mfconvert.calibrate.data import Examples
+from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+from mfconvert.convert import ConvertConfig, convert_onnx
+from mfconvert.ort_ops import DOMAIN
+from mfconvert.passes.spatial_shift import SpatialShiftConfig
+from mfconvert.runtime import session
+from mfconvert.zoo.public import imagenet_images, mobilenet_v2
+
+
+def crops(images: np.ndarray, per_image: int, seed: int) -> np.ndarray:
+    """Random crops (side 60–100 % of the 224 image, any position), resized back to 224
+    (bilinear), half of them flipped: [len(images)·per_image, 3, 224, 224]."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for img in torch.from_numpy(images):
+        for _ in range(per_image):
+            side = int(rng.integers(134, 225))
+            top, left = (int(rng.integers(0, 225 - side)) for _ in range(2))
+            crop = img[:, top:top + side, left:left + side][None]
+            crop = F.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False)[0]
+            out.append((crop.flip(-1) if rng.random() < 0.5 else crop).numpy())
+    return np.stack(out).astype(np.float32)
+
+
+def logits(model: onnx.ModelProto, x: np.ndarray, batch: int = 16) -> np.ndarray:
+    sess = session(model.SerializeToString(), threads=2, spinning=False)
+    return np.concatenate([sess.run(None, {"image": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def offsets_of(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {i.name: i for i in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node if n.op_type == "SpatialShift"]
+
+
+def unshifted_share(model: onnx.ModelProto) -> float:
+    off = np.concatenate(offsets_of(model))
+    return float((off == 0).all(axis=1).mean())
+
+
+def convert(teacher: onnx.ModelProto, **cfg):
+    return convert_onnx(teacher, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
+                                               spatial_shift=SpatialShiftConfig(**cfg)),
+                        input_shapes={"image": [1, 3, 224, 224]})
+
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """{name: median seconds} of `repeats` rounds, each running every callable once in turn."""
+    times = {k: [] for k in runs}
+    for f in runs.values():
+        f()                                           # warm-up
+    for _ in range(repeats):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def timing_session(model: onnx.ModelProto, threads: int, level: str):
+    """A session with spinning off at ORT's optimisation level 'all' (the default) or 'extended'."""
+    import onnxruntime as ort
+
+    from mfconvert.runtime import session_options
+    opts = session_options(threads, spinning=False)
+    if level == "extended":
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def one_node(node: onnx.NodeProto, x_shape, inits) -> bytes:
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def kernel_vs_conv(teacher: onnx.ModelProto, threads: int, repeats: int) -> list[dict]:
+    """Per depthwise shape of the model (batch 1): SpatialShift vs a 3×3 depthwise Conv + bias."""
+    inferred = onnx.shape_inference.infer_shapes(teacher)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    rows, seen = [], set()
+    rng = np.random.default_rng(0)
+    for node in teacher.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Conv" or attrs.get("group", 1) == 1:
+            continue
+        _, c, h, w = dims[node.input[0]]
+        s = attrs.get("strides", [1, 1])[0]
+        if (c, h, s) in seen:
+            continue
+        seen.add((c, h, s))
+        shape = [1, c, h, w]
+        x = rng.normal(size=shape).astype(np.float32)
+        offsets = rng.integers(-1, 2, size=(c, 2)).astype(np.int64)
+        shift = one_node(helper.make_node("SpatialShift", ["X", "off"], ["Y"], domain=DOMAIN, strides=[s, s]),
+                         shape, [numpy_helper.from_array(offsets, "off")])
+        conv = one_node(helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                         strides=[s, s], group=c), shape,
+                        [numpy_helper.from_array(rng.normal(size=(c, 1, 3, 3)).astype(np.float32), "W"),
+                         numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "B")])
+        sessions = {k: session(m, threads=threads, spinning=False) for k, m in (("shift", shift), ("conv", conv))}
+        med = interleaved({k: (lambda s_=s_: s_.run(None, {"X": x})) for k, s_ in sessions.items()}, repeats)
+        rows.append({"C": c, "H": h, "W": w, "stride": s, "shift_us": med["shift"] * 1e6, "conv_us": med["conv"] * 1e6,
+                     "speedup": med["conv"] / med["shift"]})
+        print(f"  dw {c}×{h}×{w} s{s}: SpatialShift {med['shift'] * 1e6:.1f} µs, Conv {med['conv'] * 1e6:.1f} µs "
+              f"({med['conv'] / med['shift']:.1f}×)", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=3.0, help="finetuning budget per run")
+    ap.add_argument("--per-image", type=int, default=24, help="judged crops per held-out image (10 images)")
+    ap.add_argument("--train-per-image", type=int, default=32)
+    ap.add_argument("--sparsity", type=float, default=0.05, help="Sparse Shift L1 coefficient of the penalised run")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--fidelity", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--skip-finetune", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    out: dict = {"args": vars(args)}
+    teacher = onnx.load(str(mobilenet_v2("torchscript")))
+    images, _ = imagenet_images()
+    judged = crops(images[10:], args.per_image, seed=1)
+    t_logits = logits(teacher, judged)
+    agree = lambda m: float((logits(m, judged).argmax(1) == t_logits.argmax(1)).mean())
+    print(f"{len(judged)} judged crops of 10 held-out images", flush=True)
+
+    students = {}
+    for name, cfg in (("shift", {}), ("shift+sparse", {"sparsity": args.sparsity}),
+                      (f"fidelity {args.fidelity}", {"fidelity": args.fidelity})):
+        result = convert(teacher, **cfg)
+        changes = result.report.changes
+        kept = sum(c.kept_depthwise for c in changes)
+        channels = sum(c.out_features for c in changes)
+        students[name] = result.model
+        row = {"layers": len(changes), "channels": channels, "kept_depthwise": kept,
+               "macs_removed": sum(c.macs_removed or 0 for c in changes),
+               "unshifted": unshifted_share(result.model), "agreement": agree(result.model)}
+        out[name] = {"before": row}
+        print(f"{name}: {row}", flush=True)
+
+    if not args.skip_finetune:
+        train = Examples([{"image": x} for x in crops(images[:10], args.train_per_image, seed=2)])
+        for name in ("shift", "shift+sparse"):
+            cfg = FinetuneConfig(steps=None, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, loss="kl",
+                                 rounding="nearest", keep_best=False, progress=False)
+            t0 = time.monotonic()
+            result = finetune(students[name], teacher, train, cfg)
+            row = {"steps": result.steps, "seconds": time.monotonic() - t0, "loss": [result.losses[0], result.losses[-1]],
+                   "unshifted": unshifted_share(result.model), "agreement": agree(result.model),
+                   "offsets_changed": int(sum((a != b).any(axis=1).sum() for a, b in
+                                              zip(offsets_of(students[name]), offsets_of(result.model))))}
+            out[name]["after"] = row
+            students[name + " finetuned"] = result.model
+            print(f"{name} finetuned: {row}", flush=True)
+
+    print("kernel vs depthwise Conv (batch 1):", flush=True)
+    out["kernel"] = kernel_vs_conv(teacher, args.threads, args.repeats)
+    x = judged[:1]
+    out["end_to_end"] = {}
+    for level in ("all", "extended"):   # ORT's default (NCHWc layout for convs) and without layout changes
+        sessions = {"original": timing_session(teacher, args.threads, level),
+                    "converted": timing_session(students["shift"], args.threads, level)}
+        med = interleaved({k: (lambda s=s: s.run(None, {"image": x})) for k, s in sessions.items()}, args.repeats)
+        out["end_to_end"][level] = {**{k: v * 1e3 for k, v in med.items()}, "ratio": med["converted"] / med["original"]}
+        print(f"end to end (batch 1, {args.threads} threads, optimisation {level}): original "
+              f"{med['original'] * 1e3:.2f} ms, converted {med['converted'] * 1e3:.2f} ms, converted/original "
+              f"{med['converted'] / med['original']:.3f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
