@@ -259,13 +259,27 @@ class ShiftConvKernel {
       ShiftConvScalar(*p, g, conv_.act, xd, yd, par);
       return;
     }
-    ShiftConvRun run{p.get(), g, ConvPlanes::Make(g, 1, 64), conv_.act, nullptr, nullptr, nullptr};
-    std::vector<ShiftConvEntry> entries;
-    std::vector<int64_t> begin, split;
-    BuildEntries(*p, g, run.planes, &entries, &begin, &split);
-    run.entries = entries.data();
-    run.begin = begin.data();
-    run.split = split.data();
+    // The entry lists depend on the input's spatial size: initializer weights keep the last ones.
+    std::shared_ptr<const Prepared> prep;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (constant_ && prepared_ && prepared_->p == p && prepared_->h == g.h && prepared_->w == g.w) prep = prepared_;
+    }
+    if (!prep) {
+      auto fresh = std::make_shared<Prepared>();
+      fresh->p = p;
+      fresh->h = g.h;
+      fresh->w = g.w;
+      fresh->planes = ConvPlanes::Make(g, 1, 64);
+      BuildEntries(*p, g, fresh->planes, &fresh->entries, &fresh->begin, &fresh->split);
+      prep = fresh;
+      if (constant_) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        prepared_ = prep;
+      }
+    }
+    const ShiftConvRun run{p.get(), g, prep->planes, conv_.act, prep->entries.data(), prep->begin.data(),
+                           prep->split.data()};
     ScratchPool::Lease scratch(scratch_);
     if (isa_ == Isa::kAvx512) {
       ShiftConvAvx512(run, xd, yd, par, scratch.buffer());
@@ -284,6 +298,14 @@ class ShiftConvKernel {
   std::vector<float> bias_;
   std::mutex mutex_;
   std::shared_ptr<const PackedShiftConv> cache_;  // initializer weights decoded for cache_->cg
+  struct Prepared {                                // the SIMD entry lists for one input size
+    std::shared_ptr<const PackedShiftConv> p;
+    int64_t h = 0, w = 0;
+    ConvPlanes planes;
+    std::vector<ShiftConvEntry> entries;
+    std::vector<int64_t> begin, split;
+  };
+  std::shared_ptr<const Prepared> prepared_;
   ScratchPool scratch_;
 };
 

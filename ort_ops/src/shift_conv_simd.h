@@ -28,7 +28,7 @@ namespace mfconvert {
 namespace {
 
 constexpr int kSimdVectors = 4;      // V: vectors of flat outputs per pass over the weights
-constexpr int64_t kOutBlock = 8;     // output channels per task
+constexpr int64_t kOutBlock = 16;    // output channels per task
 
 // Quantises channel c of image xc ([H][W] floats) into its planes. With `range`, *lo and *hi get
 // the range of the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32 (sw > 1 only).
@@ -88,18 +88,18 @@ SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, i
   const ConvGeom& g = r.g;
   const auto lo = S::Set1F(r.act.lo), hi = S::Set1F(r.act.hi);
   alignas(64) float res[V * L];
-  for (int64_t o = o0; o < o1; ++o) {
-    const int32_t* base = buf + o / g.mg * g.cg * r.planes.channel;
-    const ShiftConvEntry* e0 = r.entries + r.begin[o];
-    const ShiftConvEntry* en = r.entries + r.split[o];
-    const ShiftConvEntry* e1 = r.entries + r.begin[o + 1];
-    const auto scale = S::Set1F(p.scale[o]), bias = S::Set1F(p.bias[o]);
-    float* yo = yn + o * g.oh * g.ow;
-    for (int64_t f = f0; f < f1; f += V * L) {
+  // Flat outputs outer, output channels inner: the input rows of one span of flat outputs (all
+  // channels of the group) stay in L2 while every output of the block reads them.
+  for (int64_t f = f0; f < f1; f += V * L) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int32_t* src = buf + o / g.mg * g.cg * r.planes.channel + f;
+      const ShiftConvEntry* e0 = r.entries + r.begin[o];
+      const ShiftConvEntry* en = r.entries + r.split[o];
+      const ShiftConvEntry* e1 = r.entries + r.begin[o + 1];
+      const auto scale = S::Set1F(p.scale[o]), bias = S::Set1F(p.bias[o]);
       I acc[V];
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[v] = S::Zero();
-      const int32_t* src = base + f;
       for (const ShiftConvEntry* e = e0; e < en; ++e) {       // positive weights: acc += x >> m
         const I cnt = S::Set1(e->shift);
         const int32_t* s = src + e->offset;
@@ -118,7 +118,7 @@ SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, i
         const auto y = S::AddF(S::MulF(S::ToF(acc[v]), scale), bias);
         S::StoreF(res + v * L, S::Clamp(y, lo, hi));
       }
-      Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yo);
+      Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yn + o * g.oh * g.ow);
     }
   }
 }
@@ -135,17 +135,15 @@ SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, i
   const auto lo = S::Set1F(r.act.lo), hi = S::Set1F(r.act.hi), unscale = S::Set1F(p.unscale);
   alignas(64) float res[V * L];
   alignas(64) int64_t wide[V * L];
-  for (int64_t o = o0; o < o1; ++o) {
-    const int32_t* base = buf + o / g.mg * g.cg * r.planes.channel;
-    const AdderConvEntry* entries = r.entries + o * n_entries;
-    // Every |x_q - w_q| this output can see (junk lanes included: they read x_q values or 0).
-    const int64_t bound = std::max<int64_t>({xhi - p.wmin[o], p.wmax[o] - xlo, 1});
-    const int64_t chunk = std::max<int64_t>(1, ((int64_t{1} << 31) - 1) / bound);
-    const auto bias = S::Set1F(p.bias[o]);
-    float* yo = yn + o * g.oh * g.ow;
-    for (int64_t f = f0; f < f1; f += V * L) {
+  for (int64_t f = f0; f < f1; f += V * L) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int32_t* src = buf + o / g.mg * g.cg * r.planes.channel + f;
+      const AdderConvEntry* entries = r.entries + o * n_entries;
+      // Every |x_q - w_q| this output can see (junk lanes included: they read x_q values or 0).
+      const int64_t bound = std::max<int64_t>({xhi - p.wmin[o], p.wmax[o] - xlo, 1});
+      const int64_t chunk = std::max<int64_t>(1, ((int64_t{1} << 31) - 1) / bound);
+      const auto bias = S::Set1F(p.bias[o]);
       std::memset(wide, 0, sizeof(wide));
-      const int32_t* src = base + f;
       for (int64_t c0 = 0; c0 < n_entries; c0 += chunk) {
         const AdderConvEntry* e1 = entries + std::min(n_entries, c0 + chunk);
         I acc[V];
@@ -166,7 +164,7 @@ SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, i
         const auto y = S::SubF(bias, S::MulF(S::Int64ToF(wide + v * L), unscale));
         S::StoreF(res + v * L, S::Clamp(y, lo, hi));
       }
-      Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yo);
+      Scatter(res, f, std::min<int64_t>(V * L, f1 - f), g, r.planes.wq, yn + o * g.oh * g.ow);
     }
   }
 }
@@ -175,7 +173,7 @@ SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, i
 struct TaskGrid {
   int64_t chunk = 0, chunks = 0, blocks = 0;
   TaskGrid(const ConvGeom& g, const ConvPlanes& pl, int lanes) {
-    chunk = int64_t{4} * kSimdVectors * lanes;
+    chunk = int64_t{2} * kSimdVectors * lanes;
     chunks = (pl.flat + chunk - 1) / chunk;
     blocks = (g.m + kOutBlock - 1) / kOutBlock;
   }
