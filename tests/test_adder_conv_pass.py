@@ -86,6 +86,21 @@ def test_adder_conv_converts_all_but_the_stem_and_runs_in_ort(cnn):
     assert "excluded by --exclude" in everything.report.skips[0].reason
 
 
+def test_adder_passes_run_before_shift_conv_and_take_the_convs():
+    """Registration order is run order: with shift-conv on too, the adder passes convert the convs
+    and shift-conv gets only what they leave (the stem)."""
+    from mfconvert.passes import PASSES
+    from mfconvert.passes.conv import ShiftConvConfig
+
+    order = list(PASSES)
+    assert order.index("adder-conv") < order.index("shift-conv") and order.index("shift-add-conv") < order.index("shift-conv")
+    torch.manual_seed(1)
+    model = export(SmallCNN(), torch.randn(1, 1, 12, 12))
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=ShiftConvConfig(),
+                                               adder_conv=AdderConvConfig()))
+    assert sorted(c.new_op for c in result.report.changes) == ["AdderConv", "AdderConv", "ShiftConv"]
+
+
 def test_data_free_batchnorm_matches_the_convs_output_statistics(cnn):
     """On inputs drawn as the data-free start assumes (independent N(0, 1) per input element), the
     inserted BatchNormalization's output has the conv's per-channel mean and variance."""
