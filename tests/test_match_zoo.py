@@ -1,5 +1,6 @@
 """Matching by meaning on third-party layouts of real models (issue 11 item 5; zoo marker: minutes,
-not seconds): all-MiniLM-L6-v2 after onnxslim at a fixed shape (Gemm on [B·T, C]) and after
+not seconds): all-MiniLM-L6-v2 with Gemm on [B·T, C] tokens (ORT's basic optimisation at a fixed
+shape, the layout onnxslim writes too) and after
 onnxruntime.transformers.optimizer (SkipLayerNormalization, BiasGelu), and the public zoo's
 smart-turn (Whisper-tiny encoder in int8 QDQ form). Every attention core and MLP is found; the
 converted models run in ORT with our ops."""
@@ -44,24 +45,25 @@ def minilm_feeds():
 
 @pytest.fixture(scope="module")
 def minilm_variants(minilm_onnx_path, tmp_path_factory):
-    """name -> ModelProto: our MiniLM export after onnxslim (input shapes fixed at [2, 16]) and
-    after ORT's transformer optimizer."""
-    onnxslim = pytest.importorskip("onnxslim", reason="onnxslim (dev extra) makes this fixture")
+    """name -> ModelProto: our MiniLM export with Gemm on [B·T, C] tokens (ORT's basic optimisation
+    at input shapes [2, 16], the layout onnxslim writes too) and after ORT's transformer optimizer."""
     from onnxruntime.transformers import optimizer
 
+    from mfconvert.tests.test_match_by_meaning import ort_basic_at
+
+    tmp = tmp_path_factory.mktemp("minilm-variants")
+    flat = ort_basic_at(minilm_onnx_path, {"input_ids": [2, 16], "attention_mask": [2, 16]}, tmp / "flat.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        slim = onnxslim.slim(str(minilm_onnx_path), input_shapes=["input_ids:2,16", "attention_mask:2,16"])
-        opt_path = tmp_path_factory.mktemp("ort-optimizer") / "minilm.onnx"
         optimizer.optimize_model(str(minilm_onnx_path), model_type="bert", num_heads=12, hidden_size=384,
-                                 opt_level=0).save_model_to_file(str(opt_path))   # adds the com.microsoft import
-        opt = onnx.load(str(opt_path))
-    assert "Gemm" in [n.op_type for n in slim.graph.node]
+                                 opt_level=0).save_model_to_file(str(tmp / "opt.onnx"))   # adds the com.microsoft import
+    opt = onnx.load(str(tmp / "opt.onnx"))
+    assert "Gemm" in [n.op_type for n in flat.graph.node]
     assert {"SkipLayerNormalization", "BiasGelu"} <= {n.op_type for n in opt.graph.node}
-    return {"onnxslim": slim, "ort-optimizer": opt}
+    return {"flattened-tokens": flat, "ort-optimizer": opt}
 
 
-@pytest.mark.parametrize("variant", ["onnxslim", "ort-optimizer"])
+@pytest.mark.parametrize("variant", ["flattened-tokens", "ort-optimizer"])
 def test_minilm_variants_match_like_the_plain_export(minilm_variants, minilm_onnx_path, minilm_feeds, variant):
     model = minilm_variants[variant]
     result = convert_onnx(model, ONLY_ATTENTION)
