@@ -114,11 +114,19 @@ def test_quantised_whisper_encoder_converts(converted, one_torch_thread):
     assert "weights dequantised from int8 (per-channel, axis 1) (q − zero point)·scale, then rounded: 25 layer(s)" \
         in result.report.table()
     ops = [n.op_type for n in result.model.graph.node]
-    assert ops.count("ShiftLinear") == 27 and ops.count("QuantizeLinear") == 78   # activation side untouched
-    assert ops.count("DequantizeLinear") == 114 - 27 - 2   # the weights' ones and the two Gemms' biases' are gone
+    # The 4 attention cores become AddLinearAttention (issue 11 item 5) with the 6 activation
+    # Q/DQ pairs inside each; every other activation Q/DQ stays.
+    assert ops.count("AddLinearAttention") == 4
+    assert ops.count("ShiftLinear") == 27 and ops.count("QuantizeLinear") == 78 - 4 * 6   # activation side untouched
+    assert ops.count("DequantizeLinear") == 114 - 27 - 2 - 4 * 6   # the weights' ones and the two Gemms' biases' are gone
     feed = public.sample("smart-turn")
     want, got = _ort(path, feed), _ort(result.model, feed, ours=True)
     assert [g.shape for g in got] == [w.shape for w in want] and all(np.isfinite(g).all() for g in got)
+    # Fidelity of the dequantised ShiftLinear weights alone (binarised attention before finetuning
+    # moves the probability to 0.845, docs/ops.md: accuracy comes back by finetuning).
+    linears = convert_onnx(path, ConvertConfig(shift_conv=None, add_attention=None),
+                           input_shapes=public.input_shapes("smart-turn"))
+    got = _ort(linears.model, feed, ours=True)
     assert abs(float(got[0].ravel()[0]) - float(want[0].ravel()[0])) < 0.02   # measured 0.0035
 
 
