@@ -201,3 +201,11 @@ def test_finetune_trains_adders_with_sgd_and_freeze_shift_keeps_shift_weights(cn
     assert all(not np.array_equal(before[k], after[k]) for k in adder_w)
     (y,) = run(trained, data.items[0]["x"][None])
     assert np.isfinite(y).all()
+    # a checkpoint holds both optimisers' states (AdamW and the adders' SGD) and resumes
+    ckpt = str(tmp_path / "ft.ckpt")
+    finetune(result.model, model, data, FinetuneConfig(steps=1, batch_size=8, rounding="nearest", keep_best=False,
+                                                       progress=False, checkpoint=ckpt))
+    resumed = finetune(result.model, model, data, FinetuneConfig(steps=2, batch_size=8, rounding="nearest",
+                                                                 keep_best=False, progress=False, checkpoint=ckpt,
+                                                                 resume=True))
+    assert resumed.steps == 2
