@@ -13,7 +13,7 @@ median ORT latency of one batch; the ORT int8 dynamic quantisation (MatMul, per 
 same model for reference. `auto+data` converts with the calibration examples (the CLI's --data:
 allocation measured on 64 of them, compensated rounding judged on held-out ones). A plot of
 fidelity against additions (PNG with matplotlib, else SVG) shows where auto sits against the
-fixed choices' frontier.
+fixed choices' frontier (mixing them layer by layer interpolates error and additions linearly).
 """
 from __future__ import annotations
 
@@ -199,7 +199,12 @@ def plot(results: list[dict], path: str) -> str:
     fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.6), squeeze=False)
     for ax, (model, pts) in zip(axes[0], points):
         fixed = [p for p in pts if not p[0].startswith("auto")]
-        ax.plot([p[1] for p in fixed], [p[2] for p in fixed], "o-", color="grey", label="fixed terms")
+        # The fixed choices' frontier: mixing them layer by layer adds errors and additions
+        # linearly, so it is the straight line between them (a curve on the log axis).
+        xs = np.linspace(fixed[0][1], fixed[-1][1], 200)
+        ax.plot(xs, np.interp(xs, [p[1] for p in fixed], [p[2] for p in fixed]), "-", color="lightgrey",
+                label="fixed terms, mixed")
+        ax.plot([p[1] for p in fixed], [p[2] for p in fixed], "o", color="grey", label="fixed terms")
         for c, x, y in pts:
             if c.startswith("auto"):
                 ax.plot([x], [y], "s" if c == "auto" else "D", label=c, markersize=8)
