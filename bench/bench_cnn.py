@@ -212,11 +212,11 @@ def main() -> None:
     p.add_argument("--eval-crops", type=int, default=200)
     p.add_argument("--finetune-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-terms", default="1,2", help="--shift-terms of the --data rows (the last one is finetuned); "
+    p.add_argument("--data-terms", default="1,2", help="--shift-terms of the --data rows (the last one is finetuned; 'none': no --data rows); "
                    "auto with --data measures every layer in ORT, too slow for a shared 2-core machine")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    args.data_terms = [int(t) for t in args.data_terms.split(",")]
+    args.data_terms = [int(t) for t in args.data_terms.split(",") if t and t != "none"]
     if not 1 <= args.calibration <= 256:
         sys.exit("bench_cnn: error: --calibration must be in [1, 256]")
     torch.set_num_threads(args.threads)
