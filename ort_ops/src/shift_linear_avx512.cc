@@ -3,10 +3,16 @@
 // Vectorised over outputs (16 per zmm). Per token and input, a 32-entry table holds t(c) for
 // every normalised code c = sign << 4 | m: x_q >> m, -(x_q >> m), and 0 for the zero code
 // (one vpsravd against 0..15 and one negation build it). A weight is then a table lookup
-// (vpermi2d indexed by the code bytes) and an add, per 16 MACs: no multiplication. A task
-// takes up to 4 tokens x 64 outputs into 16 accumulators; the code bytes [group][i][64] are
-// loaded once per input for the 4 tokens. Inputs are processed in blocks of kInBlock so the
-// tables of a block stay in L1 while every output group walks over it.
+// (vpermt2d indexed by the code bytes) and an add, per 16 MACs: no multiplication. A task
+// takes up to 4 tokens x 64 outputs into 16 accumulators; the code bytes [group][i][t][64] are
+// loaded once per input and term for the 4 tokens, as one zmm whose dword shifts by 0/8/16/24
+// give the 4 blocks' indices (port 0; a byte-to-dword widening would take port 5 from the
+// lookups). Inputs are processed in blocks of kInBlock so the tables of a block stay in L1 while
+// every output group walks over it; with T terms the table of an input serves all T.
+//
+// Limit (measured on the Intel AVX-512 VM of BENCHMARKS.md): one vpermt2d per cycle (port 5)
+// and two vpaddd, so 16 MACs per cycle per core at most; per input and 4 tokens x 64 outputs
+// this loop issues 16 lookups + 16 adds + 3 shifts on ports 0/5, i.e. <= 14.6 MACs per cycle.
 //
 // (A token-vectorised variant, vpsravd + vpaddd per 16 MACs as in shift_linear_avx2.cc, was
 // measured 1.2-2.2x slower on Zen 5: it needs two vector ALU ops per 16 MACs to this path's
