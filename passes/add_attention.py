@@ -3,16 +3,15 @@ to the output projection's input: head split, scale, mask, Softmax, the two MatM
 becomes one AddLinearAttention op (docs/ops.md#addlinearattention). The projections stay linear
 layers for the shift-linear pass.
 
-Pattern: every Softmax whose input is (MatMul(q_heads, k_heads_T) [× / ÷ scale] [+ mask]) and
-whose output feeds MatMul(·, v_heads). Check: each of q_heads [B,H,T,D], k_heads_T [B,H,D,T] and
-v_heads [B,H,T,D] traces back through Transpose / Reshape / positive scalar Mul-Div / the
-Split-Gather-Slice(+Squeeze) of a fused qkv to a [B, T, C] (or fused [B, T, 3C]) projection
-output, with the tokens and heads laid out alike; the mask is per key [B|1, 1, 1, T], or a query ×
-key mask [B|1, 1, T, T] built from per-key and per-query factors only (transformers ≥ 5's expanded
-padding mask; the kernel checks its rows agree at run time); the context merges back
-through Transpose(0,2,1,3) + Reshape to [B, T, C]; no intermediate tensor is read elsewhere.
-Rewrite: AddLinearAttention(Q, K, V[, mask]) writes the merged context tensor (fused qkv: one
-Split of the projection output on its last axis).
+Matched by meaning (docs/ops.md, "The pass"): every Softmax whose input is Q·Kᵀ [× / ÷ scale]
+[+ mask] and whose output feeds MatMul(·, V); each of Q, K, V is traced back through layout ops
+(Transpose, Reshape, Squeeze/Unsqueeze, Gather/Split/Slice of a fused qkv, positive scalar
+scales, activation fake quantisation) with labelled axes to a projection output in [B, T, C],
+[T, B, C] or flattened [B·T, C] layout (C or a fused 3C); the mask is per key, or query × key
+built from per-key and per-query factors (the kernel checks its rows); the context merges back
+through Transpose + Reshape; no intermediate tensor is read elsewhere. Fused ops (ONNX
+Attention-23, com.microsoft Attention / MultiHeadAttention) are rewritten from their inputs. A miss
+is a MatchResult (passes/match.py) with the reason and the node; the report shows it.
 """
 from __future__ import annotations
 
@@ -55,15 +54,6 @@ NoMatch = Miss   # the subgraph is not an attention core we can rewrite; the mes
 # axis is labels joined by "*" ("H*D" is the channel axis of a projection output).
 def _dims(t: gs.Tensor) -> list | None:
     return None if t.shape is None else list(t.shape)
-
-
-def _same_dim(a, b) -> bool | None:
-    """True/False when both dims are known (ints or the same symbol), None when unknowable."""
-    if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
-        return int(a) == int(b)
-    if isinstance(a, str) and isinstance(b, str) and a and a == b:
-        return True
-    return None
 
 
 def _reshape_target(node: gs.Node, opset: int) -> list | None:
@@ -922,6 +912,8 @@ def _match_fused(graph: gs.Graph, node: gs.Node) -> FusedMatch:
         raise NoMatch(f"{node.op} '{node.name}' is causal (unidirectional=1)", node)
     if node.op == "Attention":
         x = node.inputs[0]
+        if _dims(x) is not None and len(_dims(x)) != 3:
+            raise NoMatch(f"Attention '{node.name}': input of rank {len(_dims(x))}, not [B, T, C]", node)
         for i, what in ((4, "past"), (5, "attention_bias"), (6, "past_sequence_length")):
             if _optional(node, i):
                 raise NoMatch(f"Attention '{node.name}' with {what}", node)
