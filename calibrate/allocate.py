@@ -212,6 +212,7 @@ class Allocation:
     measured: float | None = None
     by_data: bool = False
     measurements: int = 0       # conversions measured on the data
+    fixed: bool = False         # terms as configured (--shift-terms N): only the prediction is the allocation's
 
     def additions(self, terms: dict[str, int] | None = None) -> int:
         terms = self.terms if terms is None else terms
@@ -228,7 +229,8 @@ class Allocation:
                else f"predicted from the weights: 1 − cosine ≈ {self.predicted:.4f}")
         counts = {t: sum(1 for n in self.nodes if self.terms.get(n.node, 1) == t) for t in range(1, MAX_TERMS + 1)}
         ones = {n.node: 1 for n in self.nodes}
-        out = [f"shift terms (--shift-terms auto, target {self.target:g}): {how}; "
+        head = "fixed" if self.fixed else f"--shift-terms auto, target {self.target:g}"
+        out = [f"shift terms ({head}): {how}; "
                + ", ".join(f"{c} node(s) × {t}" for t, c in counts.items() if c)
                + f"; additions {self.additions() / max(self.additions(ones), 1):.2f}× and code bytes "
                  f"{self.code_bytes() / max(self.code_bytes(ones), 1):.2f}× those of one term"]
@@ -243,7 +245,7 @@ class Allocation:
         return out
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "predicted_drop": self.predicted, "measured_drop": self.measured,
+        return {"fixed": self.fixed, "target": self.target, "predicted_drop": self.predicted, "measured_drop": self.measured,
                 "by_data": self.by_data, "measurements": self.measurements,
                 "additions": self.additions(), "code_bytes": self.code_bytes(),
                 "nodes": [{"node": n.node, "op": n.op, "terms": self.terms.get(n.node, 1),

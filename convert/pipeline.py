@@ -48,6 +48,7 @@ class PipelineOptions:
     outputs: list[str] | None = None      # the outputs compared (default: every float output)
     act_percentile: float | None = None   # activation ranges at this percentile of |x|
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    predict: bool = True                  # fixed terms: the report still predicts their output error
 
 
 @dataclass
@@ -64,6 +65,11 @@ class PipelineResult:
         return {**self.result.report.to_dict(),
                 "allocation": None if self.allocation is None else self.allocation.to_dict(),
                 "rounding": self.rounding, "pipeline_notes": self.notes}
+
+
+def _node_terms(model: onnx.ModelProto, nodes) -> list[int]:
+    attrs = {n.name: {a.name: a.i for a in n.attribute if a.name == "terms"} for n in model.graph.node}
+    return [attrs.get(n.node, {}).get("terms", 1) for n in nodes]
 
 
 def _shift_configs(config: ConvertConfig) -> dict[str, ShiftFormat]:
@@ -174,6 +180,13 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
             config = allocate.with_terms(config, allocation.terms)
             if any(t > 1 for t in allocation.terms.values()):
                 result = convert_onnx(source, config, input_shapes=options.input_shapes, input_ranges=ranges)
+    elif options.predict and _shift_configs(config):   # terms as configured: say what they are predicted to cost
+        nodes = allocate.shift_weighted_nodes(first.model, original if original is not None else source,
+                                              first.report.changes)
+        if nodes:
+            terms = {n.node: t for n, t in zip(nodes, _node_terms(first.model, nodes))}
+            allocation = allocate.Allocation(terms, nodes, options.target, allocate.predicted_drop(nodes, terms),
+                                             fixed=True)
     budget_lines: list[str] = []
     if options.max_drop is not None:
         if calibration is None:

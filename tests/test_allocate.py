@@ -124,7 +124,7 @@ def test_max_drop_chooses_terms_first_and_float_last(deep):
     assert auto.allocation.target == 0.002 and auto.allocation.measured <= 0.002
     assert "0 layer(s) kept float" in auto.budget_lines[0] and len(auto.result.report.changes) == 4
     fixed = convert_model(deep, cfg, PipelineOptions(shift_terms=1, data=data, max_drop=0.002, rounding="nearest"))
-    assert fixed.allocation is None and "kept float:" in "\n".join(fixed.budget_lines)
+    assert fixed.allocation.fixed and "kept float:" in "\n".join(fixed.budget_lines)
 
 
 def test_fixed_terms_and_deepshift(deep, tmp_path):
@@ -134,6 +134,7 @@ def test_fixed_terms_and_deepshift(deep, tmp_path):
         res = runner.invoke(app, [deep, "-o", str(out), "--shift-terms", flag, "--no-add-attention"])
         assert res.exit_code == 0 and "shift terms (--shift-terms auto" not in res.output, res.output
         assert set(_terms(onnx.load(out)).values()) == {want}
+        assert f"shift terms (fixed): predicted from the weights: 1 − cosine ≈ " in res.output   # still told
     res = runner.invoke(app, [deep, "--dry-run", "--shift-terms", "two"])
     assert res.exit_code == 1 and "--shift-terms must be auto or an integer in [1, 4], got 'two'" in res.output
 
