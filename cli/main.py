@@ -137,7 +137,8 @@ def convert(
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
     act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations "
-                                      "(with --act-bits < 32 and --data: calibrated per layer instead)."),
+                                      "(with --act-bits < 32: per layer instead, from --data or, without, from the "
+                                      "bounds of the op producing the input: LayerNorm, Softmax, Clip …)."),
     act_percentile: Optional[float] = typer.Option(None, help="Calibrate activation ranges at this percentile "
                                                    "of |x| instead of the maximum."),
     include: List[str] = typer.Option([], "--include", help="Only convert nodes whose name matches (regex; repeatable)."),
