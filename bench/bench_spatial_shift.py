@@ -137,6 +137,21 @@ def kernel_vs_conv(teacher: onnx.ModelProto, threads: int, repeats: int) -> list
     return rows
 
 
+def probe():
+    """Top-1 agreement with one depthwise layer converted, by scale choice (neighbour_correlation)."""
+    teacher = onnx.load(str(mobilenet_v2("torchscript")))
+    images, _ = imagenet_images()
+    judged = crops(images[10:], 3, seed=1)
+    t = logits(teacher, judged).argmax(1)
+    for rho in (0.0, 1.0):
+        m = convert(teacher, neighbour_correlation=rho).model
+        print(f"every layer, ρ {rho}: {float((logits(m, judged).argmax(1) == t).mean()):.3f}", flush=True)
+    for layer in ("features.17/", "features.9/", "features.2/"):
+        for rho in (0.0, 1.0):
+            m = convert(teacher, include=[layer], neighbour_correlation=rho).model
+            print(f"{layer} alone, ρ {rho}: {float((logits(m, judged).argmax(1) == t).mean()):.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=3.0, help="finetuning budget per run")
@@ -149,8 +164,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--skip-finetune", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="only: one layer converted at a time (features.17, .9, .2), "
+                    "scale from the dominant tap (ρ 0) or the kernel's sum (ρ 1), on 3 crops per held-out image")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.probe:
+        probe()
+        return
     out: dict = {"args": vars(args)}
     teacher = onnx.load(str(mobilenet_v2("torchscript")))
     images, _ = imagenet_images()

@@ -43,8 +43,14 @@ class SpatialShiftConfig:
     sparsity: float = 0.0
     fold_batchnorm: bool = True
     fold_pointwise: bool = True
+    # The scale per channel: 0 takes the dominant tap's weight; ρ > 0 the least-squares scale
+    # Σ_k w_k·ρ^|k − tap|₁ under inputs whose correlation decays as ρ per pixel of distance
+    # (1: smooth inputs, the kernel's sum), data-free.
+    neighbour_correlation: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.neighbour_correlation <= 1.0:
+            raise ValueError(f"neighbour_correlation must be in [0, 1], got {self.neighbour_correlation}")
         if self.fidelity is not None and not 0.0 <= self.fidelity <= 1.0:
             raise ValueError(f"fidelity must be in [0, 1], got {self.fidelity}")
         if self.padding not in ("zeros", "edge"):
@@ -98,6 +104,15 @@ def dominant_taps(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return u, v, w, share
 
 
+def least_squares_scale(weight: np.ndarray, u: np.ndarray, v: np.ndarray, rho: float) -> np.ndarray:
+    """Per channel, argmin_a E[(Σ_k w_k x_k − a·x_tap)²] with E[x_k x_j] = ρ^|k − j|₁ (unit
+    variance): a = Σ_k w_k ρ^|k − tap|₁."""
+    c, _, kh, kw = weight.shape
+    rows, cols = np.arange(kh)[None, :, None], np.arange(kw)[None, None, :]
+    dist = np.abs(rows - u[:, None, None]) + np.abs(cols - v[:, None, None])
+    return (weight.reshape(c, kh, kw).astype(np.float64) * rho ** dist).sum(axis=(1, 2))
+
+
 def _const(name: str, value: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.ascontiguousarray(value))
 
@@ -144,6 +159,8 @@ def run(graph: gs.Graph, cfg: SpatialShiftConfig) -> PassResult:
             continue
         c, (kh, kw) = match.in_channels, match.kernel_shape
         u, v, scale, share = dominant_taps(match.weight)
+        if cfg.neighbour_correlation > 0:
+            scale = least_squares_scale(match.weight, u, v, cfg.neighbour_correlation)
         shifted = np.ones(c, bool) if cfg.fidelity is None else share >= cfg.fidelity
         if not shifted.any():
             result.skip(label, f"no channel's dominant tap holds {cfg.fidelity:.0%} of its kernel's energy "

@@ -151,3 +151,25 @@ def test_finetune_trains_offsets_and_scales_and_exports_integers():
         want = OnnxModule(result.model).eval()(x=torch.from_numpy(x))
     want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_least_squares_scale_under_the_correlation_prior():
+    """neighbour_correlation ρ: the scale minimising E[(Σ w_k x_k − a·x_tap)²] for unit-variance
+    inputs with E[x_k x_j] = ρ^|k − j|₁, checked against the normal equation solved from the
+    explicit covariance; ρ = 1 gives the kernel's sum, ρ = 0 the tap's weight."""
+    from mfconvert.passes.spatial_shift import least_squares_scale
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(5, 1, 3, 3))
+    u, v, tap_w, _ = dominant_taps(w)
+    pos = np.array([(i, j) for i in range(3) for j in range(3)])
+    for rho in (0.0, 0.6, 1.0):
+        cov = rho ** np.abs(pos[:, None] - pos[None]).sum(-1)      # 0^0 = 1 on the diagonal
+        got = least_squares_scale(w, u, v, rho)
+        for c in range(5):
+            tap = u[c] * 3 + v[c]
+            want = cov[tap] @ w[c].reshape(-1) / cov[tap, tap]     # E[x_tap y] / E[x_tap²]
+            assert got[c] == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(least_squares_scale(w, u, v, 1.0), w.sum(axis=(1, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(least_squares_scale(w, u, v, 0.0), tap_w, rtol=1e-12)
+    with pytest.raises(ValueError, match="neighbour_correlation"):
+        SpatialShiftConfig(neighbour_correlation=2.0)
