@@ -173,3 +173,28 @@ def test_least_squares_scale_under_the_correlation_prior():
     np.testing.assert_allclose(least_squares_scale(w, u, v, 0.0), tap_w, rtol=1e-12)
     with pytest.raises(ValueError, match="neighbour_correlation"):
         SpatialShiftConfig(neighbour_correlation=2.0)
+
+
+def test_cli_flag_and_config(tmp_path):
+    """--spatial-shift turns on SpatialShiftConfig (off by default); a JSON config with fidelity
+    and neighbour_correlation round-trips and drives the pass; a bad key is a one-line error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mfconvert.cli.main import app
+    path = tmp_path / "block.onnx"
+    onnx.save(export(Block(1, True, seed=3)), str(path))
+    assert ConvertConfig().spatial_shift is None
+    res = CliRunner().invoke(app, [str(path), "-o", str(tmp_path / "a.onnx"), "--spatial-shift", "--no-shift-conv",
+                                   "--save-config", str(tmp_path / "cfg.json")])
+    assert res.exit_code == 0, res.output
+    assert "SpatialShift" in [n.op_type for n in onnx.load(str(tmp_path / "a.onnx")).graph.node]
+    saved = json.loads((tmp_path / "cfg.json").read_text())
+    assert saved["spatial_shift"]["fidelity"] is None
+    saved["spatial_shift"].update(fidelity=0.3, neighbour_correlation=0.5)
+    cfg = ConvertConfig.from_dict(saved)
+    assert cfg.spatial_shift == SpatialShiftConfig(fidelity=0.3, neighbour_correlation=0.5)
+    assert ConvertConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="spatial_shift: unknown key 'offsets'"):
+        ConvertConfig.from_dict({"spatial_shift": {"offsets": 1}})
