@@ -1021,7 +1021,7 @@ def run(graph: gs.Graph, cfg: AddAttentionConfig) -> PassResult:
             continue
         found = match_attention(graph, softmax)
         if not found:
-            result.skip(label, found.message)
+            result.skip(label, found.message_for(label))
             continue
         m = found.value
         c = m.channels
@@ -1066,7 +1066,7 @@ def run(graph: gs.Graph, cfg: AddAttentionConfig) -> PassResult:
             continue
         found = match_fused(graph, node)
         if not found:
-            result.skip(label, found.message)
+            result.skip(label, found.message_for(label))
             continue
         m = found.value
         activation = m.q.name if m.q is not None else node.inputs[0].name

@@ -34,14 +34,19 @@ class MatchResult:
     def __bool__(self) -> bool:
         return not self.reason
 
-    @property
-    def message(self) -> str:
-        """The reason as the report shows it, naming the node it failed at when the reason does
-        not already."""
+    def message_for(self, candidate: str = "") -> str:
+        """The reason as the report shows it on the row of `candidate`, naming the node it failed
+        at when that is another node and the reason does not already."""
         if self.node is None:
             return self.reason
         label = node_label(self.node)
-        return self.reason if f"'{label}'" in self.reason else f"{self.reason} (at {self.node.op} '{label}')"
+        if label == candidate or f"'{label}'" in self.reason:
+            return self.reason
+        return f"{self.reason} (at {self.node.op} '{label}')"
+
+    @property
+    def message(self) -> str:
+        return self.message_for()
 
 
 def matched(value: Any, claims: list[gs.Node] | None = None) -> MatchResult:

@@ -275,7 +275,7 @@ def run(graph: gs.Graph, cfg: MoEMLPConfig) -> PassResult:
         found = match_block(graph, node)
         if not found and found.quiet:
             continue
-        reason = found.message if not found else exclusion_reason(label, cfg.include, cfg.exclude)
+        reason = found.message_for(label) if not found else exclusion_reason(label, cfg.include, cfg.exclude)
         if reason:
             result.skip(label, reason)
             continue
