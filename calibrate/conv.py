@@ -143,8 +143,17 @@ def reestimate_batchnorm(student: onnx.ModelProto, feeds: list[dict[str, np.ndar
     converted model computes them (per channel over batch and spatial positions); the names of
     the nodes changed. `session_fn(model_bytes)` gives an ONNX Runtime session with our ops."""
     inits = {i.name: i for i in student.graph.initializer}
+    producer = {o: n for n in student.graph.node for o in n.output}
+
+    def shift_add_affine(bn) -> bool:
+        """shift-add-conv's BatchNormalization (ShiftConv → AdderConv → it) is an exact affine map
+        (scale −1, mean −Σ L_c; passes/adder_conv.py), not statistics: left as it is."""
+        adder = producer.get(bn.input[0])
+        shift = producer.get(adder.input[0]) if adder is not None and adder.op_type == "AdderConv" else None
+        return shift is not None and shift.op_type == "ShiftConv"
+
     bns = [n for n in student.graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
-           and len(n.input) >= 5 and n.input[3] in inits and n.input[4] in inits]
+           and len(n.input) >= 5 and n.input[3] in inits and n.input[4] in inits and not shift_add_affine(n)]
     if not bns or not feeds:
         return student, []
     probe = onnx.ModelProto()

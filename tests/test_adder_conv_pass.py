@@ -171,6 +171,25 @@ def test_shift_add_on_a_cnn_is_as_close_as_shift_conv(cnn):
     assert err(y_pair) < max(3 * err(y_shift), 0.05)
 
 
+def test_pipeline_with_data_keeps_the_shift_add_affine(cnn, tmp_path):
+    """With --data the pipeline sets L_c from the data and re-estimates the statistics of the
+    BatchNormalizations shift-conv kept, but not shift-add's, which are an exact affine map."""
+    from mfconvert.convert.pipeline import PipelineOptions, convert_model
+
+    module, model = cnn
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(7)
+    data = Examples([{"x": rng.standard_normal((1, 12, 12)).astype(np.float32)} for _ in range(32)])
+    done = convert_model(str(path), ConvertConfig(shift_linear=None, add_attention=None,
+                                                  shift_add_conv=ShiftAddConvConfig()),
+                         PipelineOptions(data=data, shift_terms=1, rounding="nearest"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in done.result.model.graph.initializer}
+    bns = [n for n in done.result.model.graph.node if n.op_type == "BatchNormalization"]
+    assert bns and all(np.all(inits[n.input[1]] == -1) and np.allclose(inits[n.input[4]], 1 - 1e-5) for n in bns)
+    assert any("adder range L_c from max |s_c|" in line for line in done.notes)
+
+
 def test_calibrate_adders_brings_the_start_closer_to_the_teacher(cnn):
     module, model = cnn
     result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, adder_conv=AdderConvConfig()))
