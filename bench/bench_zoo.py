@@ -175,7 +175,7 @@ def _report(path: Path) -> dict:
             "terms": dict(Counter(str(n["terms"]) for n in (data.get("allocation") or {}).get("nodes", [])))}
 
 
-def run_model(name: str, spec, work: Path, minutes: float) -> dict:
+def run_model(name: str, spec, work: Path, minutes: float, reuse: bool = False) -> dict:
     path_of, exporter, shapes, kind, data = spec
     out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
     out.mkdir(parents=True, exist_ok=True)
@@ -185,9 +185,10 @@ def run_model(name: str, spec, work: Path, minutes: float) -> dict:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "minutes": minutes}
     model = str(path_of())
     shape_args = [a for k, v in shapes.items() for a in ("--input-shape", f"{k}={','.join(map(str, v))}")]
-    with open(out / "log.txt", "w") as log:
-        rc, secs, err = _cli([model, "-o", str(out / "default.onnx"), "--force", "--report-json",
-                              str(out / "default.json"), *shape_args], log)
+    reusing = reuse and (out / "data.json").is_file() and (out / "data.onnx").is_file()
+    with open(out / "log.txt", "a" if reusing else "w") as log:
+        rc, secs, err = (0, 0.0, "") if reusing else _cli(
+            [model, "-o", str(out / "default.onnx"), "--force", "--report-json", str(out / "default.json"), *shape_args], log)
         row["default_seconds"] = secs
         if rc != 0:
             row["default_error"] = err
@@ -207,8 +208,9 @@ def run_model(name: str, spec, work: Path, minutes: float) -> dict:
             n_train, n_held = len(next(iter(train.values()))), len(next(iter(held.values())))
             held_out = Examples([{k: v[i] for k, v in held.items()} for i in range(n_held)])
         row.update(n_train=n_train, n_held=n_held)
-        rc, secs, err = _cli([model, "-o", str(out / "data.onnx"), "--force", "--report-json",
-                              str(out / "data.json"), *shape_args, *data_args], log)
+        rc, secs, err = (0, 0.0, "") if reusing else _cli(
+            [model, "-o", str(out / "data.onnx"), "--force", "--report-json", str(out / "data.json"), *shape_args,
+             *data_args], log)
         row["data_seconds"] = secs
         if rc != 0:
             row["data_error"] = err
@@ -270,7 +272,8 @@ def table(work: Path, names) -> str:
             continue
         r = json.loads(f.read_text())
         if "default_error" in r:
-            rows.append(f"| {name} | {r['exporter']} | — | nothing converted ({r['default_error'].replace('|', '/')}) "
+            why = r["default_error"].split(": ")[-1].replace("|", "/")   # without 'mfconvert: error: FILE: '
+            rows.append(f"| {name} | {r['exporter']} | — | {why} "
                         f"| — | — | — | 0 | {r['commit']} |")
             continue
         ops = " + ".join(f"{n} {op}" for op, n in r["ops"].items())
@@ -296,6 +299,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="model names (default: all)")
     ap.add_argument("--work", default="/tmp/mfconvert-bench-zoo", help="models, logs and figures")
     ap.add_argument("--table", action="store_true", help="only print the table from WORK")
+    ap.add_argument("--reuse", action="store_true", help="keep the conversions already in WORK; finetune again")
     args = ap.parse_args()
     models = _models()
     names = args.only or list(models)
@@ -304,7 +308,7 @@ def main() -> None:
     if not args.table:
         for name in names:   # one at a time: each finetune uses the cores
             print(f"{name} …", file=sys.stderr, flush=True)
-            row = run_model(name, models[name], work, args.minutes)
+            row = run_model(name, models[name], work, args.minutes, args.reuse)
             (work / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json").write_text(
                 json.dumps(row, indent=2) + "\n")
             print(json.dumps(row), file=sys.stderr, flush=True)

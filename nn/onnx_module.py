@@ -89,6 +89,13 @@ def _run_node(node: onnx.NodeProto, attrs: dict, env: dict, lookup_value) -> Non
             env[name] = value
 
 
+def _arithmetic(value: np.ndarray) -> bool:
+    """A constant of the graph's arithmetic, never trained: one element (an epsilon, GELU's
+    coefficients, a scale; tf2onnx/jax2tf exports keep them as initializers) or a non-finite fill
+    (a −inf max-pool pad). Training them moves e.g. LayerNorm's epsilon below zero: NaN."""
+    return value.size <= 1 or (value.dtype.kind == "f" and not np.isfinite(value).all())
+
+
 def _safe(name: str) -> str:
     """A module/parameter name made from a tensor or node name."""
     return re.sub(r"[^0-9A-Za-z_]", "_", name) or "_"
@@ -115,7 +122,8 @@ class OnnxModule(nn.Module):
         # text model's parameters, take dense gradients, and converting changes nothing in them.
         tables = set() if train_lookup_tables else {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
         for init in model.graph.initializer:
-            self._add_initializer(init.name, numpy_helper.to_array(init), trainable=init.name not in tables)
+            value = numpy_helper.to_array(init)
+            self._add_initializer(init.name, value, trainable=init.name not in tables and not _arithmetic(value))
         self.opsets = {norm_domain(o.domain): o.version for o in model.opset_import}
         self.nodes = []
         consumed_by_layers = set()

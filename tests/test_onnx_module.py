@@ -79,3 +79,25 @@ def test_unsupported_op_is_an_error_naming_op_and_node():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     with pytest.raises(UnsupportedOp, match="node 'my_noise': op RandomUniformLike is not supported"):
         OnnxModule(helper.make_model(graph))
+
+
+def test_arithmetic_constants_are_buffers_not_parameters():
+    """One-element initializers (an epsilon, GELU's coefficients; tf2onnx/jax2tf keep them as
+    initializers) and non-finite fills are the graph's arithmetic, not weights: never trained
+    (magika's LayerNorm epsilon, trained below 0, turned a finetune into NaN). They still run and
+    write back unchanged."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "eps"], ["a"]),
+             helper.make_node("Max", ["a", "floor"], ["y"])]
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.full(3, -np.inf, np.float32), "floor")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    module = OnnxModule(model)
+    assert list(module.params) == ["t_w"]
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    np.testing.assert_allclose(module(x=torch.from_numpy(x))[0].detach().numpy(), run_ort(model, {"x": x})[0], rtol=1e-6)
+    written = {i.name: numpy_helper.to_array(i) for i in module.to_onnx().graph.initializer}
+    assert written["eps"] == np.float32(1e-6) and np.all(written["floor"] == -np.inf)
