@@ -2,8 +2,10 @@
 
 A pass is keyed by its config type (one small validated dataclass per transform), so choosing a
 transform and configuring it are the same act: `ConvertConfig(shift_linear=ShiftLinearConfig())`.
-Passes run in registration order (attention and MLP rewrites claim their linears before the
-shift-linear pass converts whatever linears remain).
+Passes run in the order of `ORDER`, whatever order their modules are imported in: attention and
+MLP rewrites claim their linears before shift-linear converts whatever linears remain; spatial-shift
+takes the depthwise convs (and scales the pointwise ones) before the conv passes; the adder passes
+take the convs before shift-conv converts whatever convs remain.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ class PassSpec:
 
 PASSES: dict[str, PassSpec] = {}
 
+ORDER = ("add-attention", "moe-mlp", "shift-linear", "spatial-shift", "adder-conv", "shift-add-conv", "shift-conv")
+
 
 def register(name: str, config_type: type, summary: str):
     """Decorator registering `run(graph, config) -> PassResult` as pass `name`."""
@@ -48,3 +52,13 @@ def pass_for(config) -> PassSpec:
         if isinstance(config, spec.config_type):
             return spec
     raise TypeError(f"no pass takes a {type(config).__name__}")
+
+
+def put_in_order() -> None:
+    """Reorder PASSES by ORDER (called once every pass module is imported); a pass missing from
+    ORDER, or a name in ORDER no module registered, is a programming error."""
+    if set(PASSES) != set(ORDER):
+        raise RuntimeError(f"passes registered {sorted(PASSES)} differ from ORDER {sorted(ORDER)}")
+    ordered = [(name, PASSES[name]) for name in ORDER]
+    PASSES.clear()
+    PASSES.update(ordered)

@@ -87,7 +87,7 @@ def test_adder_conv_converts_all_but_the_stem_and_runs_in_ort(cnn):
 
 
 def test_adder_passes_run_before_shift_conv_and_take_the_convs():
-    """Registration order is run order: with shift-conv on too, the adder passes convert the convs
+    """registry.ORDER is run order: with shift-conv on too, the adder passes convert the convs
     and shift-conv gets only what they leave (the stem)."""
     from mfconvert.passes import PASSES
     from mfconvert.passes.conv import ShiftConvConfig

@@ -198,3 +198,17 @@ def test_cli_flag_and_config(tmp_path):
     assert ConvertConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="spatial_shift: unknown key 'offsets'"):
         ConvertConfig.from_dict({"spatial_shift": {"offsets": 1}})
+
+
+def test_spatial_shift_takes_the_depthwise_conv_before_shift_conv_and_adder_conv():
+    """passes.registry.ORDER, not import order: with shift-conv and adder-conv on too, the depthwise
+    conv still becomes a SpatialShift and the conv passes get only the stem and the 1×1 conv."""
+    from mfconvert.passes.adder_conv import AdderConvConfig
+    from mfconvert.passes.conv import ShiftConvConfig
+    block = Block(1, False, seed=3)
+    for others in (dict(shift_conv=ShiftConvConfig()), dict(shift_conv=None, adder_conv=AdderConvConfig(first=True))):
+        result = convert_onnx(export(block), ConvertConfig(shift_linear=None, add_attention=None,
+                                                           spatial_shift=SpatialShiftConfig(), **others))
+        ops = sorted(c.new_op for c in result.report.changes)
+        conv_op = "ShiftConv" if "shift_conv" in others and others["shift_conv"] else "AdderConv"
+        assert ops == sorted(["SpatialShift", conv_op, conv_op]), ops
