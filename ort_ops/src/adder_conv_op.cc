@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "op_status.h"
 #include "shift_conv.h"
 
 namespace mfconvert {
@@ -127,16 +128,7 @@ class AdderConvKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
-    try {
-      Compute(context);
-    } catch (const ConvError& e) {
-      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Message(e.message).c_str());
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), Message(e.what()).c_str());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, Message(e.what()).c_str());
-    }
-    return nullptr;
+    return ComputeStatus<ConvError>(Message(""), [&] { Compute(context); });
   }
 
   std::string Message(const std::string& what) const { return "AdderConv node '" + node_ + "': " + what; }
@@ -192,16 +184,7 @@ class AdderConvKernel {
 
 struct AdderConvOp : Ort::CustomOpBase<AdderConvOp, AdderConvKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new AdderConvKernel(info);
-    } catch (const Ort::Exception& e) {
-      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      std::string name = "?";
-      try { name = Ort::ConstKernelInfo(info).GetNodeName(); } catch (...) {}
-      return api.CreateStatus(ORT_FAIL, ("AdderConv node '" + name + "': " + e.what()).c_str());
-    }
-    return nullptr;
+    return CreateKernelStatus<AdderConvKernel>(api, info, kernel, "AdderConv");
   }
   const char* GetName() const { return "AdderConv"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "op_status.h"
 #include "shift_conv.h"
 
 namespace mfconvert {
@@ -162,16 +163,7 @@ class ShiftConvKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
-    try {
-      Compute(context);
-    } catch (const ConvError& e) {
-      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Message(e.message).c_str());
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), Message(e.what()).c_str());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, Message(e.what()).c_str());
-    }
-    return nullptr;
+    return ComputeStatus<ConvError>(Message(""), [&] { Compute(context); });
   }
 
   std::string Message(const std::string& what) const { return "ShiftConv node '" + node_ + "': " + what; }
@@ -311,16 +303,7 @@ class ShiftConvKernel {
 
 struct ShiftConvOp : Ort::CustomOpBase<ShiftConvOp, ShiftConvKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new ShiftConvKernel(info);
-    } catch (const Ort::Exception& e) {
-      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      std::string name = "?";
-      try { name = Ort::ConstKernelInfo(info).GetNodeName(); } catch (...) {}
-      return api.CreateStatus(ORT_FAIL, ("ShiftConv node '" + name + "': " + e.what()).c_str());
-    }
-    return nullptr;
+    return CreateKernelStatus<ShiftConvKernel>(api, info, kernel, "ShiftConv");
   }
   const char* GetName() const { return "ShiftConv"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }

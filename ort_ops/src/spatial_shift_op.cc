@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "op_status.h"
 #include "shift_conv_common.h"
 #include "spatial_shift.h"
 
@@ -54,16 +55,7 @@ class SpatialShiftKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
-    try {
-      Compute(context);
-    } catch (const ShiftError& e) {
-      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, Message(e.message).c_str());
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), Message(e.what()).c_str());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, Message(e.what()).c_str());
-    }
-    return nullptr;
+    return ComputeStatus<ShiftError>(Message(""), [&] { Compute(context); });
   }
 
   std::string Message(const std::string& what) const { return "SpatialShift node '" + node_ + "': " + what; }
@@ -111,16 +103,7 @@ class SpatialShiftKernel {
 
 struct SpatialShiftOp : Ort::CustomOpBase<SpatialShiftOp, SpatialShiftKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new SpatialShiftKernel(info);
-    } catch (const Ort::Exception& e) {
-      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      std::string name = "?";
-      try { name = Ort::ConstKernelInfo(info).GetNodeName(); } catch (...) {}
-      return api.CreateStatus(ORT_FAIL, ("SpatialShift node '" + name + "': " + e.what()).c_str());
-    }
-    return nullptr;
+    return CreateKernelStatus<SpatialShiftKernel>(api, info, kernel, "SpatialShift");
   }
   const char* GetName() const { return "SpatialShift"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
