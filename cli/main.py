@@ -113,7 +113,7 @@ def convert(
                                        help="Softmax attention cores → AddLinearAttention (binary Q/K, additions)."),
     moe_mlp: bool = typer.Option(False, "--moe-mlp", help="MLP blocks → router + float expert + ShiftLinear "
                                  "expert (same format flags); other linears follow --shift-linear."),
-    shift_conv: bool = typer.Option(False, "--shift-conv/--no-shift-conv",
+    shift_conv: bool = typer.Option(True, "--shift-conv/--no-shift-conv",
                                     help="Convolutions → power-of-two ShiftConv (BatchNorm, bias Add and Pad folded "
                                     "in; Relu/ReLU6 fused)."),
     adder_conv: bool = typer.Option(False, "--adder-conv", help="Convolutions → AdderConv (AdderNet: y = −Σ|x − w|) "

@@ -22,9 +22,7 @@ class ConvertConfig:
     shift_linear: ShiftLinearConfig | None = dataclasses.field(default_factory=ShiftLinearConfig)
     add_attention: AddAttentionConfig | None = dataclasses.field(default_factory=AddAttentionConfig)
     moe_mlp: MoEMLPConfig | None = None
-    # Off by default for now: turning it on changes the expectations of tests whose models have a
-    # conv (the ViTs' patch embedding); --shift-conv / ConvertConfig(shift_conv=ShiftConvConfig()).
-    shift_conv: ShiftConvConfig | None = None
+    shift_conv: ShiftConvConfig | None = dataclasses.field(default_factory=ShiftConvConfig)
     adder_conv: AdderConvConfig | None = None          # --adder-conv (AdderNet)
     shift_add_conv: ShiftAddConvConfig | None = None   # --shift-add-conv (ShiftAddNet)
     spatial_shift: SpatialShiftConfig | None = None    # --spatial-shift (depthwise convs → shifts)

@@ -20,7 +20,7 @@ from mfconvert.tests.attention_models import BertSelfAttention, TinyViT, export,
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ONLY_ATTENTION = ConvertConfig(shift_linear=None, add_attention=AddAttentionConfig())
+ONLY_ATTENTION = ConvertConfig(shift_linear=None, shift_conv=None, add_attention=AddAttentionConfig())
 EXPORTS = [(False, 13), (False, 17), (True, 18), (True, 21)]   # (dynamo, opset)
 
 
@@ -138,7 +138,7 @@ def test_exclude_and_config_round_trip(tmp_path):
     torch.manual_seed(0)
     path = export(TinyViT(), (torch.randn(1, 3, 32, 32),), tmp_path / "vit.onnx", dynamo=False, opset=17,
                   input_names=["img"])
-    cfg = ConvertConfig(shift_linear=None, add_attention=AddAttentionConfig(exclude=["blocks.1"]))
+    cfg = ConvertConfig(shift_linear=None, shift_conv=None, add_attention=AddAttentionConfig(exclude=["blocks.1"]))
     result = convert_onnx(str(path), cfg)
     assert [c.node for c in result.report.changes] == ["/blocks/blocks.0/attn/Softmax"]
     assert "excluded" in result.report.skips[0].reason

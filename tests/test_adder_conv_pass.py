@@ -69,7 +69,7 @@ def run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None)
 
 def test_adder_conv_converts_all_but_the_stem_and_runs_in_ort(cnn):
     module, model = cnn
-    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, adder_conv=AdderConvConfig()))
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, adder_conv=AdderConvConfig()))
     ops = [n.op_type for n in result.model.graph.node]
     assert ops.count("AdderConv") == 2 and ops.count("BatchNormalization") == 2 and ops.count("Conv") == 1
     changes = {c.node: c for c in result.report.changes}
@@ -80,7 +80,7 @@ def test_adder_conv_converts_all_but_the_stem_and_runs_in_ort(cnn):
     x = np.random.default_rng(0).standard_normal((3, 1, 12, 12)).astype(np.float32)
     (y,) = run(result.model, x)
     assert y.shape == (3, 10) and np.isfinite(y).all()
-    everything = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None,
+    everything = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                                                    adder_conv=AdderConvConfig(first=True, exclude=["conv3"])))
     assert [c.node for c in everything.report.changes] == ["/stem/Conv", "/conv2/Conv"]
     assert "excluded by --exclude" in everything.report.skips[0].reason
@@ -105,7 +105,7 @@ def test_data_free_batchnorm_matches_the_convs_output_statistics(cnn):
     """On inputs drawn as the data-free start assumes (independent N(0, 1) per input element), the
     inserted BatchNormalization's output has the conv's per-channel mean and variance."""
     module, model = cnn
-    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None,
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                                                adder_conv=AdderConvConfig(first=True)))
     x = np.random.default_rng(1).standard_normal((400, 1, 12, 12)).astype(np.float32)
     stem_out = "/stem/Conv_output_0"
@@ -144,7 +144,7 @@ def test_shift_add_starts_as_the_shift_conv_exactly():
         conv.bias.copy_((torch.from_numpy(a) @ (torch.randint(-8, 8, (m,)).double() / 4)).float())
     wrapper = nn.Sequential(nn.Conv2d(1, 3, 1), conv)                      # a stem the pass leaves alone
     model = export(wrapper, torch.randn(1, 1, 6, 6))
-    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None,
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                                                shift_add_conv=ShiftAddConvConfig()))
     ops = [n.op_type for n in result.model.graph.node]
     assert ops == ["Conv", "ShiftConv", "AdderConv", "BatchNormalization"]
@@ -163,7 +163,7 @@ def test_shift_add_on_a_cnn_is_as_close_as_shift_conv(cnn):
     x = np.random.default_rng(4).standard_normal((16, 1, 12, 12)).astype(np.float32)
     (want,) = run(model, x)
     shift = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=ShiftConvConfig()))
-    pair = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None,
+    pair = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                                              shift_add_conv=ShiftAddConvConfig(first=True)))
     assert [n.op_type for n in pair.model.graph.node].count("AdderConv") == 3
     err = lambda y: float(np.linalg.norm(y - want) / np.linalg.norm(want))   # noqa: E731
@@ -181,7 +181,7 @@ def test_pipeline_with_data_keeps_the_shift_add_affine(cnn, tmp_path):
     onnx.save(model, path)
     rng = np.random.default_rng(7)
     data = Examples([{"x": rng.standard_normal((1, 12, 12)).astype(np.float32)} for _ in range(32)])
-    done = convert_model(str(path), ConvertConfig(shift_linear=None, add_attention=None,
+    done = convert_model(str(path), ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                                                   shift_add_conv=ShiftAddConvConfig()),
                          PipelineOptions(data=data, shift_terms=1, rounding="nearest"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in done.result.model.graph.initializer}
@@ -192,7 +192,7 @@ def test_pipeline_with_data_keeps_the_shift_add_affine(cnn, tmp_path):
 
 def test_calibrate_adders_brings_the_start_closer_to_the_teacher(cnn):
     module, model = cnn
-    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, adder_conv=AdderConvConfig()))
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, adder_conv=AdderConvConfig()))
     rng = np.random.default_rng(5)
     data = Examples([{"x": np.abs(rng.standard_normal((1, 12, 12))).astype(np.float32) * 3} for _ in range(96)])
     calibrated, lines = calibrate_adders(result.model, model, data, count=64)
@@ -206,7 +206,7 @@ def test_calibrate_adders_brings_the_start_closer_to_the_teacher(cnn):
 
 def test_finetune_trains_adders_with_sgd_and_freeze_shift_keeps_shift_weights(cnn, tmp_path):
     module, model = cnn
-    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None,
+    result = convert_onnx(model, ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                                                shift_add_conv=ShiftAddConvConfig()))
     rng = np.random.default_rng(6)
     data = Examples([{"x": rng.standard_normal((1, 12, 12)).astype(np.float32)} for _ in range(16)])

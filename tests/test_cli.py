@@ -63,7 +63,7 @@ def test_never_overwrites_the_input(mlp_path):
 def test_exclude_and_no_shift_linear(mlp_path, tmp_path):
     res = runner.invoke(app, [str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--exclude", "fc2"])
     assert res.exit_code == 0 and "fc2 (shift-linear): excluded by --exclude 'fc2'" in res.output
-    res = runner.invoke(app, [str(mlp_path), "--no-shift-linear", "--no-add-attention"])
+    res = runner.invoke(app, [str(mlp_path), "--no-shift-linear", "--no-add-attention", "--no-shift-conv"])
     assert res.exit_code == 1 and "every pass is turned off" in res.output
 
 

@@ -86,7 +86,7 @@ def run_pass(model, **cfg):
 
 
 def moe(model, shift_linear=None, **cfg):
-    return convert_onnx(model, ConvertConfig(shift_linear=shift_linear, add_attention=None,
+    return convert_onnx(model, ConvertConfig(shift_linear=shift_linear, add_attention=None, shift_conv=None,
                                              moe_mlp=MoEMLPConfig(**cfg)))
 
 

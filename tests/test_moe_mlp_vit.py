@@ -31,7 +31,7 @@ def test_every_vit_mlp_converts_and_runs(tmp_path, dynamo, opset):
     splits = routing_split(result.model, feeds)
     assert len(splits) == 3 and all(s.mult + s.shift == 2 * 17 for s in splits.values())
 
-    forced = ConvertConfig(shift_linear=None, add_attention=None,
+    forced = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,
                            moe_mlp=MoEMLPConfig(router_std=0.0, router_bias=-30.0))
     got = session(convert_onnx(str(path), forced).model.SerializeToString(), threads=2).run(None, feeds)[0]
     np.testing.assert_allclose(got, original, rtol=0, atol=1e-5)   # float32 rounding; measured ~1e-6
