@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfconvert.nn import pow2
+from mfconvert.nn.shift_conv import ConvFaces
 
 ACTIVATIONS = ("", "Relu", "Clip")
 ETA = 0.2                      # AdderNet's η of the adaptive learning rate
@@ -93,7 +94,7 @@ class AdderFunction(torch.autograd.Function):
         return grad_cols, grad_w, None
 
 
-class AdderConv(nn.Module):
+class AdderConv(ConvFaces, nn.Module):
     """y = −Σ|x − w| (+ b) over each output's window; see the module docstring."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_shape, strides=None, pads=None, dilations=None,
@@ -144,10 +145,6 @@ class AdderConv(nn.Module):
         return attrs
 
     # -- forward ----------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != len(self.kernel_shape) + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"AdderConv expects [N, {self.in_channels}, {len(self.kernel_shape)} spatial dims], "
-                             f"got {tuple(x.shape)}")
 
     def im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """([group, N·L, C/g·prod(k)] im2col rows with zero padding, output spatial shape)."""
@@ -169,16 +166,6 @@ class AdderConv(nn.Module):
         """[group, N·L, M/g] → [N, M, *spatial]."""
         out = out.reshape(self.group, batch, -1, self.out_channels // self.group).permute(1, 0, 3, 2)
         return out.reshape(batch, self.out_channels, *spatial)
-
-    def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation == "Relu":
-            return torch.relu(y)
-        if self.activation == "Clip":
-            return y.clamp(self.clip_min, self.clip_max)
-        return y
-
-    def _channel(self, v: torch.Tensor) -> torch.Tensor:
-        return v.reshape(1, -1, *[1] * len(self.kernel_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

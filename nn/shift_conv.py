@@ -46,7 +46,28 @@ def conv_attributes(kernel_shape, strides=None, pads=None, dilations=None) -> tu
     return k, s, p, d
 
 
-class ShiftConv(ShiftLinear):
+class ConvFaces:
+    """What ShiftConv and AdderConv share around their arithmetic: the input check, the fused
+    activation (docs/ops.md: Relu, or Clip to [clip_min, clip_max], after the bias) and the
+    per-channel broadcast."""
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != len(self.kernel_shape) + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects [N, {self.in_channels}, {len(self.kernel_shape)} "
+                             f"spatial dims], got {tuple(x.shape)}")
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation == "Relu":
+            return torch.relu(y)
+        if self.activation == "Clip":
+            return y.clamp(self.clip_min, self.clip_max)
+        return y
+
+    def _channel(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(1, -1, *[1] * len(self.kernel_shape))
+
+
+class ShiftConv(ConvFaces, ShiftLinear):
     """y = conv(x, W) + b with w = ±2^p or 0 (or a sum of `terms` such), W stored as [M, C/g·prod(k)]."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_shape, strides=None, pads=None, dilations=None,
@@ -114,24 +135,10 @@ class ShiftConv(ShiftLinear):
         order = [v for i in reversed(range(n)) for v in (self.pads[i], self.pads[n + i])]
         return F.pad(x, order) if any(order) else x
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != len(self.kernel_shape) + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ShiftConv expects [N, {self.in_channels}, {len(self.kernel_shape)} spatial dims], "
-                             f"got {tuple(x.shape)}")
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _CONV[len(self.kernel_shape)](self._pad(x), weight.reshape(self.weight_shape()), None,
                                              self.strides, 0, self.dilations, self.group)
-
-    def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        if self.activation == "Relu":
-            return torch.relu(y)
-        if self.activation == "Clip":
-            return y.clamp(self.clip_min, self.clip_max)
-        return y
-
-    def _channel(self, v: torch.Tensor) -> torch.Tensor:
-        return v.reshape(1, -1, *[1] * len(self.kernel_shape))
 
     def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """Training: Q-format activations and power-of-two weights emulated in float, STE."""
