@@ -29,28 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfconvert.nn import pow2
-from mfconvert.nn.shift_conv import ConvFaces
+from mfconvert.nn.shift_conv import ACTIVATIONS, ConvFaces, conv_attributes
 
-ACTIVATIONS = ("", "Relu", "Clip")
 ETA = 0.2                      # AdderNet's η of the adaptive learning rate
 OP_NAME = "AdderConv"
 MAX_TAPS = 1 << 22             # taps · C/group per output element (docs/ops.md: the kernel checks it)
 _CHUNK = 1 << 18               # elements of a [rows, M/g, C/g·prod(k)] block built at a time
-
-
-def conv_attributes(kernel_shape, strides=None, pads=None, dilations=None) -> tuple[list, list, list, list]:
-    """Checked (kernel_shape, strides, pads [begin..., end...], dilations) with ONNX's defaults."""
-    k = [int(v) for v in kernel_shape]
-    if len(k) not in (1, 2) or any(v < 1 for v in k):
-        raise ValueError(f"AdderConv takes 1-D or 2-D positive kernels, got kernel_shape {k}")
-    s = [1] * len(k) if strides is None else [int(v) for v in strides]
-    d = [1] * len(k) if dilations is None else [int(v) for v in dilations]
-    p = [0] * (2 * len(k)) if pads is None else [int(v) for v in pads]
-    if len(s) != len(k) or len(d) != len(k) or len(p) != 2 * len(k):
-        raise ValueError(f"strides {s}, dilations {d} and pads {p} do not fit kernel_shape {k}")
-    if any(v < 1 for v in s + d) or any(v < 0 for v in p):
-        raise ValueError(f"strides/dilations must be ≥ 1 and pads ≥ 0, got {s}, {d}, {p}")
-    return k, s, p, d
 
 
 def _fixed(x: torch.Tensor, act_bits: int, act_frac_bits: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ def conv_attributes(kernel_shape, strides=None, pads=None, dilations=None) -> tu
     """Checked (kernel_shape, strides, pads [begin..., end...], dilations) with ONNX's defaults."""
     k = [int(v) for v in kernel_shape]
     if len(k) not in _CONV:
-        raise ValueError(f"ShiftConv takes 1-D or 2-D kernels, got kernel_shape {k}")
+        raise ValueError(f"ShiftConv and AdderConv take 1-D or 2-D kernels, got kernel_shape {k}")
     if any(v < 1 for v in k):
         raise ValueError(f"kernel_shape must be positive, got {k}")
     s = [1] * len(k) if strides is None else [int(v) for v in strides]
