@@ -7,23 +7,30 @@ code bytes per term (docs/ops.md#two-or-more-terms). The two are normalised by t
 totals and added: a node's cost per term is its share of the additions plus its share of the
 bytes.
 
+Error: the output's ½·‖y − y′‖²/‖y‖² over the examples (calibrate/sensitivity.nsr_drop: half the
+output's noise-to-signal ratio, ≈ 1 − cosine for rounding noise, and meaningful for one-number
+and few-class outputs, where a cosine is ~1 whatever the error), with and without data.
+
 Error, without data (docs/ops.md#choosing-terms-per-layer). A node's weight noise-to-signal
 ratio NSR_t = ‖W − Q_t(W)‖²/‖W‖² (1/SQNR) is its relative output error for inputs with no
-preferred direction (E‖(W − Q)x‖² = ‖W − Q‖²·E‖x‖²/K). Each node's error is its own rounding,
-independent of the others', so powers add; first order, a relative error ε on a tensor reaches
-the output as relative error ε (LayerNorm and residual sums rescale the signal and the error
-alike), so the output's noise-to-signal ratio is Σ NSR and 1 − cosine ≈ ½·Σ NSR (cos of y and
-y + n, n ⟂ y, is 1/√(1 + ‖n‖²/‖y‖²)). A node's error counts once however many consumers read its
-output (its fan-out carries the same relative error onwards). The model over-predicts what it
-is measured to be on transformers (nonlinearities and attention average errors away), so it errs
-towards more terms.
+preferred direction. What that error does on its way to the model's output (its fan-out:
+attention softmaxes and LayerNorms attenuate it, a read-out layer passes it whole) is probed
+(calibrate/probe.py): the original model runs in ONNX Runtime on a few inputs synthesised from its
+input signature with this node alone rounded to one term (one run per node, no conversion), and
+the output error measured is the node's share e_1; e_t = e_1·NSR_t/NSR_1. Errors of different
+nodes are independent, so their powers add: the prediction is Σ e_t. Outputs behind a
+saturating head (Softmax, Sigmoid) count by the larger of their error and their logits' (random
+inputs can make a classifier certain, which hides every error in its probabilities). Nodes the
+probe cannot rewrite (shift convolutions, MoE experts) take ½·NSR_t times the probed nodes'
+median e_1/(½·NSR_1); without any probe, ½·Σ NSR_t (7–1700× over on the benched models).
 
-Error, with data. Each unit (a layer, an MoE block) is converted alone with 1 and 2 terms and
-its drop measured in ONNX Runtime against the original model (calibrate/sensitivity.py); 3 and 4
+Error, with data. Each unit's error at 1 and 2 terms is measured on the calibration examples:
+by the same probe for shift linears (activations at --act-bits 32), else by converting the unit
+alone and running it in ONNX Runtime against the original (calibrate/sensitivity.py); 3 and 4
 terms follow the line e(t) = floor + c·NSR_t through the two measured points (the floor: error
 no number of terms removes, e.g. a saturating activation format). The chosen allocation is then
-measured whole, and re-chosen at a tighter target while it misses (drops of several layers are
-not quite additive).
+converted and measured whole, and re-chosen at a tighter target while it misses (drops of
+several layers are not quite additive).
 
 Choice: start every node at one term and add a term where it removes the most error per cost
 until the predicted error meets the target (greedy on convex-ish error curves: each term cuts a
@@ -42,9 +49,8 @@ import torch
 from mfconvert.nn import pow2
 
 MAX_TERMS = pow2.MAX_TERMS
-# --shift-terms auto's default target: 1 − cosine (or top-1 agreement lost) of the outputs. ORT's
-# int8 dynamic quantisation reaches 0.996–0.998 cosine on the models of issue 12; 0.002 keeps auto
-# within it on the data-free model's prediction (which over-predicts).
+# --shift-terms auto's default target: the outputs' ½·‖y − y′‖²/‖y‖² (≈ 1 − cosine; output SQNR
+# 24 dB). ORT's int8 dynamic quantisation reaches 0.996–0.998 cosine on the models of issue 12.
 DEFAULT_TARGET = 0.002
 CHUNK_ELEMENTS = 1 << 22   # weights are rounded this many elements at a time
 
@@ -60,6 +66,14 @@ class ShiftWeighted:
     unit: tuple[str, str] = ("", "")   # (pass, the name include/exclude match): what converts as one
     rows: int | None = None     # activation rows per inference (None: unknown, taken as 1)
     nsr: list[float] = field(default_factory=list)   # NSR_t for t = 1…MAX_TERMS
+    # The output error (½·NSR of the outputs) this node alone causes at t = 1…MAX_TERMS terms:
+    # probed (calibrate/probe.py) and scaled by NSR_t/NSR_1, else ½·NSR_t times what the probed
+    # nodes measured against their own ½·NSR (`probe_errors`); ½·NSR_t until then.
+    share: list[float] | None = None
+    probed: bool = False
+
+    def error(self, terms: int) -> float:
+        return self.share[terms - 1] if self.share is not None else 0.5 * self.nsr[terms - 1]
 
     @property
     def params(self) -> int:
@@ -173,8 +187,47 @@ def costs(nodes: list[ShiftWeighted]) -> dict[str, float]:
 
 
 def predicted_drop(nodes: list[ShiftWeighted], terms: dict[str, int]) -> float:
-    """The data-free model's 1 − cosine: ½·Σ NSR at each node's terms."""
-    return 0.5 * sum(n.nsr[terms.get(n.node, 1) - 1] for n in nodes)
+    """The data-free prediction of the output's ½·NSR: Σ of each node's share at its terms
+    (ShiftWeighted.error; ½·Σ NSR before probe_errors)."""
+    return sum(n.error(terms.get(n.node, 1)) for n in nodes)
+
+
+def set_shares(nodes: list[ShiftWeighted], measured: dict[str, float]) -> float:
+    """Each node's share of the output error at every terms from its measured one-term error
+    (`measured`, by node): e_t = e_1·NSR_t/NSR_1. Nodes not measured get ½·NSR_t times the median
+    ratio e_1/(½·NSR_1) of those measured (1 when none is). The ratio used."""
+    ratios = [measured[n.node] / (0.5 * n.nsr[0]) for n in nodes if n.node in measured and n.nsr[0] > 0]
+    ratio = float(np.median(ratios)) if ratios else 1.0
+    for n in nodes:
+        if n.node in measured and n.nsr[0] > 0:
+            n.share = [measured[n.node] * e / n.nsr[0] for e in n.nsr]
+            n.probed = True
+        else:
+            n.share = [ratio * 0.5 * e for e in n.nsr]
+            n.probed = False
+    return ratio
+
+
+def probe_errors(nodes: list[ShiftWeighted], original: onnx.ModelProto, input_shapes=None, outputs=None,
+                 progress=None) -> str:
+    """Data-free: set each node's share of the output error (set_shares) from calibrate/probe.py's
+    one-term errors on synthesised probe inputs, outputs compared before a saturating head too.
+    A line for the report saying how (or why the ½·Σ NSR model stands in)."""
+    from mfconvert.calibrate.probe import PROBE_EXAMPLES, LayerProbe, probe_examples
+    try:
+        probe = LayerProbe(original, nodes, terms=(1,), outputs=outputs, logits=True)
+        measured = {k: v[0] for k, v in probe.errors(probe_examples(original, PROBE_EXAMPLES, input_shapes),
+                                                     progress).items()}
+    except Exception as err:   # an input no probe can be made for (a scalar), a graph ORT refuses
+        set_shares(nodes, {})
+        return (f"shift terms: output error predicted as ½·Σ weight NSR (no probe: {str(err).splitlines()[0]}); "
+                "it over-predicts deep models, --data measures instead")
+    ratio = set_shares(nodes, measured)
+    probed = sum(n.probed for n in nodes)
+    rest = len(nodes) - probed
+    return (f"shift terms: each layer's share of the output error probed on {PROBE_EXAMPLES} synthesised inputs "
+            f"({probed} layer(s), one run each)"
+            + (f"; {rest} other(s) at ½·NSR × {ratio:.3g}, the probed layers' median ratio" if rest else ""))
 
 
 def greedy(errors: dict[str, list[float]], cost: dict[str, float], target: float,
@@ -213,6 +266,8 @@ class Allocation:
     by_data: bool = False
     measurements: int = 0       # conversions measured on the data
     fixed: bool = False         # terms as configured (--shift-terms N): only the prediction is the allocation's
+    probes: int = 0             # layers whose error was probed on the data (calibrate/probe.py), not converted
+    note: str = ""              # how the data-free prediction was made (probe_errors)
 
     def additions(self, terms: dict[str, int] | None = None) -> int:
         terms = self.terms if terms is None else terms
@@ -225,8 +280,9 @@ class Allocation:
     def lines(self) -> list[str]:
         """The report's lines: terms and weight SQNR per node, the predicted error, the cost, and
         what to do when the measured error misses the target."""
-        how = (f"measured on the data: 1 − cosine {self.measured:.4f}" if self.measured is not None
-               else f"predicted from the weights: 1 − cosine ≈ {self.predicted:.4f}")
+        how = (f"measured on the data: output error {self.measured:.3g}" if self.measured is not None
+               else f"predicted from the weights{' and probes' if any(n.probed for n in self.nodes) else ''}: "
+                    f"output error ≈ {self.predicted:.3g}") + " (½·‖y − y′‖²/‖y‖², ≈ 1 − cosine)"
         counts = {t: sum(1 for n in self.nodes if self.terms.get(n.node, 1) == t) for t in range(1, MAX_TERMS + 1)}
         ones = {n.node: 1 for n in self.nodes}
         head = "fixed" if self.fixed else f"--shift-terms auto, target {self.target:g}"
@@ -234,6 +290,8 @@ class Allocation:
                + ", ".join(f"{c} node(s) × {t}" for t, c in counts.items() if c)
                + f"; additions {self.additions() / max(self.additions(ones), 1):.2f}× and code bytes "
                  f"{self.code_bytes() / max(self.code_bytes(ones), 1):.2f}× those of one term"]
+        if self.note:
+            out.append(f"  {self.note}")
         if self.measured is not None and self.measured > self.target:
             out.append(f"  target not met on the data: what is left does not fall with more terms (activation format, "
                        f"accumulators: see the warnings); --max-drop {self.target:g} keeps the layers causing it float")
@@ -241,21 +299,24 @@ class Allocation:
         for n in self.nodes:
             t = self.terms.get(n.node, 1)
             out.append(f"  {n.node.ljust(width)}  {t} term(s)  weight SQNR {n.sqnr_db(t):5.1f} dB "
-                       f"(1 term: {n.sqnr_db(1):.1f} dB)")
+                       f"(1 term: {n.sqnr_db(1):.1f} dB)  output error share {n.error(t):.2g}")
         return out
 
     def to_dict(self) -> dict:
         return {"fixed": self.fixed, "target": self.target, "predicted_drop": self.predicted, "measured_drop": self.measured,
-                "by_data": self.by_data, "measurements": self.measurements,
+                "by_data": self.by_data, "measurements": self.measurements, "probes": self.probes,
+                "metric": "½·‖y − y′‖²/‖y‖² of the outputs (sensitivity.nsr_drop)", "note": self.note,
                 "additions": self.additions(), "code_bytes": self.code_bytes(),
                 "nodes": [{"node": n.node, "op": n.op, "terms": self.terms.get(n.node, 1),
                            "weight_sqnr_db": [round(n.sqnr_db(t), 2) for t in range(1, MAX_TERMS + 1)],
-                           "rows": n.rows, "params": n.params} for n in self.nodes]}
+                           "predicted_share": [float(n.error(t)) for t in range(1, MAX_TERMS + 1)],
+                           "probed": n.probed, "rows": n.rows, "params": n.params} for n in self.nodes]}
 
 
 def allocate_from_weights(nodes: list[ShiftWeighted], target: float = DEFAULT_TARGET) -> Allocation:
-    """Data-free: terms per node so that ½·Σ NSR ≤ target at the least cost."""
-    errors = {n.node: [0.5 * e for e in n.nsr] for n in nodes}
+    """Data-free: terms per node so that the predicted output error Σ share ≤ target at the least
+    cost (the shares: probe_errors; ½·NSR without it)."""
+    errors = {n.node: [n.error(t) for t in range(1, MAX_TERMS + 1)] for n in nodes}
     terms = greedy(errors, costs(nodes), target)
     return Allocation(terms, nodes, target, predicted_drop(nodes, terms))
 
@@ -284,13 +345,19 @@ def allocate_from_data(measurer, config, nodes: list[ShiftWeighted], target: flo
         units.setdefault(n.unit, []).append(n)
     cost_of = costs(nodes)
     errors: dict[tuple[str, str], list[float]] = {}
+    probed = _probe_on_data(measurer, config, nodes, progress)
+    count = 0
     for i, (unit, members) in enumerate(units.items()):
-        measured = []
-        for t in (1, 2):
-            if progress:
-                progress(f"terms {t}, unit {i + 1}/{len(units)}: {unit[1]}")
-            cfg = only_unit(config, *unit, terms=t)
-            measured.append(max(measurer.measure(cfg, counts=False)[1], 0.0))
+        if all(n.node in probed for n in members):
+            measured = [sum(probed[n.node][t] for n in members) for t in (0, 1)]
+        else:
+            measured = []
+            for t in (1, 2):
+                if progress:
+                    progress(f"terms {t}, unit {i + 1}/{len(units)}: {unit[1]}")
+                cfg = only_unit(config, *unit, terms=t)
+                measured.append(max(measurer.measure(cfg, counts=False)[1], 0.0))
+            count += 2
         # e(t) = floor + c·NSR_t through the two measured points: the floor is what no number of
         # terms removes (a saturating activation format, say), so more terms buy nothing there.
         nsr = [sum(n.nsr[t] for n in members) for t in range(MAX_TERMS)]
@@ -299,7 +366,12 @@ def allocate_from_data(measurer, config, nodes: list[ShiftWeighted], target: flo
         floor = max(e2 - c * nsr[1], 0.0)
         errors[unit] = [e1, e2] + [min(floor + c * nsr[t], e2) for t in range(2, MAX_TERMS)]
     unit_cost = {u: sum(cost_of[n.node] for n in ms) for u, ms in units.items()}
-    count = 2 * len(units)
+    probes = len(probed)
+    for unit, members in units.items():   # the report's shares: a unit's error split by its nodes' NSR
+        total = [sum(n.nsr[t] for n in members) or 1.0 for t in range(MAX_TERMS)]
+        for n in members:
+            n.share = [errors[unit][t] * n.nsr[t] / total[t] for t in range(MAX_TERMS)]
+            n.probed = n.node in probed
     goal, best, last = target, None, None
     reachable = sum(e[MAX_TERMS - 1] for e in errors.values())
     for _ in range(rounds):
@@ -316,4 +388,19 @@ def allocate_from_data(measurer, config, nodes: list[ShiftWeighted], target: flo
             break   # no more terms can help: the floor is out of reach
         goal = goal * max(min(target / max(drop, 1e-12), 0.9), 0.1)   # tighten by how far it missed
     terms, result, drop, predicted = best or last
-    return Allocation(terms, nodes, target, predicted, drop, True, count), result
+    return Allocation(terms, nodes, target, predicted, drop, True, count, probes=probes), result
+
+
+def _probe_on_data(measurer, config, nodes: list[ShiftWeighted], progress=None) -> dict[str, list[float]]:
+    """{node: [its output error alone at 1 and 2 terms]} measured on the measurer's examples by
+    calibrate/probe.py (one run per node and terms, no conversion), for the shift linears it can
+    probe; none with --act-bits < 32, whose activation format only a conversion measures."""
+    from mfconvert.calibrate.probe import LayerProbe
+    shift = getattr(config, "shift_linear", None)
+    if shift is None or shift.act_bits < 32 or getattr(measurer, "metric", "cosine") != "nsr":
+        return {}
+    try:
+        probe = LayerProbe(measurer.original, nodes, terms=(1, 2), outputs=measurer.reference.names)
+    except Exception:   # a graph the probe cannot rewrite: every unit is converted and measured instead
+        return {}
+    return probe.errors(measurer.examples, progress)

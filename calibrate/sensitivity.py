@@ -68,6 +68,24 @@ def drop(reference, test, logits: bool) -> float:
     return 1.0 - (figures["top1_agreement"] if logits else figures["mean_cosine"])
 
 
+def nsr_drop(reference, test) -> float:
+    """½·‖y − y′‖² / ‖y‖² over every value of every example (the output's noise-to-signal ratio,
+    halved), averaged over the outputs; `reference` and `test` are ModelOutputs or {output: rows}.
+    It is the allocation's measure (`--shift-terms auto`, with and without data): for an error
+    unrelated to the output, as rounding gives, it equals 1 − cosine to first order (1 −
+    cos(y, y + n) ≈ ½‖n‖²/‖y‖² for n ⟂ y), but unlike a per-example cosine it sees an error in a
+    one-number output (a score, a probability) or in two class scores, and a change of scale."""
+    ref = getattr(reference, "rows", reference)
+    got = getattr(test, "rows", test)
+    drops = []
+    for name, rows in ref.items():
+        signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in rows)
+        noise = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(t, np.float64)) ** 2))
+                    for r, t in zip(rows, got[name]))
+        drops.append(0.5 * noise / signal if signal > 0 else float(noise > 0))
+    return float(np.mean(drops)) if drops else 0.0
+
+
 def _field_of(pass_name: str) -> str:
     return pass_name.replace("-", "_")
 
@@ -97,8 +115,13 @@ class Measurer:
     against the original's (computed once)."""
 
     def __init__(self, original: onnx.ModelProto, examples: Examples, logits: bool = False, input_shapes=None,
-                 outputs: list[str] | None = None):
+                 outputs: list[str] | None = None, metric: str = "cosine"):
+        """`metric`: 'cosine' (drop(): --max-drop's 1 − cosine or top-1 lost) or 'nsr' (nsr_drop:
+        the allocation's)."""
+        if metric not in ("cosine", "nsr"):
+            raise ValueError(f"metric must be 'cosine' or 'nsr', got {metric!r}")
         self.original, self.examples, self.logits, self.input_shapes = original, examples, logits, input_shapes
+        self.metric = metric
         self.reference = model_outputs(original, examples, outputs=outputs)
 
     def measure(self, cfg: ConvertConfig, counts: bool = True) -> tuple[ConversionResult, float]:
@@ -108,7 +131,8 @@ class Measurer:
         return result, self.drop(result.model)
 
     def drop(self, model: onnx.ModelProto) -> float:
-        return drop(self.reference, model_outputs(model, self.examples, outputs=self.reference.names), self.logits)
+        test = model_outputs(model, self.examples, outputs=self.reference.names)
+        return nsr_drop(self.reference, test) if self.metric == "nsr" else drop(self.reference, test, self.logits)
 
 
 def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertConfig:

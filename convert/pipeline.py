@@ -39,7 +39,7 @@ TERMS_AUTO = "auto"
 class PipelineOptions:
     """What the pipeline does beyond the passes' config (each a CLI flag)."""
     shift_terms: int | str = TERMS_AUTO   # 'auto' (calibrate/allocate.py) or the config's terms as they are
-    target: float = allocate.DEFAULT_TARGET   # auto's output error target (1 − cosine, or top-1 lost)
+    target: float = allocate.DEFAULT_TARGET   # auto's output error target: ½·‖y − y′‖²/‖y‖² (≈ 1 − cosine)
     data: Examples | None = None          # calibration data (--data)
     rounding: str = "compensated"         # with data: 'compensated' or 'nearest'
     finetuning: bool = False              # finetuning follows: it does its own rounding, no finetune note
@@ -171,11 +171,14 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
                                               first.report.changes)
         if nodes and calibration is not None:
             sample = Examples(calibration.items[:ALLOCATION_EXAMPLES], calibration.pad_values)
-            measurer = Measurer(original, sample, options.logits, options.input_shapes, options.outputs)
+            measurer = Measurer(original, sample, options.logits, options.input_shapes, options.outputs, metric="nsr")
             target = options.max_drop if options.max_drop is not None else options.target
-            allocation, _ = allocate.allocate_from_data(measurer, config, nodes, target)
+            allocation, _ = allocate.allocate_from_data(measurer, config, nodes, target, progress=progress)
         elif nodes:
+            note = allocate.probe_errors(nodes, load_model(model_path)[0], options.input_shapes, options.outputs,
+                                         progress)
             allocation = allocate.allocate_from_weights(nodes, options.target)
+            allocation.note = note
         if allocation is not None:
             config = allocate.with_terms(config, allocation.terms)
             if any(t > 1 for t in allocation.terms.values()):
@@ -184,9 +187,11 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         nodes = allocate.shift_weighted_nodes(first.model, original if original is not None else source,
                                               first.report.changes)
         if nodes:
+            note = allocate.probe_errors(nodes, original if original is not None else load_model(model_path)[0],
+                                         options.input_shapes, options.outputs, progress)
             terms = {n.node: t for n, t in zip(nodes, _node_terms(first.model, nodes))}
             allocation = allocate.Allocation(terms, nodes, options.target, allocate.predicted_drop(nodes, terms),
-                                             fixed=True)
+                                             fixed=True, note=note)
     budget_lines: list[str] = []
     if options.max_drop is not None:
         if calibration is None:
@@ -196,6 +201,14 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         result, budget_lines = budget.result, budget.lines()
         if ranges is not None:   # the budget's conversions had no data to check on
             annotate_accumulators(result.report.changes, accumulator_checks(result.model, ranges))
+    # spatial shifts: each channel's offset and scale, and the pointwise convs after them, fit on the
+    # data, layer by layer on the converted model's activations (calibrate/spatial_shift.py)
+    if calibration is not None and any(c.pass_name == "spatial-shift" for c in result.report.changes):
+        from mfconvert.calibrate.spatial_shift import calibrate_shifts
+
+        result.model, shift_lines = calibrate_shifts(result.model, original, calibration, [
+            c for c in result.report.changes if c.pass_name == "spatial-shift"])
+        notes += shift_lines
     # round
     rounding = None
     if calibration is not None and options.rounding == "compensated" and not options.finetuning:
