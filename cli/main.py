@@ -129,11 +129,11 @@ def convert(
     weight_bits: int = typer.Option(5, help="Bits per shift weight code (sign + shift), 2–5."),
     shift_terms: str = typer.Option("auto", "--shift-terms", help="Powers of two per shift weight (MoE Shift "
                                     "experts too): 'auto' chooses 1–4 per layer to meet --target-drop at the least "
-                                    "additions and bytes (from the weights, or measured on --data); 1 is DeepShift "
+                                    "additions and bytes (each layer probed on synthesised inputs, or on --data); 1 is DeepShift "
                                     "(w = ±2^p); 2–4 everywhere (w = ±2^p1 ± 2^p2 …; each term costs one more add)."),
     target_drop: float = typer.Option(DEFAULT_TARGET, "--target-drop", help="--shift-terms auto's output error "
-                                      "target: 1 − cosine (top-1 agreement lost with --finetune-loss kl); "
-                                      "--max-drop's when given."),
+                                      "target: ½·‖y − y′‖²/‖y‖² of the outputs over the examples (≈ 1 − cosine; "
+                                      "0.002 is an output SQNR of 24 dB); --max-drop's value when given."),
     weight_scale: str = typer.Option("channel", help="Weight exponent per 'channel', per 'tensor', or 'none'."),
     act_bits: int = typer.Option(32, help="Bits of the fixed-point activations (Q format), 2–32."),
     act_frac_bits: int = typer.Option(16, help="Fractional bits of the fixed-point activations "
