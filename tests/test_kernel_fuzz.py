@@ -524,3 +524,64 @@ def test_conv_fuzz(c):
     same = (y == expect) | (np.isnan(y) & np.isnan(expect))
     assert same.all(), f"{c['isa']}: {(~same).sum()} of {same.size} differ"
     count(test, "exact" if y.size else "empty_ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftConv's lookup-table path (AVX-512; shift_conv.h ShiftConvLutPays: group 1, M >= 32,
+# 256 <= (C/G) * K * T): shapes, formats and inputs drawn so that every case selects it there
+# (on the other ISAs the same cases run the direct kernels), exactly the NumPy reference.
+
+@st.composite
+def lut_conv_cases(draw):
+    d = draw(st.sampled_from([1, 2, 2]))
+    kernel = [draw(st.integers(1, 3)) for _ in range(d)]
+    terms = draw(st.sampled_from([1, 1, 2, 4]))
+    kk = int(np.prod(kernel))
+    c = draw(st.integers(max(1, -(-256 // (kk * terms))), 300 // kk + 16))
+    return dict(seed=draw(st.integers(0, 2**32 - 1)), isa=draw(st.sampled_from(ISAS)), d=d, kernel=kernel,
+                terms=terms, c=c, m=draw(st.integers(32, 140)), n=draw(st.sampled_from([1, 1, 2])),
+                strides=[draw(st.integers(1, 3)) for _ in range(d)],
+                dilations=[draw(st.integers(1, 2)) for _ in range(d)],
+                pads=[draw(st.integers(0, 2)) for _ in range(2 * d)],
+                spatial=[draw(st.integers(1, 13)) for _ in range(d)],
+                weight_bits=draw(st.integers(2, 5)), act_bits=draw(st.integers(2, 32)),
+                act_frac_bits=draw(st.integers(-8, 24)), activation=draw(st.sampled_from(["", "Relu", "Clip"])),
+                x_scale=draw(st.sampled_from([1e-3, 1.0, 1e3, 1e9])), x_special=draw(st.booleans()),
+                bias=draw(st.booleans()))
+
+
+@FUZZ
+@given(lut_conv_cases())
+def test_shift_conv_lut_fuzz(c):
+    rng = np.random.default_rng(c["seed"])
+    d, kernel, terms, bits, m = c["d"], c["kernel"], c["terms"], c["weight_bits"], c["m"]
+    out = ref.conv_output_shape(c["spatial"], kernel, c["strides"], c["pads"], c["dilations"])
+    if min(out) < 1:                                   # the spec's error, covered by test_conv_fuzz
+        c["pads"] = [p + (k - 1) * dl for p, k, dl in zip(c["pads"], kernel * 2, c["dilations"] * 2)]
+    frac = c["act_frac_bits"]
+    attrs = dict(out_channels=m, kernel_shape=kernel, strides=c["strides"], pads=c["pads"], dilations=c["dilations"],
+                 act_bits=c["act_bits"], act_frac_bits=frac, weight_bits=bits, terms=terms)
+    clip = (-np.inf, np.inf)
+    if c["activation"]:
+        attrs["activation"] = c["activation"]
+    if c["activation"] == "Clip":
+        lo = float(rng.standard_normal() * 3)
+        clip = (lo, lo + abs(float(rng.standard_normal() * 5)))
+        attrs.update(clip_min=clip[0], clip_max=clip[1])
+    x = hostile_floats(rng, (c["n"], c["c"], *c["spatial"]), c["x_scale"], c["x_special"])
+    codes = rng.integers(0, 1 << bits, size=(terms, m, c["c"], *kernel)).astype(np.uint8)
+    packed = np.packbits(((codes.reshape(-1)[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1),
+                         bitorder="little")
+    exponent = np.clip(rng.integers(-20, 21, m), frac - 126, frac + 127).astype(np.int8)
+    bias = hostile_floats(rng, (m,), 4.0, False) if c["bias"] else None
+    weights = [("W_codes", packed), ("W_exponent", exponent)] + ([("B", bias)] if bias is not None else [])
+    model = graph("ShiftConv", ["X"] + [n for n, _ in weights], [("X", TensorProto.FLOAT)], attrs,
+                  [numpy_helper.from_array(a, n) for n, a in weights], [])
+    y, err = run_or_error(model, {"X": x}, c["isa"])
+    assert err is None, err
+    expect = ref.shift_conv(x, codes, exponent, bias, bits, c["act_bits"], frac, kernel, c["strides"], c["pads"],
+                            c["dilations"], 1, c["activation"], *clip)
+    assert y.shape == expect.shape and y.dtype == np.float32
+    same = (y == expect) | (np.isnan(y) & np.isnan(expect))
+    assert same.all(), f"{c['isa']}: {(~same).sum()} of {same.size} differ"
+    count("shift_conv_lut", "exact")

@@ -13,6 +13,22 @@
 
 namespace mfconvert {
 
+// Whether the plane layout pays for this geometry (a stride far above the kernel makes most
+// of the phase planes padding): else the scalar kernel runs.
+inline bool ConvPlanesPay(const ConvGeom& g) {
+  const double hp = static_cast<double>(g.h + g.pt + g.pb), wp = static_cast<double>(g.w + g.pl + g.pr);
+  const double planes = (hp + static_cast<double>(g.sh)) * (wp + static_cast<double>(g.sw));
+  return planes <= 4.0 * hp * wp + 4096.0 && planes * static_cast<double>(g.c) < 1e10;
+}
+
+// The lookup-table path's range (ShiftConvLutPays). Below ~256 inputs per output the direct
+// kernel's inputs stay in L1 and it is as fast or faster (bench_conv.py: 24->144 and the 3->32 stem
+// 2-3x slower through tables, 256->64 a tie, 576->96 1.3-1.5x and 1024->256 2.2-2.6x faster);
+// below 32 outputs most of each 64-output group of lookups would be padding.
+inline constexpr int64_t kShiftConvLutMinOut = 32;       // M
+inline constexpr int64_t kShiftConvLutMinIn = 256;       // T * K * C
+inline constexpr int64_t kShiftConvLutMaxIn = 1 << 16;   // T * K * C
+
 // The custom ops (registered in register_ops.cc).
 const OrtCustomOp* ShiftConvCustomOp();
 const OrtCustomOp* AdderConvCustomOp();
@@ -50,6 +66,32 @@ void ShiftConvScalar(const PackedShiftConv& p, const ConvGeom& g, const ConvActi
 void ShiftConvAvx2(const ShiftConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
 void ShiftConvAvx512(const ShiftConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
 
+// The lookup-table path (AVX-512, group 1): a ShiftConv is ShiftLinear over the im2col rows of its
+// zero-padded input (docs/ops.md#arithmetic-shiftconv), so the ShiftLinear AVX-512 kernel (one
+// vpermt2d + vpaddd per 16 MACs) computes it. The im2col columns are ordered (tap, c) — the int32
+// sum does not depend on the order — so that a row of one tap is a transposed tile of the planes.
+struct ShiftConvLutRun {
+  const PackedShiftLinear* lin;  // in_features = T * K * C, codes [group][tap * C + c][t][64]
+  ConvGeom g;
+  ConvPlanes planes;             // of the float input (the kernel quantises while building tables)
+  ConvActivation act;
+  const int64_t* tap;            // per tap its offset in a channel's planes (ConvPlanes::TapOffset)
+};
+
+// Whether the lookup-table path serves this layer: group 1, enough output channels to amortise a
+// table over (each table of 32 entries serves M / 16 lookups), enough inputs per output that the
+// direct kernel's would leave L1, and at most 2^16 of them (a strip of >= 16 im2col rows stays
+// within a few MiB).
+inline bool ShiftConvLutPays(const ConvGeom& g, int terms) {
+  const int64_t in = g.cg * g.k * terms;  // <= 2^22 (checked before)
+  return g.g == 1 && g.m >= kShiftConvLutMinOut && in >= kShiftConvLutMinIn && in <= kShiftConvLutMaxIn &&
+         ConvPlanesPay(g);
+}
+
+// Lays out the codes of p (group 1) for ShiftLinearAvx512: in_features = T * K * C, lut_terms = T.
+void PackShiftConvLut(const PackedShiftConv& p, PackedShiftLinear* out);
+void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
+
 // AdderConv weights: w_q [M][C/G][K], per output the range of its w_q and the bias.
 struct PackedAdderConv {
   int64_t cg = 0, m = 0, k = 0;
@@ -78,13 +120,5 @@ void AdderConvScalar(const PackedAdderConv& p, const ConvGeom& g, const ConvActi
 // false when some |x_q - w_q| may reach 2^31 (Y partly written): the caller runs the scalar kernel.
 bool AdderConvAvx2(const AdderConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
 bool AdderConvAvx512(const AdderConvRun& r, const float* x, float* y, const Parallel& par, AlignedBuffer& scratch);
-
-// Whether the plane layout pays for this geometry (a stride far above the kernel makes most
-// of the phase planes padding): else the scalar kernel runs.
-inline bool ConvPlanesPay(const ConvGeom& g) {
-  const double hp = static_cast<double>(g.h + g.pt + g.pb), wp = static_cast<double>(g.w + g.pl + g.pr);
-  const double planes = (hp + static_cast<double>(g.sh)) * (wp + static_cast<double>(g.sw));
-  return planes <= 4.0 * hp * wp + 4096.0 && planes * static_cast<double>(g.c) < 1e10;
-}
 
 }  // namespace mfconvert

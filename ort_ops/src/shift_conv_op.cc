@@ -263,16 +263,29 @@ class ShiftConvKernel {
       fresh->h = g.h;
       fresh->w = g.w;
       fresh->planes = ConvPlanes::Make(g, 1, 64);
-      BuildEntries(*p, g, fresh->planes, &fresh->entries, &fresh->begin, &fresh->split);
+      if (isa_ == Isa::kAvx512 && ShiftConvLutPays(g, p->terms)) {
+        fresh->lut = std::make_unique<PackedShiftLinear>();
+        PackShiftConvLut(*p, fresh->lut.get());
+        fresh->tap.resize(static_cast<size_t>(g.k));
+        for (int64_t u = 0; u < g.kh; ++u)
+          for (int64_t v = 0; v < g.kw; ++v) fresh->tap[u * g.kw + v] = fresh->planes.TapOffset(g, u, v);
+      } else {
+        BuildEntries(*p, g, fresh->planes, &fresh->entries, &fresh->begin, &fresh->split);
+      }
       prep = fresh;
       if (constant_) {
         std::lock_guard<std::mutex> lock(mutex_);
         prepared_ = prep;
       }
     }
+    ScratchPool::Lease scratch(scratch_);
+    if (prep->lut) {
+      const ShiftConvLutRun run{prep->lut.get(), g, prep->planes, conv_.act, prep->tap.data()};
+      ShiftConvLutAvx512(run, xd, yd, par, scratch.buffer());
+      return;
+    }
     const ShiftConvRun run{p.get(), g, prep->planes, conv_.act, prep->entries.data(), prep->begin.data(),
                            prep->split.data()};
-    ScratchPool::Lease scratch(scratch_);
     if (isa_ == Isa::kAvx512) {
       ShiftConvAvx512(run, xd, yd, par, scratch.buffer());
     } else {
@@ -296,6 +309,8 @@ class ShiftConvKernel {
     ConvPlanes planes;
     std::vector<ShiftConvEntry> entries;
     std::vector<int64_t> begin, split;
+    std::unique_ptr<PackedShiftLinear> lut;  // the lookup-table path (ShiftConvLutPays), else null
+    std::vector<int64_t> tap;                // its tap offsets
   };
   std::shared_ptr<const Prepared> prepared_;
   ScratchPool scratch_;

@@ -30,10 +30,11 @@ namespace {
 constexpr int kSimdVectors = 4;      // V: vectors of flat outputs per pass over the weights
 constexpr int64_t kOutBlock = 16;    // output channels per task
 
-// Quantises channel c of image xc ([H][W] floats) into its planes. With `range`, *lo and *hi get
-// the range of the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32 (sw > 1 only).
+// Quantises channel c of image xc ([H][W] floats) into its planes (q null: copies the float bits
+// instead, 0.0f at padding, for the lookup-table path). With `range`, *lo and *hi get the range of
+// the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32 (sw > 1 only).
 template <class S>
-SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes& pl, const ActQuant& q,
+SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes& pl, const ActQuant* q,
                             int32_t* dst, int32_t* tmp, bool range, int32_t* lo, int32_t* hi) {
   const int64_t row_len = pl.wq * g.sw;
   int32_t mn = 0, mx = 0;
@@ -45,7 +46,11 @@ SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes
       std::memset(row, 0, static_cast<size_t>(row_len) * 4);
     } else {
       std::memset(row, 0, static_cast<size_t>(g.pl) * 4);
-      S::QuantizeRow(xc + ih * g.w, g.w, q, row + g.pl);
+      if (q != nullptr) {
+        S::QuantizeRow(xc + ih * g.w, g.w, *q, row + g.pl);
+      } else {
+        std::memcpy(row + g.pl, xc + ih * g.w, static_cast<size_t>(g.w) * 4);
+      }
       std::memset(row + g.pl + g.w, 0, static_cast<size_t>(row_len - g.pl - g.w) * 4);
       if (range) {
         const int32_t* v = row + g.pl;
@@ -56,10 +61,13 @@ SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes
       }
     }
     if (g.sw == 1) continue;
-    for (int64_t pw = 0; pw < g.sw; ++pw) {
-      int32_t* out = dst + (ph * g.sw + pw) * pl.plane + rq * pl.wq;
-      for (int64_t i = 0; i < pl.wq; ++i) out[i] = tmp[i * g.sw + pw];
+    int32_t* out = dst + ph * g.sw * pl.plane + rq * pl.wq;
+    if (g.sw == 2) {  // the common stride: one vector de-interleave per 2 * S::kLanes values
+      S::Split2(tmp, pl.wq, out, out + pl.plane);
+      continue;
     }
+    for (int64_t pw = 0; pw < g.sw; ++pw, out += pl.plane)
+      for (int64_t i = 0; i < pl.wq; ++i) out[i] = tmp[i * g.sw + pw];
   }
   *lo = mn;
   *hi = mx;
@@ -209,7 +217,7 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
     float* yn = y + n * g.m * g.oh * g.ow;
     par.For(static_cast<size_t>(g.c), [&](size_t ci) {
       const int64_t c = static_cast<int64_t>(ci);
-      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
+      BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
                       range + 2 * c, range + 2 * c + 1);
     });
     par.For(grid.size(), [&](size_t t) {
@@ -238,7 +246,7 @@ bool AdderConvSimd(const AdderConvRun& r, const float* x, float* y, const Parall
     float* yn = y + n * g.m * g.oh * g.ow;
     par.For(static_cast<size_t>(g.c), [&](size_t ci) {
       const int64_t c = static_cast<int64_t>(ci);
-      BuildChannel<S>(xn + c * g.h * g.w, g, pl, r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, true,
+      BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, true,
                       range + 2 * c, range + 2 * c + 1);
     });
     int64_t xlo = 0, xhi = 0;

@@ -43,6 +43,21 @@ struct SimdAvx2 {
     for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(w[i]);
     return _mm256_load_ps(f);
   }
+  // even[i] = in[2 i], odd[i] = in[2 i + 1] for i < n (in: 2 n int32).
+  SC_TARGET static void Split2(const int32_t* in, int64_t n, int32_t* even, int32_t* odd) {
+    const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i a = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 2 * i)), perm);
+      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 2 * i + 8)), perm);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(even + i), _mm256_permute2x128_si256(a, b, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd + i), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+    for (; i < n; ++i) {
+      even[i] = in[2 * i];
+      odd[i] = in[2 * i + 1];
+    }
+  }
   SC_TARGET static void QuantizeRow(const float* x, int64_t n, const ActQuant& q, int32_t* out) {
     const __m256 scale = _mm256_set1_ps(q.scale), hi = _mm256_set1_ps(q.hi), lo = _mm256_set1_ps(q.lo);
     const __m256i qhi = _mm256_set1_epi32(q.qhi), qlo = _mm256_set1_epi32(q.qlo);

@@ -45,6 +45,21 @@ struct SimdAvx512 {
     const __m256 b = _mm512_cvtepi64_ps(_mm512_loadu_si512(w + 8));
     return _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
   }
+  // even[i] = in[2 i], odd[i] = in[2 i + 1] for i < n (in: 2 n int32).
+  SC_TARGET static void Split2(const int32_t* in, int64_t n, int32_t* even, int32_t* odd) {
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512i a = _mm512_loadu_si512(in + 2 * i), b = _mm512_loadu_si512(in + 2 * i + 16);
+      _mm512_storeu_si512(even + i, _mm512_permutex2var_epi32(a, ie, b));
+      _mm512_storeu_si512(odd + i, _mm512_permutex2var_epi32(a, io, b));
+    }
+    for (; i < n; ++i) {
+      even[i] = in[2 * i];
+      odd[i] = in[2 * i + 1];
+    }
+  }
   // out[i] = sat_A(floor(x[i] * 2^F)), NaN -> 0.
   SC_TARGET static void QuantizeRow(const float* x, int64_t n, const ActQuant& q, int32_t* out) {
     const __m512 scale = _mm512_set1_ps(q.scale), hi = _mm512_set1_ps(q.hi), lo = _mm512_set1_ps(q.lo);

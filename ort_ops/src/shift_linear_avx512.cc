@@ -33,6 +33,7 @@ constexpr int kLutTokens = 4;       // tokens per task (4 x 4 zmm accumulators)
 constexpr int64_t kInBlock = 64;     // inputs per block: 4 tokens' tables are 32 KiB (L1)
 constexpr int64_t kGroupTasks = 8;   // from this many token groups on, one task per group
 constexpr int64_t kLutBudget = int64_t{8} << 20;  // few rows: all tables at once up to this size
+constexpr size_t kTaskStackBytes = size_t{64} << 10;  // a task's scratch up to this size on the stack
 
 MF_AVX512 inline __m512i Quantize16(__m512 x, const ActQuant& q) {
   const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(q.scale)),
@@ -136,12 +137,19 @@ MF_AVX512 void LutSpanN(int nt, const int32_t* lut, int64_t lut_stride, const Pa
 void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int64_t r0, int nt,
              int64_t g0, int64_t g1, float* y) {
   const int64_t in = p.attrs.in_features / p.lut_terms, out = p.attrs.out_features;  // X's columns
-  AlignedBuffer scratch;
   const size_t acc_bytes = static_cast<size_t>((g1 - g0) * 16 * 64);
   const size_t lut_bytes = lut ? 0 : static_cast<size_t>(kLutTokens * kInBlock * 32 * 4);
-  scratch.Reserve(acc_bytes + lut_bytes);
-  __m512i* acc = scratch.As<__m512i>();
-  int32_t* local = reinterpret_cast<int32_t*>(scratch.As<uint8_t>() + acc_bytes);
+  // On the stack up to 64 KiB (out <= 2048): a task of a few tokens is ~10^4-10^5 MACs, and a
+  // heap allocation per task cost ~5 % of the time (ShiftConv's many-token strips, bench_conv.py).
+  alignas(64) uint8_t stack[kTaskStackBytes];
+  AlignedBuffer heap;
+  uint8_t* base = stack;
+  if (acc_bytes + lut_bytes > sizeof(stack)) {
+    heap.Reserve(acc_bytes + lut_bytes);
+    base = heap.As<uint8_t>();
+  }
+  __m512i* acc = reinterpret_cast<__m512i*>(base);
+  int32_t* local = reinterpret_cast<int32_t*>(base + acc_bytes);
   for (int64_t i0 = 0; i0 < in; i0 += kInBlock) {
     const int64_t n = std::min<int64_t>(kInBlock, in - i0);
     const int32_t* l;
