@@ -24,6 +24,7 @@ from mfconvert.convert.files import check_outputs
 from mfconvert.convert.canonicalize import canonical_rows
 from mfconvert.ort_ops import DOMAIN, OPSET_VERSION
 from mfconvert.passes import pass_for
+from mfconvert.passes.graph import claim
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.registry import PassError
 from mfconvert.passes.report import ConversionReport
@@ -89,9 +90,12 @@ def convert_onnx(source, config: ConvertConfig | None = None, output: str | None
         if progress:
             progress(spec.name)
         try:
-            results.append(spec.run(graph, cfg))
+            result = spec.run(graph, cfg)
         except PassError as err:
             raise ConversionError(f"{label}: {err}") from None
+        claim(graph, result.claims, spec.name)   # the passes after it leave them alone (claimant)
+        result.claims = []   # recorded: the report need not hold the graph's nodes (and their arrays)
+        results.append(result)
 
     if not allow_unchanged and not any(r.changes for r in results):
         skips = [s for r in results for s in r.skips]

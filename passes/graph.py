@@ -223,7 +223,8 @@ def tensor_dtype(tensor: gs.Tensor):
 
 def claim(graph: gs.Graph, nodes: list[gs.Node], pass_name: str) -> None:
     """Mark nodes a pass emitted as final, so later passes leave them alone (e.g. the float
-    Gemms of an MoE block's Mult expert must not become ShiftLinear)."""
+    Gemms of an MoE block's Mult expert must not become ShiftLinear). convert_onnx records here
+    what each pass returns in PassResult.claims."""
     claims = graph.__dict__.setdefault("_mfconvert_claims", {})
     claims.update({id(n): (n, pass_name) for n in nodes})
 

@@ -60,6 +60,9 @@ class PassResult:
     changes: list[LayerChange] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)   # written to the model's metadata_props
+    # Nodes the pass emitted that later passes must leave alone (an MoE block's float experts are
+    # plain Gemms shift-linear would take): convert_onnx records them for the passes after it.
+    claims: list = field(default_factory=list)
 
     def skip(self, node: str, reason: str) -> None:
         self.skips.append(Skip(self.pass_name, node, reason))
