@@ -12,8 +12,7 @@ import onnx_graphsurgeon as gs
 
 from mfconvert.nn.moe_mlp import router_init
 from mfconvert.passes.activation import Activation, copy_nodes, find_activation
-from mfconvert.passes.graph import (NotConstant, claim, claimant, constant_value, graph_opset, is_graph_output,
-                                    node_label)
+from mfconvert.passes.graph import NotConstant, claimant, constant_value, graph_opset, is_graph_output, node_label
 from mfconvert.passes.match import MatchResult, failed, fake_quant_user, matched
 from mfconvert.passes.linear import LinearMatch, match_linear, shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
@@ -202,9 +201,10 @@ def _linear(emit: _Emitter, x: gs.Tensor, linear: LinearMatch, name: str, cfg: M
     return emit("Gemm", inputs, name, transB=1), 0
 
 
-def rewrite(graph: gs.Graph, block: Block, label: str, cfg: MoEMLPConfig) -> tuple[gs.Tensor, int]:
+def rewrite(graph: gs.Graph, block: Block, label: str, cfg: MoEMLPConfig) -> tuple[gs.Tensor, int, list[gs.Node]]:
     """Replace the block by the ShiftMoEMLP subgraph of docs/ops.md; (route tensor, bytes of
-    the Shift expert's constants)."""
+    the Shift expert's constants, the float Gemms it emitted: router and Mult expert, which no
+    later pass may convert)."""
     emit = _Emitter(f"{label}/moe")
     x, y = block.fc1.activation, block.fc2.output
     d, d_out = block.fc1.weight.shape[1], block.fc2.weight.shape[0]
@@ -244,8 +244,7 @@ def rewrite(graph: gs.Graph, block: Block, label: str, cfg: MoEMLPConfig) -> tup
     for old in block.fc1.nodes + block.act.nodes + block.fc2.nodes + block.between:
         old.outputs.clear()
     graph.nodes.extend(emit.nodes)
-    claim(graph, [n for n in emit.nodes if n.op == "Gemm"], NAME)
-    return route, shift_bytes + router_w.nbytes + router_b.nbytes
+    return route, shift_bytes + router_w.nbytes + router_b.nbytes, [n for n in emit.nodes if n.op == "Gemm"]
 
 
 def expert_pairs(model: onnx.ModelProto) -> dict[str, str]:
@@ -282,7 +281,8 @@ def run(graph: gs.Graph, cfg: MoEMLPConfig) -> PassResult:
         block = found.value
         used.update(id(n) for n in found.claims)
         fc2_label = node_label(block.fc2.nodes[0])
-        route, after = rewrite(graph, block, label, cfg)
+        route, after, emitted = rewrite(graph, block, label, cfg)
+        result.claims.extend(emitted)   # returned: convert_onnx keeps the passes after this one off them
         routes[label] = route.name
         hidden, d = block.fc1.weight.shape
         d_out = block.fc2.weight.shape[0]

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mfconvert.convert import ConvertConfig, MoEMLPConfig, ShiftLinearConfig, convert_onnx
 from mfconvert.passes import moe_mlp
+from mfconvert.passes.graph import claimant
 from mfconvert.runtime import session
 
 RNG = np.random.default_rng(0)
@@ -184,6 +185,20 @@ def test_include_exclude_and_mult_expert_is_left_to_float_by_shift_linear():
     assert ops.count("Gemm") == 3 and ops.count("ShiftLinear") == 2   # router + Mult expert stay float
     props = {p.key: p.value for p in result.model.metadata_props}
     assert props[moe_mlp.ROUTES_KEY] == '{"fc1": "fc1/moe/route"}'
+
+
+def test_the_float_gemms_are_returned_as_claims_not_marked_on_the_graph():
+    """The pass returns the Gemms it emitted (router, Mult expert) in PassResult.claims and leaves
+    no mark on the graph; convert_onnx records them, so shift-linear after it leaves them float
+    (the test above), and its report does not hold the graph's nodes."""
+    model = mlp_model(ACTIVATIONS["silu"][1])
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    result = moe_mlp.run(graph, MoEMLPConfig())
+    assert sorted(n.name for n in result.claims) == ["fc1/moe/mult.fc1", "fc1/moe/mult.fc2", "fc1/moe/router"]
+    assert all(n.op == "Gemm" and any(n is m for m in graph.nodes) for n in result.claims)
+    assert all(claimant(graph, n) is None for n in graph.nodes)
+    converted = moe(model, shift_linear=ShiftLinearConfig(min_params=0))
+    assert all(r.claims == [] for r in converted.report.results)
 
 
 def test_cli_moe_mlp_flag(tmp_path):
