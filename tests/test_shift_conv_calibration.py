@@ -214,3 +214,39 @@ def test_finetune_trains_shift_convs():
     with torch.no_grad():
         y_layer = OnnxModule(result.model).eval()(x=torch.from_numpy(x))[0].numpy()
     np.testing.assert_allclose(y, y_layer, rtol=1e-6, atol=1e-6)   # the float Gemm head: summation order
+
+
+def test_statistics_equal_a_forward_pass_from_the_inputs():
+    """compensate_rounding runs the graph once, node by node, collecting each layer group's
+    statistics where the group starts (calibrate/rounding.py _Runner). Reference: for each group,
+    the whole module run from its inputs with the groups before it rounded, the group's input
+    captured; the statistics (Σ r rᵀ over im2col rows, Σ r, rows) must be equal bit for bit, and
+    a fill row of a fixed-batch piece must not count."""
+    from mfconvert.calibrate.rounding import _Runner, shift_layer_groups
+
+    net, teacher = _tiny_cnn()
+    student = convert_onnx(teacher, ConvertConfig(shift_linear=None, add_attention=None,
+                                                  shift_conv=ShiftConvConfig())).model
+    module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher)).train()
+    x = torch.randn(20, 3, 16, 16)
+    batches = [({"x": x[:8]}, 8), ({"x": x[8:16]}, 8), ({"x": x[16:]}, 3)]   # the last: 3 real rows of 4
+    runner = _Runner(module, batches)
+    groups = shift_layer_groups(module)
+    assert len(groups) == 5
+    with torch.no_grad():
+        for group in groups:
+            stats = runner.statistics(group)
+            key = next(k for k, _, _ in module.nodes if k in module.layers and module.layers[k] is group[0])
+            name = next(n for k, n, _ in module.nodes if k == key).input[0]
+            expected = ConvStats(group[0])
+            for feeds, real in batches:
+                _, captured = module(capture=(name,), **feeds)
+                expected.add(group[0], captured[name][:real])
+            assert stats[0].rows == expected.rows
+            assert torch.equal(stats[0].hessian, expected.hessian)
+            assert torch.equal(stats[0].total, expected.total)
+            round_conv_layer(group[0], stats[0], damping=0.01)   # the next group sees this one rounded
+    # tensors no node still to run reads are dropped as it goes (the memory of a deep CNN's pass)
+    still_read = {n for _, node, _ in module.nodes[runner.position:] for n in node.input}
+    assert set(runner.envs[0][0]) <= still_read | set(module.output_names)
+    assert len(runner.envs[0][0]) < runner.position
