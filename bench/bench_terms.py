@@ -5,9 +5,11 @@ digit ViT (shift linears only: add attention and MoE routers need finetuning, a 
     .venv/bin/python bench/bench_terms.py [--models minilm,vit,smart-turn,magika,oww-alexa]
         [--threads 2] [--repeats 20] [--json out/bench/terms.json] [--plot out/bench/terms.png]
 
-Per model and choice: fidelity on held-out inputs against the fp32 model in ONNX Runtime (1 − mean
-cosine per example, as `--max-drop` and the allocation measure it; for one-number outputs, of the
-outputs stacked over examples; top-1 agreement for class scores), additions per inference (Σ rows ·
+Per model and choice: fidelity on held-out inputs against the fp32 model in ONNX Runtime: the
+output error ½·‖y − y′‖²/‖y‖² over the examples (sensitivity.nsr_drop, what `--shift-terms auto`
+targets; `predicted`: the allocation's data-free prediction of it, probed layer by layer), 1 − mean
+cosine per example (for one-number outputs, of the outputs stacked over examples), output SQNR,
+top-1 agreement for class scores; additions per inference (Σ rows ·
 in · out · terms over the shift layers, at the stated input shapes), shift-code bytes, and the
 median ORT latency of one batch; the ORT int8 dynamic quantisation (MatMul, per channel) of the
 same model for reference. `auto+data` converts with the calibration examples (the CLI's --data:
@@ -33,7 +35,7 @@ import onnx
 
 from mfconvert.calibrate.data import Examples, from_text, model_fixed_batch
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
-from mfconvert.calibrate.sensitivity import drop
+from mfconvert.calibrate.sensitivity import drop, nsr_drop
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig
 from mfconvert.convert.pipeline import PipelineOptions, convert_model
 from mfconvert.runtime import session
@@ -111,10 +113,13 @@ def _int8(path: str) -> onnx.ModelProto:
         return onnx.load(out)
 
 
-def measure(name: str, spec: dict, threads: int, repeats: int, say, choices=CHOICES, n_eval: int | None = None) -> dict:
+def measure(name: str, spec: dict, threads: int, repeats: int, say, choices=CHOICES, n_eval: int | None = None,
+            n_calib: int | None = None) -> dict:
     path = spec["path"]
     if n_eval is not None:
         spec["eval"] = Examples(spec["eval"].items[:n_eval], spec["eval"].pad_values)
+    if n_calib is not None:
+        spec["calib"] = Examples(spec["calib"].items[:n_calib], spec["calib"].pad_values)
     reference = model_outputs(path, spec["eval"])
     feed = next(iter(spec["eval"].batches(model_fixed_batch(onnx.load(path, load_external_data=False)) or 8)))
     rows: dict[str, dict] = {}
@@ -122,7 +127,7 @@ def measure(name: str, spec: dict, threads: int, repeats: int, say, choices=CHOI
     def figures(model) -> dict:
         out = model_outputs(model if isinstance(model, str) else model.SerializeToString(), spec["eval"])
         f = fidelity(reference, out, spec["logits"])
-        got = {"drop": drop(reference, out, False), "sqnr_db": f["sqnr_db"],
+        got = {"drop": drop(reference, out, False), "error": nsr_drop(reference, out), "sqnr_db": f["sqnr_db"],
                "latency_ms": _latency(model, feed, threads, repeats)}
         if spec["logits"]:
             got["top1_agreement"] = f["top1_agreement"]
@@ -149,31 +154,35 @@ def measure(name: str, spec: dict, threads: int, repeats: int, say, choices=CHOI
                    terms_histogram={str(t): sum(1 for v in per_node.values() if v == t) for t in range(1, 5)})
         if done.allocation is not None:
             row.update(predicted_drop=done.allocation.predicted, measured_drop_calibration=done.allocation.measured,
-                       measurements=done.allocation.measurements)
+                       measurements=done.allocation.measurements, probes=done.allocation.probes,
+                       note=done.allocation.note)
         if done.rounding is not None:
             row["compensated_layers"] = sum(d["compensated"] for d in done.rounding["layers"].values())
         rows[choice] = row
-        say(f"{name} {choice}: drop {row['drop']:.5f}, additions {row['additions']:.4g}, "
+        say(f"{name} {choice}: error {row['error']:.3g} (predicted {row.get('predicted_drop', float('nan')):.3g}), "
+            f"1 − cos {row['drop']:.5f}, additions {row['additions']:.4g}, "
             f"{row['code_bytes']} code bytes, {row['latency_ms']:.2f} ms ({seconds:.0f} s)")
     try:
         rows["int8 (ORT dynamic, MatMul)"] = figures(_int8(path))
     except Exception as err:   # a model quantize_dynamic cannot take: say so
-        rows["int8 (ORT dynamic, MatMul)"] = {"error": str(err).splitlines()[0]}
+        rows["int8 (ORT dynamic, MatMul)"] = {"failed": str(err).splitlines()[0]}
     return {"model": name, "metric": spec["metric"], "rows": rows}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | choice | 1 − cosine | top-1 agr. | SQNR dB | additions (× 1 term) | code bytes | "
-             "terms 1/2/3/4 | ORT ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | choice | output error ½NSR | predicted | 1 − cosine | top-1 agr. | SQNR dB | additions (× 1 term) | "
+             "code bytes | terms 1/2/3/4 | ORT ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = r["rows"]["1 term"]["additions"] or 1
         for choice, row in r["rows"].items():
-            if "error" in row:
-                lines.append(f"| {r['model']} | {choice} | {row['error']} | | | | | | |")
+            if "failed" in row or isinstance(row.get("error"), str):
+                lines.append(f"| {r['model']} | {choice} | {row.get('failed', row.get('error'))} | | | | | | | | |")
                 continue
             hist = "/".join(row["terms_histogram"][k] .__str__() for k in "1234") if "terms_histogram" in row else ""
             lines.append(
-                f"| {r['model']} | {choice} | {row['drop']:.5f} | "
+                f"| {r['model']} | {choice} | {row['error']:.2g} | "
+                + (f"{row['predicted_drop']:.2g}" if row.get("predicted_drop") is not None else "") + " | "
+                f"{row['drop']:.5f} | "
                 + (f"{row['top1_agreement']:.3f}" if "top1_agreement" in row else "") + " | "
                 f"{row['sqnr_db']:.1f} | " + (f"{row['additions'] / base:.2f}" if "additions" in row else "") + " | "
                 + (f"{row['code_bytes']:,}" if "code_bytes" in row else "") + f" | {hist} | {row['latency_ms']:.2f} |")
@@ -181,12 +190,12 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str) -> str:
-    """Fidelity (1 − cosine, log) against additions relative to one term, one panel per model;
+    """Fidelity (the output's ½·NSR, log) against additions relative to one term, one panel per model;
     PNG with matplotlib, else an SVG written here."""
     points = []
     for r in results:
         base = r["rows"]["1 term"]["additions"] or 1
-        points.append((r["model"], [(c, r["rows"][c]["additions"] / base, max(r["rows"][c]["drop"], 1e-7))
+        points.append((r["model"], [(c, r["rows"][c]["additions"] / base, max(r["rows"][c]["error"], 1e-9))
                                     for c in CHOICES if c in r["rows"]]))
     try:
         import matplotlib
@@ -212,7 +221,7 @@ def plot(results: list[dict], path: str) -> str:
         ax.set_yscale("log")
         ax.set_title(model)
         ax.set_xlabel("additions (× one term)")
-        ax.set_ylabel("1 − cosine")
+        ax.set_ylabel("output error ½‖y − y′‖²/‖y‖²")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -229,7 +238,7 @@ def _svg(points) -> str:
 
         def px(x, y):
             return (i * w + pad + (x - x0) / (x1 - x0) * (w - 2 * pad), h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad))
-        parts.append(f'<text x="{i * w + w / 2}" y="14" text-anchor="middle">{model}: 1 − cos (log) vs additions</text>')
+        parts.append(f'<text x="{i * w + w / 2}" y="14" text-anchor="middle">{model}: ½NSR (log) vs additions</text>')
         for c, x, y in pts:
             cx, cy = px(x, np.log10(y))
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{"red" if c.startswith("auto") else "grey"}"/>'
@@ -247,6 +256,8 @@ def main() -> None:
     ap.add_argument("--plot", default="out/bench/terms.png")
     ap.add_argument("--no-data", default="", help="models measured without auto+data (comma-separated)")
     ap.add_argument("--eval", type=int, default=None, help="held-out examples per model (default: all)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration examples per model for auto+data "
+                    "(default: all; the allocation measures at most 64 of them)")
     ap.add_argument("--merge", default=None, help="a JSON of this script's earlier results to add to the table")
     args = ap.parse_args()
     import torch
@@ -257,7 +268,7 @@ def main() -> None:
         spec = MODELS[name]()
         choices = tuple(c for c in CHOICES if c != "auto+data" or name not in args.no_data.split(","))
         results.append(measure(name, spec, args.threads, args.repeats, lambda s: print(s, flush=True), choices,
-                               args.eval))
+                               args.eval, args.calib))
         Path(args.json).write_text(json.dumps({"results": results}, indent=2))   # what is done so far
     if args.merge:
         earlier = json.loads(Path(args.merge).read_text())

@@ -27,7 +27,7 @@ from mfconvert.calibrate.evaluate import model_float_outputs, output_names, spli
 SWITCH = "mfconvert_probe_switch"
 PROBE_EXAMPLES = 8          # synthesised probe inputs without data
 DEFAULT_LENGTH = 64         # a dynamic non-batch dimension of a probe input (a sequence length)
-PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid", "Exp", "Tanh", "HardSigmoid")
 # between a saturating head and its logits: shifts (softmax's max), normalisers, Q/DQ pairs
 TRANSPARENT = ("Div", "Sub", "Reshape", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze", "QuantizeLinear",
@@ -60,7 +60,8 @@ def _is_constant(tensor) -> bool:
 
 def _int_range(model: onnx.ModelProto, name: str) -> int | None:
     """The number of distinct values an integer input indexes: the rows of the embedding table a
-    Gather reads with it, or a OneHot's depth (through casts and reshapes); None if neither."""
+    Gather reads with it, a OneHot's depth, or the size of the constant range an Equal compares it
+    with (a one-hot written out), through casts, reshapes and broadcasts; None if none."""
     inits = {i.name: i for i in model.graph.initializer}
     consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
     consumers: dict[str, list] = {}
@@ -88,7 +89,11 @@ def _int_range(model: onnx.ModelProto, name: str) -> int | None:
                 depth = value(node.input[1])
                 if depth is not None:
                     return int(np.asarray(depth).reshape(-1)[0])
-            if node.op_type in PASS_THROUGH:
+            if node.op_type == "Equal":   # a one-hot written out: Equal(indices, iota)
+                other = value(node.input[1] if node.input[0] == t else node.input[0])
+                if other is not None and np.size(other) > 1:
+                    return int(np.max(other)) + 1
+            if node.op_type in PASS_THROUGH and node.input[0] == t:
                 todo.append(node.output[0])
     return None
 
