@@ -32,6 +32,7 @@ from mfconvert.passes.shift_format import ShiftFormat
 
 CALIBRATION_EXAMPLES = 256   # examples calibration and rounding use (the first of --data)
 ALLOCATION_EXAMPLES = 64     # of them, those each allocation measurement runs
+PROBE_BYTES = 512 << 20      # models up to this size are probed without data (allocate.probe_errors)
 TERMS_AUTO = "auto"
 
 
@@ -132,6 +133,18 @@ def held_out_examples(data: Examples, n_calibration: int, seed: int = 0):
     return Examples([rest[i] for i in pick], data.pad_values)
 
 
+def _probe(nodes, model_path, original, size: int, options: PipelineOptions, progress=None) -> str:
+    """Each node's share of the output error without data (allocate.probe_errors), for a model of
+    up to PROBE_BYTES (the probe holds it, each probed weight's rounding error beside it, and their
+    serialized graph in memory at once); larger ones keep the ½·Σ NSR model. The report's line."""
+    if size > PROBE_BYTES:
+        allocate.set_shares(nodes, {})
+        return (f"shift terms: output error predicted as ½·Σ weight NSR (a model of {size >> 20} MiB, over "
+                f"{PROBE_BYTES >> 20} MiB, is not probed); it over-predicts deep models, --data measures instead")
+    return allocate.probe_errors(nodes, original if original is not None else load_model(model_path)[0],
+                                 options.input_shapes, options.outputs, progress)
+
+
 def convert_model(model_path: str, config: ConvertConfig | None = None, options: PipelineOptions | None = None,
                   output: str | None = None, force: bool = False, progress=None) -> PipelineResult:
     """Convert `model_path` by the pipeline (module docstring); write `output` once, atomically."""
@@ -175,8 +188,7 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
             target = options.max_drop if options.max_drop is not None else options.target
             allocation, _ = allocate.allocate_from_data(measurer, config, nodes, target, progress=progress)
         elif nodes:
-            note = allocate.probe_errors(nodes, load_model(model_path)[0], options.input_shapes, options.outputs,
-                                         progress)
+            note = _probe(nodes, model_path, original, size, options, progress)
             allocation = allocate.allocate_from_weights(nodes, options.target)
             allocation.note = note
         if allocation is not None:
@@ -187,8 +199,7 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         nodes = allocate.shift_weighted_nodes(first.model, original if original is not None else source,
                                               first.report.changes)
         if nodes:
-            note = allocate.probe_errors(nodes, original if original is not None else load_model(model_path)[0],
-                                         options.input_shapes, options.outputs, progress)
+            note = _probe(nodes, model_path, original, size, options, progress)
             terms = {n.node: t for n, t in zip(nodes, _node_terms(first.model, nodes))}
             allocation = allocate.Allocation(terms, nodes, options.target, allocate.predicted_drop(nodes, terms),
                                              fixed=True, note=note)
