@@ -3,11 +3,16 @@ original (teacher) on the user's unlabelled data, then is written back as ONNX.
 
 The teacher runs in ONNX Runtime without gradients, once per batch (its outputs are cached when
 batches repeat across epochs); the student runs as an OnnxModule whose shift layers train with
-DeepShift's straight-through rules, starting from the teacher's float weights (DeepShift-Q keeps
-float weights and rounds them in every forward pass), first re-rounded by error-compensated
-rounding on a few hundred examples (calibrate/rounding.py). AdamW with linear warm-up and cosine
-decay, a seeded run, checkpoints to resume from, CUDA when present, and data parallelism over
-torch.distributed processes (torchrun; gloo on CPU, NCCL on GPUs).
+DeepShift's straight-through rules (DeepShift-Q keeps float weights and rounds them in every
+forward pass). Training starts from codes chosen as the conversion chooses them with --data: the
+student's own when they were (its metadata says so: calibrate/rounding.py ROUNDING_KEY, e.g. a
+`--data` conversion or an earlier finetune), else the conversion's error-compensated rounding
+(calibrate/rounding.py:round_model) on a few hundred examples, each layer keeping it only where it
+beats nearest rounding on held-out ones; the latent weights are the teacher's where they round to
+those codes. AdamW with linear warm-up and cosine decay, a seeded run, checkpoints to resume from,
+CUDA when present, and data parallelism over torch.distributed processes (torchrun; gloo on CPU,
+NCCL on GPUs). `minutes` is the training's budget: the re-rounding and the scoring of the start
+are timed and reported apart (FinetuneResult.steps_line).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from tqdm import tqdm
 from mfconvert.calibrate.data import Examples, chunks, model_fixed_batch, run_chunked
 from mfconvert.calibrate.evaluate import (fidelity, is_token_level, mask_of, model_float_outputs, model_outputs,
                                           output_names)
-from mfconvert.calibrate.rounding import calibration_batches, check_rounding, compensate_rounding, latent_start_weights
+from mfconvert.calibrate.rounding import (check_rounding, latent_start_weights, mark_rounding, round_model,
+                                          rounding_record)
 from mfconvert.convert.files import WriteError, atomic_file, check_outputs
 from mfconvert.convert.onnx_model import ConversionError, save_model_atomic
 from mfconvert.moe import router_logits
@@ -70,14 +76,16 @@ class FinetuneConfig:
     # on V that finetuning trains: None, "tokens" (kernel 9 over the token axis) or
     # "grid:HxW+P" (3×3 over an H×W token grid after P prefix tokens, e.g. "grid:14x14+1").
     attention_conv: str | None = None
-    # Before training, re-round the shift layers by error-compensated rounding (GPTQ with the
-    # power-of-two grid, calibrate/rounding.py) on the first `rounding_examples` examples:
-    # "compensated", or "nearest" to start from the converter's nearest-power codes. Its time
-    # counts towards `minutes`.
+    # Where training starts: "compensated" (the student's codes where its metadata says they were
+    # chosen with a held-out check, else error-compensated rounding, GPTQ with the power-of-two
+    # grid, on `rounding_examples` examples, kept per layer only where it beats nearest rounding on
+    # held-out examples of the data: calibrate/rounding.py:round_model, as the conversion does), or
+    # "nearest" (the teacher's weights to the nearest power). Its time is not part of `minutes`.
     rounding: str = "compensated"
     rounding_examples: int = 256
     # With validation data: return whichever scores the highest output SQNR on it of the student
-    # as given, the student after rounding (where training starts) and the trained student.
+    # as given, the student after rounding (where training starts, when it differs) and the
+    # trained student.
     keep_best: bool = True
     # The outputs distilled and scored (--outputs); None: every float output.
     outputs: list[str] | None = None
@@ -114,9 +122,9 @@ class FinetuneConfig:
 class FinetuneResult:
     model: onnx.ModelProto
     steps: int
-    seconds: float
+    seconds: float                         # the whole call (rounding, scoring, training)
     losses: list[float] = field(default_factory=list)
-    rounding_seconds: float = 0.0          # of `seconds`, spent on compensated rounding
+    rounding_seconds: float = 0.0          # of `seconds`, spent on compensated rounding (not in `minutes`)
     # Of the steps this call ran (a resumed run: since the checkpoint): the losses without the
     # balancing term, and each MoE block's share of tokens sent to Shift.
     distill_losses: list[float] = field(default_factory=list)
@@ -125,12 +133,49 @@ class FinetuneResult:
     # of the "given" student, the "rounded" one and the "trained" one, and which of them `model` is.
     validation_fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     kept: str = "trained"
+    # Where training started (start_line): {"start": "rounded" (round_model ran: "examples",
+    # "held_out", "kept", "layers" and per layer "decisions"), "given" (the student's codes,
+    # "record": its ROUNDING_KEY), "nearest" or "checkpoint"}.
+    rounding: dict = field(default_factory=dict)
+    training_seconds: float = 0.0          # of `seconds`, the training steps: what `minutes` bounds
+    scoring_seconds: float = 0.0           # of `seconds`, keep-best's scoring of the start in ORT
+    steps_asked: int | None = None         # FinetuneConfig.steps
+    minutes: float | None = None           # FinetuneConfig.minutes
+    stopped_by: str = "steps"              # "steps" or "minutes": what ended training
 
     def loss_summary(self) -> str:
-        """'loss first → last', or why there is none (a budget spent before the first step)."""
+        """'loss first → last', or why there is none."""
         if not self.losses:
-            return f"loss: none, no training step fitted in the budget after {self.rounding_seconds:.0f} s of rounding"
+            return "loss: none, no training step ran"
         return f"loss {self.losses[0]:.3e} → {self.losses[-1]:.3e}"
+
+    def start_line(self) -> str:
+        """Where training started and what that cost, in one line."""
+        r = self.rounding
+        if r.get("start") == "rounded":
+            return (f"start: error-compensated rounding on {r['examples']} examples, kept in {r['kept']} of "
+                    f"{r['layers']} shift layer(s) where it beat nearest rounding on {r['held_out']} held-out "
+                    f"examples, the rest nearest ({self.rounding_seconds:.0f} s, not counted in --minutes)")
+        if r.get("start") == "given":
+            return ("start: the student's own codes (its metadata says they were chosen on data with a held-out "
+                    f"check, by {r['record'].get('by', 'an earlier run')}); not re-rounded")
+        if r.get("start") == "nearest":
+            return "start: the teacher's weights rounded to the nearest power (--rounding nearest)"
+        return "start: the checkpoint's state (--resume)"
+
+    def steps_line(self) -> str:
+        """How many steps ran, in how long, and what stopped them: never fewer than asked unsaid."""
+        text = f"finetuned {self.steps} step{'s' * (self.steps != 1)} in {self.training_seconds:.0f} s of training"
+        if self.stopped_by == "minutes":
+            text += f" (the --minutes {self.minutes:g} budget"
+            text += f"; {self.steps} of --steps {self.steps_asked})" if self.steps_asked else ")"
+        else:
+            text += f" (--steps {self.steps_asked})"
+        besides = [f"{what} {secs:.0f} s" for what, secs in (("rounding", self.rounding_seconds),
+                                                             ("scoring the start", self.scoring_seconds)) if secs]
+        if besides:
+            text += f", {' and '.join(besides)} besides"
+        return f"{text}; {self.loss_summary()}"
 
 
 def parse_attention_conv(spec: str | None) -> dict | None:
@@ -226,10 +271,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
              config: FinetuneConfig | None = None, output: str | None = None,
              validation: Examples | None = None) -> FinetuneResult:
     """Distil `teacher` into `student` on `data`; write the trained student to `output`.
-    With `validation` (held-out examples) and `keep_best`, the result is whichever of the given
-    student, the rounded student and the trained one has the highest output SQNR on them, so
-    finetuning never hands back a model that does worse there than the one it was given (a
-    resumed run has no rounded start to go back to and skips the check)."""
+    Training starts from the codes FinetuneConfig.rounding says (start_codes). With `validation`
+    (held-out examples) and `keep_best`, the result is whichever of the given student, the rounded
+    student and the trained one has the highest output SQNR on them, so finetuning never hands
+    back a model that does worse there than the one it was given (a resumed run has no rounded
+    start to go back to and skips the check). The result's model carries ROUNDING_KEY, so a
+    later finetune continues from its codes."""
     cfg = config or FinetuneConfig()
     # Before any work: both files can be written (existing ones are replaced, as asked).
     check_outputs({"output": output, "checkpoint": cfg.checkpoint}, {}, force=True)
@@ -243,16 +290,14 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     output_names(model_float_outputs(student), selected)   # the student has them too
     features = block_outputs(student, teacher) if cfg.feature_weight > 0 else []
     teach = Teacher(teacher, features, outputs=selected)
-    module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher)).train()
+    called = time.monotonic()
     resuming = bool(cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint))
-    rounding_seconds = 0.0
-    if cfg.rounding == "compensated" and not resuming:   # a checkpoint already holds the rounded state
-        t0 = time.monotonic()
-        calibration = calibration_batches(data, cfg.rounding_examples, cfg.batch_size, cfg.seed)
-        with tqdm(desc="rounding", unit="group", disable=True if not cfg.progress or rank != 0 else None) as bar:
-            compensate_rounding(module, calibration,
-                                progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
-        rounding_seconds = time.monotonic() - t0
+    start_model, rounding = start_codes(student, teacher, data, cfg, "checkpoint" if resuming else cfg.rounding,
+                                        progress=cfg.progress and rank == 0)
+    rounding_seconds = rounding.pop("seconds", 0.0)
+    module = OnnxModule(start_model, latent_weights=latent_start_weights(start_model, teacher)).train()
+    if rounding["start"] in ("rounded", "given"):
+        keep_codes(module, OnnxModule(start_model))
     module = module.to(device)
     conv = parse_attention_conv(cfg.attention_conv)
     for layer in module.attention_layers().values() if conv else ():
@@ -263,10 +308,14 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     student_batch = model_fixed_batch(student)
     checking = validation is not None and len(validation) > 0 and cfg.keep_best and not resuming
     scoring_seconds = 0.0
-    if checking:   # the starting point, scored in ORT like the result will be; counted in the budget
+    if checking:   # the starting point, scored in ORT like the result will be; timed apart from the budget
         t0 = time.monotonic()
         reference = model_outputs(teacher, validation, cfg.batch_size, outputs=selected)
-        candidates = {"given": student, "rounded": _snapshot(module)}
+        candidates = {"given": student}
+        if rounding["start"] == "rounded":
+            candidates["rounded"] = start_model
+        elif rounding["start"] == "nearest":
+            candidates["rounded"] = _snapshot(module)
         scores = {name: fidelity(reference, model_outputs(m, validation, cfg.batch_size, outputs=selected),
                                  cfg.loss == "kl")
                   for name, m in candidates.items()}
@@ -295,7 +344,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     # can be cached; each epoch visits them in a new order. Rank r takes every world-th batch.
     batches = list(data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, by_length=True))
     budget = cfg.minutes * 60 if cfg.minutes else None
-    step, losses, elapsed_before = 0, [], rounding_seconds + scoring_seconds
+    step, losses, elapsed_before = 0, [], 0.0   # elapsed: training time, what `minutes` bounds
     distill_losses, shift_fractions = [], []
     if resuming:
         state = load_checkpoint(cfg.checkpoint, device)
@@ -321,10 +370,13 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     for _ in range(step):   # replay the batch order so a resumed run sees what an unbroken one would
         epoch_batches = epoch_batches or _epoch(order, len(batches), rank, world)
         epoch_batches.pop()
+    stopped_by = "steps"
     while True:
-        progress = max(step / cfg.steps if cfg.steps else 0.0,
-                       (time.monotonic() - start) / budget if budget else 0.0)
-        if progress >= 1.0:
+        by_steps = step / cfg.steps if cfg.steps else 0.0
+        by_time = (time.monotonic() - start) / budget if budget else 0.0
+        progress = max(by_steps, by_time)
+        if progress >= 1.0:   # the budget is checked between steps
+            stopped_by = "steps" if by_steps >= 1.0 else "minutes"
             break
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(progress, cfg.warmup_fraction)
@@ -364,6 +416,7 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         if rank == 0 and cfg.checkpoint and step % cfg.checkpoint_every == 0:
             _save_checkpoint(cfg.checkpoint, module, optimizer, step, losses, time.monotonic() - start)
     bar.close()
+    training_seconds = time.monotonic() - start
     unsaved = None   # a failed last checkpoint must not cost the trained model: written first
     if rank == 0 and cfg.checkpoint:
         try:
@@ -376,15 +429,73 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
         candidates["trained"] = trained
         scores["trained"] = fidelity(reference, model_outputs(trained, validation, cfg.batch_size, outputs=selected),
                                      cfg.loss == "kl")
-        kept = max(("trained", "rounded", "given"), key=lambda name: scores[name]["sqnr_db"])  # ties: the later step
+        kept = max(candidates, key=lambda name: scores[name]["sqnr_db"])  # ties: the later step
         trained = candidates[kept]
+    if kept != "given":   # codes chosen on data (and trained): a later finetune continues from them
+        trained = copy.deepcopy(trained)
+        mark_rounding(trained, {"by": "mfconvert finetune", "kept": kept, "steps": step})
     if output is not None and rank == 0:
         save_model_atomic(trained, output)
     if unsaved is not None:
         unsaved.note = f"the finetuned model was written to {output}" if output is not None else ""
         raise unsaved
-    return FinetuneResult(trained, step, time.monotonic() - start, losses, rounding_seconds, distill_losses,
-                          shift_fractions, scores if checking else {}, kept)
+    return FinetuneResult(trained, step, time.monotonic() - called, losses, rounding_seconds, distill_losses,
+                          shift_fractions, scores if checking else {}, kept, rounding, training_seconds,
+                          scoring_seconds, cfg.steps, cfg.minutes, stopped_by)
+
+
+def start_codes(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples, cfg: FinetuneConfig,
+                how: str, progress: bool = False) -> tuple[onnx.ModelProto, dict]:
+    """(the model whose shift codes training starts from, FinetuneResult.rounding + "seconds").
+    `how`: "compensated" (the student as given when its metadata says its codes were chosen on data
+    with a held-out check, else the conversion's compensated rounding, rounding_split's examples),
+    "nearest" or "checkpoint" (the student: its codes are replaced by the teacher's nearest ones or
+    by the checkpoint's)."""
+    if how in ("nearest", "checkpoint"):
+        return student, {"start": how}
+    record = rounding_record(student)
+    if record is not None:
+        return student, {"start": "given", "record": record}
+    t0 = time.monotonic()
+    calibration, held_out = rounding_split(data, cfg.rounding_examples, cfg.seed)
+    with tqdm(desc="rounding", unit="group", disable=None if progress else True) as bar:
+        model, decisions = round_model(student, teacher, calibration, len(calibration), cfg.batch_size, cfg.seed,
+                                       progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)),
+                                       held_out=held_out, with_decisions=True)
+    layers = decisions["layers"]
+    return model, {"start": "rounded", "examples": decisions["examples"], "held_out": decisions["held_out"],
+                   "kept": sum(1 for d in layers.values() if d["compensated"]), "layers": len(layers),
+                   "decisions": layers, "seconds": time.monotonic() - t0}
+
+
+def rounding_split(data: Examples, n_examples: int, seed: int = 0) -> tuple[Examples, Examples | float]:
+    """(calibration examples, what judges each layer's rounding) as the conversion chooses them
+    (convert/pipeline.py:held_out_examples), on a seeded shuffle of `data`: the first
+    `n_examples` calibrate; held-out examples come from the rest, or, with too few left, as a share
+    of the calibration ones (a float, which round_model splits off)."""
+    from mfconvert.convert.pipeline import held_out_examples
+
+    shuffled = Examples([data.items[i] for i in np.random.default_rng(seed).permutation(len(data))], data.pad_values)
+    n = min(n_examples, len(shuffled))
+    return Examples(shuffled.items[:n], data.pad_values), held_out_examples(shuffled, n, seed)
+
+
+@torch.no_grad()
+def keep_codes(module: OnnxModule, codes: OnnxModule) -> None:
+    """Make every DeepShift-Q shift layer of `module` (latent weights from the teacher) round to
+    the codes of the same layer in `codes` (built from the model that holds them): a weight keeps
+    its latent where that rounds to the wanted code in every term, else takes the code's own value."""
+    for key, layer in module.layers.items():
+        if not (isinstance(layer, ShiftLinear) and layer.mode == "Q"):
+            continue
+        want = codes.layers[key].codes()
+        have = layer.codes()
+        if torch.equal(have, want):
+            continue
+        same = have == want if layer.terms == 1 else (have == want).all(0)
+        layer.weight.copy_(torch.where(same, layer.weight, codes.layers[key].weight))
+        if not torch.equal(layer.codes(), want):   # not expected: then the codes' values throughout
+            layer.weight.copy_(codes.layers[key].weight)
 
 
 def _piece_loss(model, piece: dict, real: int, offset: int, n_rows: int, t_out: list, t_feat: dict,

@@ -77,7 +77,8 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
         after = fidelity(reference, model_outputs(result.model, evaluation, outputs=reference.names), logits)
     else:
         before = after = {}
-    typer.echo(f"finetuned {result.steps} steps in {result.seconds:.0f} s; {result.loss_summary()}")
+    typer.echo(result.start_line())
+    typer.echo(result.steps_line())
     if result.kept != "trained":
         kept = {"given": "the student as given", "rounded": "the student after rounding, before training"}
         scores = ", ".join(f"{name} {v['sqnr_db']:.1f} dB" for name, v in scored.items())
@@ -86,8 +87,10 @@ def run_finetune(student_path: str, teacher_path: str, data: Examples, cfg: Fine
     if before:
         typer.echo(f"held-out before: {format_figures(before)}")
         typer.echo(f"held-out after:  {format_figures(after)}")
-    figures = {"steps": result.steps, "seconds": result.seconds, "before": before, "after": after,
-               "kept": result.kept}
+    figures = {"steps": result.steps, "steps_asked": result.steps_asked, "minutes": result.minutes,
+               "stopped_by": result.stopped_by, "seconds": result.seconds, "training_seconds": result.training_seconds,
+               "rounding_seconds": result.rounding_seconds, "scoring_seconds": result.scoring_seconds,
+               "start": result.rounding, "before": before, "after": after, "kept": result.kept}
     if routes(result.model):
         # The routing the trained routers make, in ORT on the held-out data (else the training data).
         splits = routing_split(result.model, (evaluation if len(evaluation) else train).batches(cfg.batch_size))
@@ -116,13 +119,16 @@ def main(
     max_length: int = typer.Option(128, help="Token limit per text example."),
     image_preset: str = typer.Option("imagenet", help="Image preprocessing preset: imagenet, vit, digits."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: 200 unless --minutes)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget in minutes."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget of the training steps in minutes "
+                                            "(the rounding before them and the scoring are timed apart)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     shift_lr: Optional[float] = typer.Option(None, "--shift-lr", help="Peak learning rate of the shift layers' "
                                              "latent weights (default: --lr)."),
-    rounding: str = typer.Option("compensated", "--rounding", help="Re-round shift weights first: 'compensated' "
-                                 "(GPTQ-style, on --rounding-examples examples) or 'nearest' (the teacher's weights to the nearest power)."),
+    rounding: str = typer.Option("compensated", "--rounding", help="Where training starts: 'compensated' (STUDENT's "
+                                 "codes when a --data conversion chose them, else error-compensated rounding on "
+                                 "--rounding-examples examples, per layer only where it beats nearest rounding on "
+                                 "held-out ones) or 'nearest' (the teacher's weights to the nearest power)."),
     rounding_examples: int = typer.Option(256, "--rounding-examples"),
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Distil and score these outputs, "
                                           "'NAME,NAME…' (default: every float output)."),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
-from mfconvert.calibrate.finetune import FinetuneConfig, Teacher, finetune
+from mfconvert.calibrate.finetune import FinetuneConfig, Teacher, finetune, rounding_split
 from mfconvert.calibrate.rounding import round_model
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
 from tests.digits_mlp import trained_digits_mlp
@@ -112,10 +112,13 @@ def test_cli_finetune_on_npz_data_and_its_errors(models, tmp_path):
     assert res.exit_code == 0 and "wrote the student after rounding, before training" in res.output, res.output
     res = CliRunner().invoke(app, [student, *worse, "--keep-last", "-o", str(tmp_path / "last.onnx")])
     assert res.exit_code == 0 and "--keep-last writes" not in res.output
-    # A budget that compensated rounding uses up leaves no step: said, not a crash.
+    # A budget too small for one step: the log says where training started, that no step ran and
+    # what stopped it (the rounding before it is timed apart, not charged to --minutes).
     res = CliRunner().invoke(app, [student, "--teacher", teacher, "--data", str(data), "--minutes", "1e-6",
                                    "-o", str(tmp_path / "no_step.onnx")])
-    assert res.exit_code == 0 and "finetuned 0 steps" in res.output and "no training step fitted in the budget" in res.output
+    assert res.exit_code == 0, res.output
+    assert "finetuned 0 steps in 0 s of training (the --minutes 1e-06 budget)" in res.output, res.output
+    assert "no training step ran" in res.output and "start: error-compensated rounding on " in res.output
     for args, message in [(["--data", str(tmp_path / "none.npz")], "none.npz: no such file"),
                           (["--data", str(data), "--steps", "0"], "--steps must be >= 1"),
                           (["--data", str(data), "--rounding", "best"], "--rounding must be compensated or nearest"),
@@ -147,13 +150,18 @@ def shift_codes(model: onnx.ModelProto) -> list[np.ndarray]:
 
 def test_finetuning_starts_from_error_compensated_rounding(models, tmp_path):
     """With a step too small to move any latent weight across a rounding boundary, the codes
-    written are those of compensated rounding on the same examples (or, with rounding="nearest",
-    the student's own)."""
+    written are those of the conversion's compensated rounding (round_model with its held-out
+    check) on the same examples (or, with rounding="nearest", the student's own)."""
     teacher, student, examples = models
     train, _ = examples.split(0.2, seed=0)
     out, result = run(models, tmp_path, "compensated.onnx", steps=1, lr=1e-12, rounding_examples=128)
-    expected = round_model(onnx.load(student), onnx.load(teacher), train, n_examples=128, batch_size=64)
-    assert result.rounding_seconds > 0
+    calibration, held_out = rounding_split(train, 128, seed=0)
+    expected = round_model(onnx.load(student), onnx.load(teacher), calibration, len(calibration), 64, 0,
+                           held_out=held_out)
+    assert result.rounding_seconds > 0 and result.rounding["start"] == "rounded"
+    assert result.rounding["examples"] == 128 and result.rounding["held_out"] == 64
+    # Measured: compensated rounding beats nearest on the held-out examples in both layers here.
+    assert result.rounding["kept"] == result.rounding["layers"] == 2
     for got, want, plain in zip(shift_codes(onnx.load(out)), shift_codes(expected), shift_codes(onnx.load(student))):
         np.testing.assert_array_equal(got, want)
         assert not np.array_equal(want, plain)
@@ -187,7 +195,9 @@ def test_keep_best_returns_the_best_scoring_candidate(models, tmp_path):
     ref = model_outputs(teacher, held)
     assert fidelity(ref, model_outputs(result.model, held), logits=True)["sqnr_db"] == pytest.approx(scores[result.kept])
     if result.kept == "rounded":
-        rounded = round_model(onnx.load(student), onnx.load(teacher), train, 256, 64, 0)
+        calibration, held_out = rounding_split(train, 256, seed=0)
+        rounded = round_model(onnx.load(student), onnx.load(teacher), calibration, len(calibration), 64, 0,
+                              held_out=held_out)
         assert all(np.array_equal(a, b) for a, b in zip(shift_codes(result.model), shift_codes(rounded)))
     last = finetune(onnx.load(student), onnx.load(teacher), train, FinetuneConfig(**cfg, keep_best=False),
                     validation=held)
