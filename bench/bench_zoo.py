@@ -4,6 +4,7 @@ measured on the data) and a `mfconvert finetune --minutes 2` of the latter, all 
 CLI as a user would, then judged in ORT on held-out examples none of them saw.
 
     nice .venv/bin/python bench/bench_zoo.py [--minutes 2] [--only NAME ...] [--work DIR] [--table]
+                                             [--reuse] [--convert-args "--no-shift-conv"]
 
 Data (train = the `--data` of both commands; held-out disjoint from it):
   - image models (open-nsfw, MobileNetV2): foolbox 3.3.4's 20 labelled ImageNet images, real;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -175,16 +177,18 @@ def _report(path: Path) -> dict:
             "terms": dict(Counter(str(n["terms"]) for n in (data.get("allocation") or {}).get("nodes", [])))}
 
 
-def run_model(name: str, spec, work: Path, minutes: float, reuse: bool = False) -> dict:
+def run_model(name: str, spec, work: Path, minutes: float, reuse: bool = False, convert_args: list[str] = ()) -> dict:
     path_of, exporter, shapes, kind, data = spec
     out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+                            cwd=ROOT).stdout.strip() or os.environ.get("MFCONVERT_COMMIT", "?")   # a `git archive` copy
     row = {"model": name, "exporter": exporter, "data": kind, "commit": commit,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "minutes": minutes}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "minutes": minutes,
+           "convert_args": list(convert_args)}
     model = str(path_of())
     shape_args = [a for k, v in shapes.items() for a in ("--input-shape", f"{k}={','.join(map(str, v))}")]
+    shape_args += list(convert_args)   # both conversions take them
     reusing = reuse and (out / "data.json").is_file() and (out / "data.onnx").is_file()
     with open(out / "log.txt", "a" if reusing else "w") as log:
         rc, secs, err = (0, 0.0, "") if reusing else _cli(
@@ -225,6 +229,11 @@ def run_model(name: str, spec, work: Path, minutes: float, reuse: bool = False) 
             else:
                 ft = json.loads((out / "ft.json").read_text())
                 row.update(ft_steps=ft["steps"], ft_kept=ft["kept"])
+                if "start" in ft:   # where training started and how the time went (--minutes: training only)
+                    start = {k: v for k, v in ft["start"].items() if k not in ("decisions", "record")}
+                    row.update(ft_start=start, ft_stopped_by=ft["stopped_by"],
+                               **{f"ft_{k}": round(ft[k], 1) for k in ("training_seconds", "rounding_seconds",
+                                                                        "scoring_seconds")})
         reference = model_outputs(model, held_out, batch_size=16, threads=2)
         classes = all(np.ndim(r) == 1 and np.size(r) > 1 for r in next(iter(reference.rows.values())))
         for stage in ("default", "data", "ft"):
@@ -282,11 +291,20 @@ def table(work: Path, names) -> str:
         if "original_accuracy" in r:
             data += f"; original acc {r['original_accuracy']:.0%}"
         ft = _fid(r.get("ft_fidelity")) if "ft_error" not in r else f"error: {r['ft_error']}"
-        if "ft_steps" in r:
+        if "ft_start" in r:
+            start = r["ft_start"]
+            how = {"given": "start: its own codes", "nearest": "start: nearest",
+                   "rounded": f"start: re-rounded, compensated kept in {start.get('kept')}/{start.get('layers')} "
+                              f"layers ({r['ft_rounding_seconds']:.0f} s)"}.get(start["start"], start["start"])
+            ft += (f" ({r['ft_steps']} steps in {r['ft_training_seconds']:.0f} s of training; {how}; "
+                   f"kept {r['ft_kept']})")
+        elif "ft_steps" in r:
             ft += f" ({r['ft_steps']} steps, kept {r['ft_kept']})"
         dat = _fid(r.get("data_fidelity"), r.get("data_report")) if "data_error" not in r else f"error: {r['data_error']}"
         macs = "unknown" if r["macs_removed"] is None else f"{r['macs_removed']:,}"
         macs += f" ({r['mul_before']:,} → {r['mul_after']:,} mul)"
+        if r.get("convert_args"):
+            ops = f"`{' '.join(r['convert_args'])}`: {ops}"
         rows.append(f"| {name} | {r['exporter']} | {data} | {ops} / {sum(r['skips'].values())}"
                     f"{' (' + skips + ')' if skips else ''} | {_fid(r.get('default_fidelity'), r)} | {dat} | {ft} "
                     f"| {macs} | {r['commit']} |")
@@ -300,6 +318,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/mfconvert-bench-zoo", help="models, logs and figures")
     ap.add_argument("--table", action="store_true", help="only print the table from WORK")
     ap.add_argument("--reuse", action="store_true", help="keep the conversions already in WORK; finetune again")
+    ap.add_argument("--convert-args", default="", help="more flags for both conversions, e.g. --convert-args=--no-shift-conv")
     args = ap.parse_args()
     models = _models()
     names = args.only or list(models)
@@ -308,7 +327,7 @@ def main() -> None:
     if not args.table:
         for name in names:   # one at a time: each finetune uses the cores
             print(f"{name} …", file=sys.stderr, flush=True)
-            row = run_model(name, models[name], work, args.minutes, args.reuse)
+            row = run_model(name, models[name], work, args.minutes, args.reuse, args.convert_args.split())
             (work / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json").write_text(
                 json.dumps(row, indent=2) + "\n")
             print(json.dumps(row), file=sys.stderr, flush=True)
