@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+from mfconvert.calibrate.spatial_shift import calibrate_shifts, channels_to_keep
 from mfconvert.convert import ConvertConfig, convert_onnx
 from mfconvert.ort_ops import DOMAIN
 from mfconvert.passes.spatial_shift import SpatialShiftConfig
@@ -160,7 +161,12 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.05, help="Sparse Shift L1 coefficient of the penalised run")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--fidelity", type=float, default=0.5)
+    ap.add_argument("--fidelity", type=float, default=None, help="also the data-free conversion keeping channels "
+                    "whose dominant tap holds less of the kernel's energy depthwise")
+    ap.add_argument("--keep-below", type=float, default=0.5, help="--data row keeping depthwise the channels whose "
+                    "best shift explains less than this share of their output's variance")
+    ap.add_argument("--calib-per-image", type=int, default=3, help="--data: calibration crops per image 0–9")
+    ap.add_argument("--skip-timing", action="store_true", help="accuracy only (no kernel or end-to-end timing)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--skip-finetune", action="store_true")
@@ -179,23 +185,54 @@ def main():
     agree = lambda m: float((logits(m, judged).argmax(1) == t_logits.argmax(1)).mean())
     print(f"{len(judged)} judged crops of 10 held-out images", flush=True)
 
+    calib = Examples([{"image": x} for x in crops(images[:10], args.calib_per_image, seed=3)])
     students = {}
-    for name, cfg in (("shift", {}), ("shift+sparse", {"sparsity": args.sparsity}),
-                      (f"fidelity {args.fidelity}", {"fidelity": args.fidelity})):
+    rows = [("shift", {}, False), ("shift, --data", {}, True)]
+    if args.keep_below is not None:
+        rows.append((f"shift, --data, kept depthwise below {args.keep_below:.0%} explained", {}, True))
+    if args.fidelity is not None:
+        rows.append((f"fidelity {args.fidelity}", {"fidelity": args.fidelity}, False))
+    for name, cfg, with_data in rows:
+        t0 = time.monotonic()
+        if "kept depthwise" in name:   # the channels no single shift explains stay depthwise
+            first = convert(teacher).report.changes
+            keep, _ = channels_to_keep(teacher, calib, first, args.keep_below)
+            cfg = {"keep_channels": keep}
         result = convert(teacher, **cfg)
         changes = result.report.changes
+        model = result.model
+        calibration = None
+        if with_data:
+            model, lines = calibrate_shifts(model, teacher, calib, changes)
+            calibration = {"lines": lines, "layers": {c.node: c.calibration for c in changes}}
         kept = sum(c.kept_depthwise for c in changes)
         channels = sum(c.out_features for c in changes)
-        students[name] = result.model
+        students[name] = model
         row = {"layers": len(changes), "channels": channels, "kept_depthwise": kept,
                "macs_removed": sum(c.macs_removed or 0 for c in changes),
-               "unshifted": unshifted_share(result.model), "agreement": agree(result.model)}
+               "unshifted": unshifted_share(model), "agreement": agree(model),
+               "seconds": time.monotonic() - t0, "calibration": calibration}
         out[name] = {"before": row}
-        print(f"{name}: {row}", flush=True)
+        print(f"{name}: { {k: v for k, v in row.items() if k != 'calibration'} }", flush=True)
+        if calibration:
+            print("  " + "; ".join(calibration["lines"]), flush=True)
+            for layer, fig in calibration["layers"].items():
+                print(f"  {layer}: {fig}", flush=True)
+    # Sparse Shift: the --data model with the penalty on its offsets (the pass writes it as an attribute)
+    sparse = onnx.ModelProto()
+    sparse.CopyFrom(students["shift, --data"])
+    for node in sparse.graph.node:
+        if node.op_type == "SpatialShift":
+            node.attribute.append(helper.make_attribute("sparsity", float(args.sparsity)))
+    students["shift+sparse, --data"] = sparse
+    out["shift+sparse, --data"] = {"before": dict(out["shift, --data"]["before"], calibration=None)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
 
     if not args.skip_finetune:
         train = Examples([{"image": x} for x in crops(images[:10], args.train_per_image, seed=2)])
-        for name in ("shift", "shift+sparse"):
+        for name in ("shift, --data", "shift+sparse, --data"):
             cfg = FinetuneConfig(steps=None, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, loss="kl",
                                  rounding="nearest", keep_best=False, progress=False)
             t0 = time.monotonic()
@@ -207,6 +244,14 @@ def main():
             out[name]["after"] = row
             students[name + " finetuned"] = result.model
             print(f"{name} finetuned: {row}", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
+    if args.skip_timing:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
 
     print("kernel vs depthwise Conv (batch 1):", flush=True)
     out["kernel"] = kernel_vs_conv(teacher, args.threads, args.repeats)

@@ -47,6 +47,9 @@ class SpatialShiftConfig:
     # Σ_k w_k·ρ^|k − tap|₁ under inputs whose correlation decays as ρ per pixel of distance
     # (1: smooth inputs, the kernel's sum), data-free.
     neighbour_correlation: float = 0.0
+    # Channels that stay depthwise, by node: {label: [channel, …]} (what --data chose:
+    # calibrate/spatial_shift.py:channels_to_keep), on top of `fidelity`'s.
+    keep_channels: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0.0 <= self.neighbour_correlation <= 1.0:
@@ -69,6 +72,13 @@ class ShiftChange(ConvChange):
     removed_taps: int = 0
     moved: int = 0
     kept_depthwise: int = 0
+    # For the calibration on --data (calibrate/spatial_shift.py): the depthwise input and output
+    # tensors (names shared by the original and the converted model), the offsets each channel may
+    # take (the kernel's taps, [dy, dx]), and, after it ran, its per-layer figures.
+    shift_input: str = ""
+    output: str = ""
+    candidates: list = field(default_factory=list)
+    calibration: dict | None = None
 
     @property
     def macs_removed(self) -> int | None:
@@ -162,9 +172,12 @@ def run(graph: gs.Graph, cfg: SpatialShiftConfig) -> PassResult:
         if cfg.neighbour_correlation > 0:
             scale = least_squares_scale(match.weight, u, v, cfg.neighbour_correlation)
         shifted = np.ones(c, bool) if cfg.fidelity is None else share >= cfg.fidelity
+        chosen = [int(i) for i in cfg.keep_channels.get(label, []) if 0 <= int(i) < c]
+        shifted[chosen] = False
         if not shifted.any():
             result.skip(label, f"no channel's dominant tap holds {cfg.fidelity:.0%} of its kernel's energy "
-                               f"(best {share.max():.0%}); stays depthwise")
+                               f"(best {share.max():.0%}); stays depthwise" if not chosen else
+                               "every channel kept depthwise (keep_channels: the data's choice)")
             continue
         offsets = np.stack([u * match.dilations[0] - match.pads[0], v * match.dilations[1] - match.pads[1]], 1)
         offsets = offsets.astype(np.int64)
@@ -236,11 +249,17 @@ def run(graph: gs.Graph, cfg: SpatialShiftConfig) -> PassResult:
             detail=f"depthwise {kh}×{kw}, stride {'×'.join(map(str, match.strides))}"
                    + "".join(f" + {f}" for f in match.folded if f != "Pad")
                    + f": {idx.size}/{c} channels shifted ({moved} moved, {idx.size - moved} offset 0)"
-                   + (f", {keep.size} kept depthwise (dominant tap < {cfg.fidelity:.0%} of the energy)" if keep.size else "")
+                   + (f", {keep.size} kept depthwise ("
+                      + (f"dominant tap < {cfg.fidelity:.0%} of the energy" if cfg.fidelity is not None else "")
+                      + (", " if cfg.fidelity is not None and chosen else "")
+                      + (f"{len(chosen)} chosen on data" if chosen else "") + ")" if keep.size else "")
                    + (f"; scale folded into {node_label(pw[0])}" if pw is not None else
                       "; per-channel scale left as a 1×1 depthwise Conv (no pointwise conv reads it alone)")
                    + f"; energy kept {float((scale[idx] ** 2).sum() / max((match.weight.astype(np.float64) ** 2)[idx].sum(), 1e-300)):.0%}",
-            removed_taps=int(idx.size * (k - mults_left)), moved=moved, kept_depthwise=int(keep.size)))
+            removed_taps=int(idx.size * (k - mults_left)), moved=moved, kept_depthwise=int(keep.size),
+            shift_input=x.name, output=out.name,
+            candidates=[[int(a * match.dilations[0] - match.pads[0]), int(b * match.dilations[1] - match.pads[1])]
+                        for a in range(kh) for b in range(kw)]))
     graph.cleanup().toposort()
     return result
 

@@ -1,0 +1,403 @@
+"""Spatial shifts calibrated on data (`--spatial-shift --data`, issue 15): the least-squares choice of
+each channel's offset and scale, then a least-squares refit of the pointwise conv that reads the
+shifted channels, layer by layer on the converted model's own activations.
+
+One tap of a 3×3 kernel is far from MobileNetV2's depthwise kernels, and a data-free conversion of
+every layer agrees with the original on no image (BENCHMARKS.md). On data, per converted layer in
+graph order:
+
+1. **Offset and scale per channel.** With x the depthwise conv's input as the *converted* model
+   computes it (earlier layers already calibrated) and y the depthwise output (BatchNormalization
+   folded) as the *original* computes it, each channel c takes, of the kernel's taps (the
+   candidate offsets), the one whose shifted input z = shift(x_c) fits y_c best by the affine least
+   squares min_{s,β} ‖y_c − s·z − β‖² (so the scale and bias are the folded BatchNormalization
+   re-estimated for the shift: the statistics stay consistent with what the layer now computes).
+2. **Pointwise refit.** The 1×1 conv after it (through its ReLU6, if any) mixes the channels, so
+   its weights and bias are refit by ridge regression from the features the converted layer now
+   gives to the original block's output: the original conv's output, plus (where an Add follows)
+   the original residual minus the converted one, so each block also absorbs the error it inherits
+   on the skip path. The ridge λ (relative to the features' mean energy) is chosen among a few on
+   held-out examples, against keeping the weights as they are (step 1's scale folded); the
+   winner is fit again on all examples.
+
+Convs the shift-conv pass has already made ShiftConv (codes, not floats) are not refit: such a
+layer keeps its data-free form and the notes say so (--no-shift-conv keeps them float).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from mfconvert.calibrate.data import Examples
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)      # λ / mean diag(FᵀF) tried for the pointwise refit
+HELD_OUT = 0.25                        # share of the examples judging the ridge
+MAX_EXAMPLES = 64                      # the calibration runs at most this many examples
+ELEMENTWISE = ("Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Identity")
+
+
+def shift_plane(x: torch.Tensor, dy: int, dx: int, strides=(1, 1), padding: str = "zeros") -> torch.Tensor:
+    """Every channel of x [N, C, H, W] moved by one offset, as SpatialShift does:
+    Y[n, c, i, j] = X[n, c, i·sh + dy, j·sw + dx], zeros (or the nearest pixel, 'edge') outside."""
+    _, _, h, w = x.shape
+    sh, sw = strides
+    rows = torch.arange(-(-h // sh)) * sh + dy
+    cols = torch.arange(-(-w // sw)) * sw + dx
+    out = x[:, :, rows.clamp(0, h - 1)][:, :, :, cols.clamp(0, w - 1)]
+    if padding == "zeros":
+        mask = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+        out = out * mask.to(out.dtype)
+    return out
+
+
+@dataclass
+class ChannelFit:
+    """Per channel: the chosen offset [C, 2], scale, bias, and the residual ‖y − s·z − β‖² and
+    ‖y − ȳ‖² (so 1 − residual / spread is the share of y's variance the shift explains)."""
+    offsets: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    residual: np.ndarray
+    spread: np.ndarray
+
+    @property
+    def explained(self) -> np.ndarray:
+        return 1.0 - self.residual / np.maximum(self.spread, 1e-300)
+
+
+def fit_channels(pairs, candidates, strides=(1, 1), padding: str = "zeros") -> ChannelFit:
+    """The least-squares offset, scale and bias of every channel (module docstring, step 1).
+    `pairs`: (x [N, C, H, W], y [N, C, OH, OW]) batches; `candidates`: the offsets [dy, dx]."""
+    sums = None
+    for x, y in pairs:
+        x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+        per = []
+        for dy, dx in candidates:
+            z = shift_plane(x, int(dy), int(dx), strides, padding)
+            per.append(torch.stack([z.sum((0, 2, 3)), (z * z).sum((0, 2, 3)), (z * y).sum((0, 2, 3))]))
+        part = (torch.stack(per), torch.stack([y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))]),
+                y.shape[0] * y.shape[2] * y.shape[3])
+        sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+    (sz, szz, szy), (sy, syy), n = sums[0].permute(1, 0, 2).numpy(), sums[1].numpy(), sums[2]
+    var_z = szz - sz * sz / n                      # [K, C]
+    cov = szy - sz * sy / n
+    spread = np.maximum(syy - sy * sy / n, 0.0)    # [C]
+    ok = var_z > 1e-12 * np.maximum(szz, 1e-300)
+    scale = np.where(ok, cov / np.where(ok, var_z, 1.0), 0.0)
+    residual = np.maximum(spread - scale * cov, 0.0)
+    best = residual.argmin(axis=0)
+    cols = np.arange(best.size)
+    s = scale[best, cols]
+    return ChannelFit(np.asarray(candidates, np.int64)[best], s, (sy - s * sz[best, cols]) / n,
+                      residual[best, cols], spread)
+
+
+class Normal:
+    """The normal equations of a least-squares fit of targets T [rows, M] from features F [rows, C]
+    plus a bias column, accumulated over batches in float64."""
+
+    def __init__(self):
+        self.g = self.ft = None
+        self.tt = 0.0
+
+    def add(self, f: np.ndarray, t: np.ndarray) -> None:
+        """f [N, C, H, W], t [N, M, H, W]."""
+        f = torch.as_tensor(f, dtype=torch.float64).permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        t = torch.as_tensor(t, dtype=torch.float64).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+        f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=f.dtype)], 1)
+        g, ft = f.T @ f, f.T @ t
+        self.g = g if self.g is None else self.g + g
+        self.ft = ft if self.ft is None else self.ft + ft
+        self.tt += float((t * t).sum())
+
+    def solve(self, ridge: float) -> np.ndarray:
+        """[C + 1, M]: the ridge solution (λ = ridge · mean diag of the features' Gram, the bias
+        column not penalised)."""
+        c = self.g.shape[0] - 1
+        lam = ridge * float(torch.diagonal(self.g)[:c].mean())
+        reg = torch.diag(torch.cat([torch.full((c,), lam, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]))
+        return torch.linalg.solve(self.g + reg, self.ft).numpy()
+
+    def error(self, wb: np.ndarray) -> float:
+        """‖T − [F, 1]·wb‖² on the accumulated rows."""
+        wb = torch.as_tensor(wb, dtype=torch.float64)
+        return float(self.tt - 2 * (wb * self.ft).sum() + (wb * (self.g @ wb)).sum())
+
+
+def refit_pointwise(train: Normal, held: Normal, start: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The pointwise conv's [C + 1, M] weights and bias (module docstring, step 2): the ridge
+    among RIDGES, or `start` (the weights as they are), whichever has the least held-out error,
+    fit again on train + held-out. Figures: held-out relative errors of start and of the pick."""
+    scores = {"keep": held.error(start)}
+    for r in RIDGES:
+        scores[r] = held.error(train.solve(r))
+    pick = min(scores, key=scores.get)
+    norm = max(held.tt, 1e-300)
+    figures = {"held_out_error_before": scores["keep"] / norm, "held_out_error_after": scores[pick] / norm,
+               "ridge": None if pick == "keep" else pick}
+    if pick == "keep":
+        return start, figures
+    both = Normal()
+    both.g, both.ft, both.tt = train.g + held.g, train.ft + held.ft, train.tt + held.tt
+    return both.solve(pick), figures
+
+
+# -- the converted model ------------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    change: object                    # passes.spatial_shift.ShiftChange
+    shift: onnx.NodeProto
+    shifted: np.ndarray               # channel indices the SpatialShift moves
+    scale: onnx.NodeProto | None      # the 1×1 depthwise Conv of the scales (None: folded into pointwise)
+    pointwise: onnx.NodeProto | None  # the 1×1 conv that reads the layer (through elementwise ops)
+    residual: str | None              # the other input of the Add after the pointwise conv
+    expand: onnx.NodeProto | None     # the float 1×1 conv that gives the layer its input, if any
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _float_conv(node, inits) -> bool:
+    return node is not None and node.op_type == "Conv" and node.domain in ("", "ai.onnx") and node.input[1] in inits
+
+
+def _pointwise_conv(node, inits) -> bool:
+    """A float 1×1 group-1 Conv, stride 1, no padding (one row of features per output pixel)."""
+    if not _float_conv(node, inits):
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (int(attrs.get("group", 1)) == 1 and numpy_helper.to_array(inits[node.input[1]]).shape[2:] == (1, 1)
+            and not any(attrs.get("pads", [0])) and all(v == 1 for v in attrs.get("strides", [1])))
+
+
+def _layers(student: onnx.ModelProto, changes) -> tuple[list[_Layer], list[str]]:
+    inits = {i.name: i for i in student.graph.initializer}
+    consumers = _consumers(student)
+    sole = lambda name: consumers[name][0] if len(consumers.get(name, [])) == 1 else None   # noqa: E731
+    by_name = {n.name: n for n in student.graph.node if n.op_type == "SpatialShift"}
+    layers, skipped = [], []
+    for change in changes:
+        node = by_name.get(change.node)
+        if node is None or not change.output or not change.candidates:
+            skipped.append(f"{change.node}: not found as a SpatialShift in the converted model")
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("channel_shift", 0):
+            skipped.append(f"{change.node}: channel_shift set")
+            continue
+        gather = f"{change.node}.shift_index"
+        shifted = (numpy_helper.to_array(inits[gather]) if gather in inits
+                   else np.arange(change.out_features)).astype(np.int64)
+        nxt = sole(node.output[0])
+        scale = nxt if nxt is not None and nxt.name == f"{change.node}.scale" else None
+        if scale is not None and not _float_conv(scale, inits):
+            skipped.append(f"{change.node}: its scale is a {scale.op_type} (shift-conv ran; --no-shift-conv keeps "
+                           "it float for the calibration)")
+            continue
+        # the pointwise conv: the folded one, or past elementwise ops after the layer's output
+        pw = nxt if scale is None else None
+        if pw is None:
+            t = change.output
+            while (n := sole(t)) is not None and n.op_type in ELEMENTWISE:
+                t = n.output[0]
+            pw = n
+        if not _pointwise_conv(pw, inits):
+            if scale is None:
+                skipped.append(f"{change.node}: the conv its scale folds into is not a float 1×1 conv")
+                continue
+            pw = None
+        residual = None
+        if pw is not None and (add := sole(pw.output[0])) is not None and add.op_type == "Add" and len(add.input) == 2:
+            residual = add.input[1] if add.input[0] == pw.output[0] else add.input[0]
+        # the expansion before it: a 1×1 conv whose output reaches the layer through elementwise ops
+        producer = {o: n for n in student.graph.node for o in n.output}
+        t, expand = change.shift_input, None
+        while (n := producer.get(t)) is not None and sole(t) is not None:
+            if n.op_type in ELEMENTWISE:
+                t = n.input[0]
+                continue
+            if _pointwise_conv(n, inits):
+                expand = n
+            break
+        layers.append(_Layer(change, node, shifted, scale, pw, residual, expand))
+    return layers, skipped
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return probe.SerializeToString()
+
+
+def _run(model: onnx.ModelProto, names: list[str], feeds: list[dict], session_fn) -> list[list[np.ndarray]]:
+    """Per feed batch, the tensors `names`."""
+    sess = session_fn(_with_outputs(model, names))
+    return [sess.run(names, feed) for feed in feeds]
+
+
+def _set(inits: dict, name: str, value: np.ndarray) -> None:
+    old = inits[name]
+    dtype = numpy_helper.to_array(old).dtype
+    old.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name))
+
+
+def calibrate_shifts(student: onnx.ModelProto, original: onnx.ModelProto, data: Examples, changes,
+                     session_fn=None, batch: int = 16, max_examples: int = MAX_EXAMPLES,
+                     refit: bool = True, progress=None) -> tuple[onnx.ModelProto, list[str]]:
+    """The student with every SpatialShift layer of `changes` (passes.spatial_shift.ShiftChange)
+    calibrated on `data` (module docstring); each change's `calibration` holds its figures, and
+    the lines say what was done. `refit=False` stops after step 1 (offsets, scales and biases)."""
+    if session_fn is None:
+        from mfconvert.runtime import session
+
+        session_fn = lambda b: session(b, spinning=False)   # noqa: E731
+    out = onnx.ModelProto()
+    out.CopyFrom(student)
+    layers, skipped = _layers(out, changes)
+    inits = {i.name: i for i in out.graph.initializer}
+    items = data.items[:max_examples]
+    n_held = max(1, int(round(len(items) * HELD_OUT))) if len(items) > 1 else 0
+    train_ex, held_ex = Examples(items[:len(items) - n_held], data.pad_values), Examples(items[len(items) - n_held:], data.pad_values)
+    feeds = list(train_ex.batches(batch)) + list(held_ex.batches(batch))
+    n_train_batches = len(list(train_ex.batches(batch)))
+    refits = 0
+    for layer in layers:
+        ch = layer.change
+        if progress:
+            progress(ch.node)
+        pw = layer.pointwise
+        figures = {"examples": len(items)}
+        if refit and layer.expand is not None:   # the expansion: its output as the original computes it
+            ex = layer.expand
+            o_ex = _run(original, [ex.output[0]], feeds, session_fn)
+            m_ex = _run(out, [ex.input[0]], feeds, session_fn)
+            train, held = _normals([m[0] for m in m_ex], [o[0] for o in o_ex], n_train_batches)
+            wb, f = refit_pointwise(train, held, _conv_weights(inits, ex))
+            _write_conv(out, inits, ex, wb)
+            figures["expand"] = {"node": ex.name, **f}
+            refits += f["ridge"] is not None
+            del o_ex, m_ex
+        targets = [ch.output] + ([pw.output[0]] if pw is not None else []) + ([layer.residual] if layer.residual else [])
+        orig = _run(original, targets, feeds, session_fn)
+        mine = _run(out, [ch.shift_input] + ([layer.residual] if layer.residual else []), feeds, session_fn)
+        attrs = {a.name: helper.get_attribute_value(a) for a in layer.shift.attribute}
+        strides = list(attrs.get("strides", [1, 1]))
+        padding = attrs.get("padding", b"zeros")
+        padding = padding.decode() if isinstance(padding, bytes) else padding
+        idx = layer.shifted
+        fit = fit_channels(((m[0][:, idx], o[0][:, idx]) for m, o in zip(mine, orig)), ch.candidates, strides, padding)
+        old_offsets = numpy_helper.to_array(inits[layer.shift.input[1]])
+        _set(inits, layer.shift.input[1], fit.offsets)
+        figures.update({"offsets_changed": int((old_offsets != fit.offsets).any(axis=1).sum()),
+                   "moved": int((fit.offsets != 0).any(axis=1).sum()),
+                   "explained_variance_median": float(np.median(fit.explained))})
+        if layer.scale is not None:
+            _set(inits, layer.scale.input[1], fit.scale.reshape(-1, 1, 1, 1))
+            _set(inits, layer.scale.input[2], fit.bias)
+        if pw is not None:
+            w_orig = _original_weights(original, pw.output[0]) if layer.scale is None else None
+            if w_orig is not None:   # folded: the start is the original pointwise conv with step 1's affine
+                w, b = w_orig
+                start_w = w * fit.scale[None, :]
+                start_b = (np.zeros(w.shape[0]) if b is None else b) + w @ fit.bias
+                start = np.concatenate([start_w.T, start_b[None, :]], 0)
+            else:
+                start = _conv_weights(inits, pw)
+            if refit:
+                features = _run(out, [pw.input[0]], feeds, session_fn)
+                targets = [o[1] + o[2] - m[1] if layer.residual else o[1] for o, m in zip(orig, mine)]
+                # with a residual: the block's output, the original's, less the skip this model gives it
+                train, held = _normals([f[0] for f in features], targets, n_train_batches)
+                wb, refit_figures = refit_pointwise(train, held, start)
+                figures.update(refit_figures)
+                refits += refit_figures["ridge"] is not None
+            else:
+                wb = start
+            _write_conv(out, inits, pw, wb)
+        ch.calibration = figures
+        ch.moved = figures["moved"]
+    lines = [f"spatial-shift: {len(layers)} layer(s) calibrated on {len(items)} examples (least-squares offset and "
+             f"scale per channel" + (f"; {refits} 1×1 conv(s) around them refit by ridge regression, the "
+                                     "others kept: no held-out gain" if refit else "") + ")"]
+    if skipped:
+        lines.append(f"spatial-shift: {len(skipped)} layer(s) not calibrated (first: {skipped[0]})")
+    return out, lines
+
+
+def channels_to_keep(original: onnx.ModelProto, data: Examples, changes, fidelity: float,
+                     session_fn=None, batch: int = 16, max_examples: int = MAX_EXAMPLES) -> tuple[dict, dict]:
+    """{node: [channels]} whose best single shift explains less than `fidelity` of their depthwise
+    output's variance on `data`, measured on the original model's own activations (the
+    `keep_channels` of SpatialShiftConfig), and per node the explained shares."""
+    if session_fn is None:
+        from mfconvert.runtime import session
+
+        session_fn = lambda b: session(b, spinning=False)   # noqa: E731
+    changes = [c for c in changes if c.shift_input and c.output and c.candidates]
+    names = [n for c in changes for n in (c.shift_input, c.output)]
+    feeds = list(Examples(data.items[:max_examples], data.pad_values).batches(batch))
+    runs = _run(original, names, feeds, session_fn)
+    keep, explained = {}, {}
+    for k, c in enumerate(changes):
+        stride = [int(-(-x.shape[2] // y.shape[2])), int(-(-x.shape[3] // y.shape[3]))] if (x := runs[0][2 * k]) is not None \
+            and (y := runs[0][2 * k + 1]) is not None else [1, 1]
+        fit = fit_channels(((r[2 * k], r[2 * k + 1]) for r in runs), c.candidates, stride)
+        explained[c.node] = fit.explained
+        keep[c.node] = [int(i) for i in np.flatnonzero(fit.explained < fidelity)]
+    return keep, explained
+
+
+def _normals(features: list[np.ndarray], targets: list[np.ndarray], n_train: int) -> tuple[Normal, Normal]:
+    """The normal equations of the first n_train batches and of the rest (the same when none rest)."""
+    train, held = Normal(), Normal()
+    for k, (f, t) in enumerate(zip(features, targets)):
+        (train if k < n_train else held).add(f, t)
+    return train, (held if held.g is not None else train)
+
+
+def _conv_weights(inits: dict, node: onnx.NodeProto) -> np.ndarray:
+    """A 1×1 conv's weights and bias as [C + 1, M]."""
+    w = numpy_helper.to_array(inits[node.input[1]])[:, :, 0, 0].astype(np.float64)
+    b = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2]
+         else np.zeros(w.shape[0]))
+    return np.concatenate([w.T, b[None, :]], 0)
+
+
+def _write_conv(model: onnx.ModelProto, inits: dict, node: onnx.NodeProto, wb: np.ndarray) -> None:
+    """Write [C + 1, M] weights and bias into a 1×1 conv (a bias input added where it had none)."""
+    shape = numpy_helper.to_array(inits[node.input[1]]).shape
+    _set(inits, node.input[1], wb[:-1].T.reshape(shape))
+    if len(node.input) > 2 and node.input[2]:
+        _set(inits, node.input[2], wb[-1])
+    else:
+        name = f"{node.name}.bias_calibrated"
+        model.graph.initializer.append(numpy_helper.from_array(wb[-1].astype(np.float32), name))
+        inits[name] = model.graph.initializer[-1]
+        node.input.append(name)
+
+
+def _original_weights(original: onnx.ModelProto, output: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The [M, C] weight and bias of the original model's conv writing `output` (None: not a
+    conv with initializer weights there; the start is then the converted model's weights)."""
+    inits = {i.name: i for i in original.graph.initializer}
+    node = next((n for n in original.graph.node if output in n.output), None)
+    if node is None or node.op_type != "Conv" or node.input[1] not in inits or \
+            (len(node.input) > 2 and node.input[2] and node.input[2] not in inits):
+        return None
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)[:, :, 0, 0]
+    b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else None
+    return w, b
