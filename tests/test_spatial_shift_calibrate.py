@@ -143,3 +143,39 @@ def test_calibration_lowers_held_out_error(tmp_path):
     e_free, e_step1, e_refit = error(free.model), error(step1), error(piped.result.model)
     # measured 0.42 → 0.16 → 0.13
     assert e_step1 < 0.6 * e_free and e_refit < 0.9 * e_step1, (e_free, e_step1, e_refit)
+
+
+def test_channels_no_shift_explains_stay_depthwise():
+    """channels_to_keep measures each channel's best-shift share of variance on the original's own
+    activations (checked against the NumPy reference on the same tensors, read from ORT); the
+    pass then keeps exactly those channels depthwise, and the calibration fits the rest."""
+    from mfconvert.calibrate.spatial_shift import channels_to_keep
+
+    buf = io.BytesIO()
+    torch.onnx.export(Residual(seed=4).eval(), torch.zeros(1, 3, 16, 16), buf, input_names=["x"], output_names=["y"],
+                      dynamo=False, opset_version=17, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    original = onnx.load_from_string(buf.getvalue())
+    config = lambda **kw: ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,  # noqa: E731
+                                        spatial_shift=SpatialShiftConfig(**kw))
+    first = convert_onnx(original, config()).report.changes
+    x = images(24, 5)
+    data = Examples([{"x": v} for v in x])
+    change, = first
+    probe = onnx.ModelProto()
+    probe.CopyFrom(original)
+    probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in (change.shift_input, change.output)])
+    xs, ys = session(probe.SerializeToString()).run([change.shift_input, change.output], {"x": x})
+    offsets, scales, biases = reference_fit(xs.astype(np.float64), ys.astype(np.float64), TAPS, (1, 1), "zeros")
+    z = np.stack([np.pad(xs[:, c], ((0, 0), (1, 1), (1, 1)))[:, 1 + dy: 17 + dy, 1 + dx: 17 + dx]
+                  for c, (dy, dx) in enumerate(offsets)], 1)
+    resid = ((ys - scales[None, :, None, None] * z - biases[None, :, None, None]) ** 2).sum((0, 2, 3))
+    want = 1 - resid / ((ys - ys.mean((0, 2, 3), keepdims=True)) ** 2).sum((0, 2, 3))
+    threshold = float(np.median(want))
+    keep, explained = channels_to_keep(original, data, first, threshold)
+    np.testing.assert_allclose(explained[change.node], want, rtol=1e-4, atol=1e-5)   # float32 tensors, float64 sums
+    assert keep[change.node] == [int(c) for c in np.flatnonzero(want < threshold)] and 0 < len(keep[change.node]) < 12
+    result = convert_onnx(original, config(keep_channels=keep))
+    kept, = result.report.changes
+    assert kept.kept_depthwise == len(keep[change.node]) and "chosen on data" in kept.detail
+    calibrated, lines = calibrate_shifts(result.model, original, data, result.report.changes)
+    assert kept.calibration["explained_variance_median"] >= threshold   # only the well-explained channels shift
