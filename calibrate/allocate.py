@@ -220,12 +220,12 @@ def probe_errors(nodes: list[ShiftWeighted], original: onnx.ModelProto, input_sh
                                                      progress).items()}
     except Exception as err:   # an input no probe can be made for (a scalar), a graph ORT refuses
         set_shares(nodes, {})
-        return (f"shift terms: output error predicted as ½·Σ weight NSR (no probe: {str(err).splitlines()[0]}); "
+        return (f"output error predicted as ½·Σ weight NSR (no probe: {str(err).splitlines()[0]}); "
                 "it over-predicts deep models, --data measures instead")
     ratio = set_shares(nodes, measured)
     probed = sum(n.probed for n in nodes)
     rest = len(nodes) - probed
-    return (f"shift terms: each layer's share of the output error probed on {PROBE_EXAMPLES} synthesised inputs "
+    return (f"each layer's share of the output error probed on {PROBE_EXAMPLES} synthesised inputs "
             f"({probed} layer(s), one run each)"
             + (f"; {rest} other(s) at ½·NSR × {ratio:.3g}, the probed layers' median ratio" if rest else ""))
 

@@ -139,7 +139,7 @@ def _probe(nodes, model_path, original, size: int, options: PipelineOptions, pro
     serialized graph in memory at once); larger ones keep the ½·Σ NSR model. The report's line."""
     if size > PROBE_BYTES:
         allocate.set_shares(nodes, {})
-        return (f"shift terms: output error predicted as ½·Σ weight NSR (a model of {size >> 20} MiB, over "
+        return (f"output error predicted as ½·Σ weight NSR (a model of {size >> 20} MiB, over "
                 f"{PROBE_BYTES >> 20} MiB, is not probed); it over-predicts deep models, --data measures instead")
     return allocate.probe_errors(nodes, original if original is not None else load_model(model_path)[0],
                                  options.input_shapes, options.outputs, progress)

@@ -293,3 +293,21 @@ def test_activation_format_from_known_bounds_and_overflow_warning(tmp_path):
     res = runner.invoke(app, [path, "--dry-run", "--shift-terms", "1"])
     assert res.exit_code == 0
     assert "activation 'c' reaches |x| = 1e+05 as Clip" in res.output and "beyond Q16.16's 3.277e+04" in res.output
+
+
+def test_without_a_probe_the_weight_model_stands_in_and_says_why(tmp_path):
+    """A scalar input (a sample rate, a temperature) cannot be synthesised: the prediction falls
+    back to ½·Σ NSR per node and the report names the input."""
+    path = _mlp(tmp_path / "s.onnx", [32, 48, 16], seed=3)
+    model = onnx.load(path)
+    out = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Mul", [out, "scale"], ["scaled"]))
+    model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, []))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["n", 16]))
+    onnx.save(model, path)
+    done = convert_model(path, ConvertConfig(shift_linear=ShiftLinearConfig(), **SHIFT_ONLY), PipelineOptions())
+    a = done.allocation
+    assert "½·Σ weight NSR (no probe: input 'scale' is a scalar" in a.note, a.note
+    assert not any(n.probed for n in a.nodes)
+    assert a.predicted == pytest.approx(0.5 * sum(n.nsr[a.terms[n.node] - 1] for n in a.nodes))
