@@ -44,6 +44,10 @@ class LayerChange:
     def macs_removed(self) -> int | None:
         return None if self.rows is None else self.rows * self.params
 
+    def figures(self) -> dict:
+        """A pass's own per-layer figures for the JSON report (derived ones: not fields)."""
+        return {}
+
 
 @dataclass
 class Skip:
@@ -196,7 +200,7 @@ class ConversionReport:
             "file_bytes_after": self.file_bytes_after,
             "passes": [{
                 "pass": r.pass_name,
-                "converted": [{**c.__dict__, "macs_removed": c.macs_removed} for c in r.changes],
+                "converted": [{**c.__dict__, "macs_removed": c.macs_removed, **c.figures()} for c in r.changes],
                 "skipped": [s.__dict__ for s in r.skips],
             } for r in self.results],
             "warnings": [{"node": c.node, "pass": c.pass_name, "warning": w} for c, w in self.warnings],
