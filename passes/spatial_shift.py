@@ -86,6 +86,22 @@ class ShiftChange(ConvChange):
             return None
         return self.rows // self.out_features * self.last * self.removed_taps
 
+    @property
+    def bytes_moved(self) -> int | None:
+        """Bytes the SpatialShift writes per inference (float32 outputs of its shifted channels,
+        each read once from X or written as padding): the data it moves instead of computing."""
+        if self.rows is None or self.last is None:
+            return None
+        return self.rows // self.out_features * self.last * (self.out_features - self.kept_depthwise) * 4
+
+    def figures(self) -> dict:
+        """The report's per-layer figures (issue 15 item 4): parameters and multiplications removed
+        per inference, channels shifted and moved, bytes moved."""
+        shifted = self.out_features - self.kept_depthwise
+        return {"channels_shifted": shifted, "channels_moved": self.moved, "channels_kept_depthwise": self.kept_depthwise,
+                "params_removed": self.removed_taps,   # k² taps per shifted channel, less a scale that stays
+                "macs_removed": self.macs_removed, "bytes_moved": self.bytes_moved}
+
 
 def depthwise_reason(match: ConvMatch) -> str | None:
     """Why a matched conv cannot become a SpatialShift, or None."""

@@ -77,6 +77,10 @@ def test_block_computes_the_dominant_tap_conv(stride, relu_between):
     assert ("folded into" in change.detail) == (not relu_between)
     oh, ow = -(-9 // stride), -(-10 // stride)
     assert change.macs_removed == oh * ow * 8 * (9 - relu_between)
+    # the JSON report's per-layer figures (batch 1): weights removed, bytes the shift writes (float32)
+    row, = result.report.to_dict()["passes"][0]["converted"]
+    assert row["params_removed"] == 8 * (9 - relu_between) and row["bytes_moved"] == oh * ow * 8 * 4
+    assert row["channels_shifted"] == 8 and row["channels_kept_depthwise"] == 0
     x = np.random.default_rng(stride).normal(size=(2, 3, 9, 10)).astype(np.float32)
     got = session(result.model.SerializeToString()).run(None, {"x": x})[0]
     with torch.no_grad():
