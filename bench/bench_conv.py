@@ -2,7 +2,18 @@
 and its static int8 quantisation (QDQ, per channel) of the same layer, on MobileNetV2 and
 ResNet-50 layer shapes at batch 1.
 
-    .venv/bin/python bench/bench_conv.py [--threads 1,2] [--repeats 30] [--only NAME]
+    .venv/bin/python bench/bench_conv.py [--threads 1,2] [--repeats 30] [--only NAME] [--before LIB]
+    .venv/bin/python bench/bench_conv.py --model mobilenetv2 [--threads 1,2] [--repeats 30]
+        [--workdir out/bench_conv]
+
+`--before LIB` adds a "shift1 before" column: the same ShiftConv model through another build of the
+op library (each session registers its own copy; it exports only RegisterCustomOps, so two copies
+coexist), for before/after ratios of interleaved runs.
+
+`--model mobilenetv2`: torchvision's ImageNet MobileNetV2 (zoo/public.py, torchscript export)
+end to end at batch 1, the fp32 original against its data-free conversions with the CLI's default
+passes (shift-conv on; `--shift-terms 1` and `auto`), converted once into --workdir; interleaved
+samples as for the layers; "fp32/ours" is the ratio of medians, then of the fastest samples.
 
 Each layer gets one single-node model per kind with the same random weights (normal, std 0.05;
 ShiftConv's rounded by nn/pow2.py, 5-bit codes, Q16.16), run interleaved (warm-up, then
@@ -17,10 +28,13 @@ AVX-512 FMA ports) and int8 VNNI at 128.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -127,14 +141,82 @@ def isa():
     return "avx512" if "avx512bw" in flags and os.environ.get("MFCONVERT_ISA", "avx512") == "avx512" else "avx2"
 
 
+def quiet_session_lib(model, threads, lib):
+    """quiet_session with the op library at `lib` (--before)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.register_custom_ops_library(lib)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def model_bench(args, threads_list):
+    """MobileNetV2 end to end: fp32 vs data-free shift-conv conversions (1 term, auto)."""
+    import statistics
+
+    from bench_shift_linear import interleaved_samples
+
+    from mfconvert.convert.config import ConvertConfig
+    from mfconvert.convert.pipeline import PipelineOptions, convert_model
+    from mfconvert.passes.conv import ShiftConvConfig
+    from mfconvert.passes.shift_linear import ShiftLinearConfig
+    from mfconvert.zoo import public
+
+    if args.model != "mobilenetv2":
+        raise SystemExit(f"bench_conv: error: --model {args.model!r}, expected mobilenetv2")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = str(public.mobilenet_v2("torchscript"))
+    paths = {"fp32": fp32}
+    for terms in ("1", "auto"):
+        out = work / f"mobilenetv2-shift-{terms}.onnx"
+        if not out.is_file():
+            cfg = (ConvertConfig(shift_linear=ShiftLinearConfig(), shift_conv=ShiftConvConfig()) if terms == "auto" else
+                   ConvertConfig(shift_linear=ShiftLinearConfig(terms=1), shift_conv=ShiftConvConfig(terms=1)))
+            t0 = time.monotonic()
+            res = convert_model(fp32, cfg, PipelineOptions(shift_terms=terms if terms == "auto" else 1))
+            onnx.save(res.result.model, str(out))
+            print(f"converted --shift-terms {terms} in {time.monotonic() - t0:.0f} s -> {out}", file=sys.stderr)
+        paths[f"shift {terms}"] = str(out)
+    ops = collections.Counter(n.op_type for n in onnx.load(paths["shift 1"]).graph.node)
+    x = {"image": np.random.default_rng(args.seed).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    print(f"MobileNetV2 (torchscript export), batch 1, ONNX Runtime {ort.__version__}, spinning off, "
+          f"{args.repeats} interleaved samples; converted ops: {dict(ops)}; load {os.getloadavg()}\n")
+    print("| threads | fp32 ms | shift 1 term ms | shift auto ms | fp32/shift1 median (fastest) "
+          "| fp32/auto median (fastest) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for threads in threads_list:
+        sessions = {k: quiet_session(p, threads, ours=k != "fp32") for k, p in paths.items()}
+        ref = sessions["fp32"].run(None, x)[0]
+        for k, sess in sessions.items():
+            y = sess.run(None, x)[0]
+            agree = int(np.argmax(y) == np.argmax(ref))
+            print(f"{k}: top-1 on the random input agrees with fp32: {agree}", file=sys.stderr)
+        samples = interleaved_samples({k: (lambda s=s: s.run(None, x)) for k, s in sessions.items()},
+                                      args.repeats, sample_s=0.02)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        low = {k: min(v) for k, v in samples.items()}
+        print(f"| {threads} | {med['fp32'] * 1e3:.2f} | {med['shift 1'] * 1e3:.2f} | {med['shift auto'] * 1e3:.2f} "
+              f"| {med['fp32'] / med['shift 1']:.2f}× ({low['fp32'] / low['shift 1']:.2f}×) "
+              f"| {med['fp32'] / med['shift auto']:.2f}× ({low['fp32'] / low['shift auto']:.2f}×) |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="", help="layers whose name contains this")
+    ap.add_argument("--before", default="", help="another build of the op library: a 'shift1 before' column")
+    ap.add_argument("--model", default="", help="mobilenetv2: the whole model instead of the layers")
+    ap.add_argument("--workdir", default="out/bench_conv", help="--model: where the conversions are kept")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
+    if args.model:
+        model_bench(args, [int(t) for t in args.threads.split(",")])
+        return
     rng = np.random.default_rng(args.seed)
     threads_list = [int(t) for t in args.threads.split(",")]
     ghz = clock_ghz()
@@ -162,6 +244,8 @@ def main():
             for threads in threads_list:
                 sessions = {kind: quiet_session(mod, threads, ours=kind in ("shift1", "shift2", "adder"))
                             for kind, mod in models.items()}
+                if args.before:
+                    sessions["before"] = quiet_session_lib(models["shift1"], threads, args.before)
                 feeds = {"X": x}
                 runs = {kind: (lambda s=s: s.run(None, feeds)) for kind, s in sessions.items()}
                 t = time_interleaved(runs, args.repeats)
@@ -173,13 +257,18 @@ def main():
     print(f"ShiftConv / AdderConv ({isa()}, 5-bit codes, Q16.16) vs ONNX Runtime {ort.__version__} Conv (fp32; "
           f"int8 = quantize_static QDQ per channel) on {cpu_name()} at a nominal {ghz:.2f} GHz, batch 1, "
           f"median of {args.repeats} interleaved samples, spinning off\n")
-    print("| layer | threads | MMAC | shift1 µs | shift2 µs | adder µs | fp32 µs | int8 µs "
-          "| fp32/shift1 | fp32/shift2 | fp32/adder | int8/shift1 | MAC/cycle/thread shift1 · adder · fp32 "
+    before = bool(args.before)
+    print("| layer | threads | MMAC | " + ("shift1 before µs | " if before else "") +
+          "shift1 µs | shift2 µs | adder µs | fp32 µs | int8 µs | " + ("shift1 after/before | " if before else "") +
+          "fp32/shift1 | fp32/shift2 | fp32/adder | int8/shift1 | MAC/cycle/thread shift1 · adder · fp32 "
           f"(limits {lim['shift']:.0f} · {lim['adder']:.1f} · 32) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|" + ("---:|" if before else "") + "---:|---:|---:|---:|---:|" + ("---:|" if before else "")
+          + "---:|---:|---:|---:|---|")
     for name, threads, macs, t in results:
         per = {kk: macs / (v * ghz * 1e9 * threads) for kk, v in t.items()}
-        print(f"| {name} | {threads} | {macs / 1e6:.1f} | " + " | ".join(f"{t[kk] * 1e6:.0f}" for kk in KINDS)
+        print(f"| {name} | {threads} | {macs / 1e6:.1f} | " + (f"{t['before'] * 1e6:.0f} | " if before else "")
+              + " | ".join(f"{t[kk] * 1e6:.0f}" for kk in KINDS)
+              + (f" | {t['before'] / t['shift1']:.2f}×" if before else "")
               + f" | {t['fp32'] / t['shift1']:.2f}× | {t['fp32'] / t['shift2']:.2f}× | {t['fp32'] / t['adder']:.2f}× "
               f"| {t['int8'] / t['shift1']:.2f}× | {per['shift1']:.1f} · {per['adder']:.1f} · {per['fp32']:.1f} |")
 

@@ -109,6 +109,10 @@ CASES = {
     "depthwise": (2, 16, (12, 10), 16, (3, 3), dict(group=16, pads=[1, 1, 1, 1])),
     "depthwise_stride2": (1, 24, (11, 14), 24, (3, 3), dict(group=24, strides=[2, 2], pads=[0, 0, 1, 1])),
     "depthwise_multiplier2": (1, 4, (8, 8), 8, (5, 5), dict(group=4, pads=[2, 2, 2, 2])),
+    # stride-2 rows of 77 and 76 padded columns: the vector de-interleave (Split2: 16 or 8 lanes
+    # per step) and its scalar tail
+    "depthwise_stride2_wide": (1, 8, (9, 75), 8, (3, 3), dict(group=8, strides=[2, 2], pads=[1, 1, 1, 1])),
+    "dense_stride_1x2_wide": (1, 6, (5, 70), 10, (3, 3), dict(strides=[1, 2], pads=[0, 3, 2, 3])),
     "pointwise": (2, 20, (7, 9), 33, (1, 1), {}),
     "pointwise_stride2": (1, 9, (10, 10), 17, (1, 1), dict(strides=[2, 2])),
     "kernel_bigger_than_input": (1, 2, (3, 4), 3, (5, 5), dict(pads=[2, 2, 2, 2])),

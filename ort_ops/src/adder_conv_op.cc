@@ -156,7 +156,7 @@ class AdderConvKernel {
     float* yd = y.GetTensorMutableData<float>();
     const Parallel par(context);
     if (isa_ != Isa::kScalar && ConvPlanesPay(g)) {
-      AdderConvRun run{p.get(), g, ConvPlanes::Make(g, 1, 64), conv_.act, nullptr};
+      AdderConvRun run{p.get(), g, ConvPlanes::Make(g, 1, 128), conv_.act, nullptr};
       std::vector<int64_t> tap(static_cast<size_t>(p->k));
       for (int64_t u = 0; u < g.kh; ++u)
         for (int64_t v = 0; v < g.kw; ++v) tap[u * g.kw + v] = run.planes.TapOffset(g, u, v);

@@ -83,10 +83,15 @@ SC_TARGET void TransposeTile(const int32_t* src, int64_t src_stride, int nr, int
 SC_TARGET void StoreTile(const float* src, int64_t m, int nr, int nc, const ConvGeom& g, int64_t wq,
                          const ConvActivation& act, int64_t f, int64_t o0, float* yn) {
   const __mmask16 cm = Lanes(nc);
+  const int32_t* s = reinterpret_cast<const int32_t*>(src);
   __m512i r[16];
+  if (nr == 16 && nc == 16) {
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < nr ? _mm512_maskz_loadu_epi32(cm, reinterpret_cast<const int32_t*>(src) + i * m) : _mm512_setzero_si512();
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(s + i * m);
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) r[i] = i < nr ? _mm512_maskz_loadu_epi32(cm, s + i * m) : _mm512_setzero_si512();
+  }
   Transpose16(r);
   const __m512 lo = _mm512_set1_ps(act.lo), hi = _mm512_set1_ps(act.hi);
   alignas(64) float res[16];
@@ -176,11 +181,13 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
                         xcol + j0 * in + tap * c + c0, in);
       });
       ShiftLinearAvx512(*r.lin, reinterpret_cast<const float*>(xcol), rows, ycol, par, inner);
-      const int64_t jblocks = (rows + 15) / 16;
-      par.For(static_cast<size_t>(oblocks * jblocks), [&](size_t task) {
-        const int64_t o0 = static_cast<int64_t>(task) % oblocks * 16, j0 = static_cast<int64_t>(task) / oblocks * 16;
-        StoreTile(ycol + j0 * m + o0, m, static_cast<int>(std::min<int64_t>(16, rows - j0)),
-                  static_cast<int>(std::min<int64_t>(16, m - o0)), g, pl.wq, r.act, f0 + j0, o0, yn);
+      // One task per 16 rows x all outputs (tiles of 16 x 16).
+      par.For(static_cast<size_t>((rows + 15) / 16), [&](size_t task) {
+        const int64_t j0 = static_cast<int64_t>(task) * 16;
+        const int nr = static_cast<int>(std::min<int64_t>(16, rows - j0));
+        for (int64_t ob = 0; ob < oblocks; ++ob)
+          StoreTile(ycol + j0 * m + ob * 16, m, nr, static_cast<int>(std::min<int64_t>(16, m - ob * 16)), g, pl.wq,
+                    r.act, f0 + j0, ob * 16, yn);
       });
     }
   }

@@ -262,7 +262,7 @@ class ShiftConvKernel {
       fresh->p = p;
       fresh->h = g.h;
       fresh->w = g.w;
-      fresh->planes = ConvPlanes::Make(g, 1, 64);
+      fresh->planes = ConvPlanes::Make(g, 1, 128);
       if (isa_ == Isa::kAvx512 && ShiftConvLutPays(g, p->terms)) {
         fresh->lut = std::make_unique<PackedShiftLinear>();
         PackShiftConvLut(*p, fresh->lut.get());

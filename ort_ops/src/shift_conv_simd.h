@@ -27,7 +27,6 @@
 namespace mfconvert {
 namespace {
 
-constexpr int kSimdVectors = 4;      // V: vectors of flat outputs per pass over the weights
 constexpr int64_t kOutBlock = 16;    // output channels per task
 
 // Quantises channel c of image xc ([H][W] floats) into its planes (q null: copies the float bits
@@ -91,7 +90,7 @@ template <class S>
 SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, int64_t o0, int64_t o1,
                          int64_t f0, int64_t f1) {
   using I = typename S::I;
-  constexpr int L = S::kLanes, V = kSimdVectors;
+  constexpr int L = S::kLanes, V = S::kVectors;
   const PackedShiftConv& p = *r.p;
   const ConvGeom& g = r.g;
   const auto lo = S::Set1F(r.act.lo), hi = S::Set1F(r.act.hi);
@@ -106,21 +105,21 @@ SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, i
       const ShiftConvEntry* e1 = r.entries + r.begin[o + 1];
       const auto scale = S::Set1F(p.scale[o]), bias = S::Set1F(p.bias[o]);
       I acc[V];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < V; ++v) acc[v] = S::Zero();
       for (const ShiftConvEntry* e = e0; e < en; ++e) {       // positive weights: acc += x >> m
         const I cnt = S::Set1(e->shift);
         const int32_t* s = src + e->offset;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < V; ++v) acc[v] = S::Add(acc[v], S::Srav(S::Load(s + v * L), cnt));
       }
       for (const ShiftConvEntry* e = en; e < e1; ++e) {       // negative weights: acc -= x >> m
         const I cnt = S::Set1(e->shift);
         const int32_t* s = src + e->offset;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < V; ++v) acc[v] = S::Sub(acc[v], S::Srav(S::Load(s + v * L), cnt));
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < V; ++v) {
         // y = float(acc) * 2^(e_o - F) + b_o, then the clamp (no FMA: -ffp-contract=off).
         const auto y = S::AddF(S::MulF(S::ToF(acc[v]), scale), bias);
@@ -136,7 +135,7 @@ template <class S>
 SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, int64_t o0, int64_t o1,
                          int64_t f0, int64_t f1, int64_t xlo, int64_t xhi) {
   using I = typename S::I;
-  constexpr int L = S::kLanes, V = kSimdVectors;
+  constexpr int L = S::kLanes, V = S::kVectors;
   const PackedAdderConv& p = *r.p;
   const ConvGeom& g = r.g;
   const int64_t n_entries = p.cg * p.k;
@@ -155,18 +154,18 @@ SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, i
       for (int64_t c0 = 0; c0 < n_entries; c0 += chunk) {
         const AdderConvEntry* e1 = entries + std::min(n_entries, c0 + chunk);
         I acc[V];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < V; ++v) acc[v] = S::Zero();
         for (const AdderConvEntry* e = entries + c0; e < e1; ++e) {
           const I w = S::Set1(e->w);
           const int32_t* s = src + e->offset;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
           for (int v = 0; v < V; ++v) acc[v] = S::Add(acc[v], S::Abs(S::Sub(S::Load(s + v * L), w)));
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < V; ++v) S::AddTo64(wide + v * L, acc[v]);
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < V; ++v) {
         // y = b_o - float32(acc) * 2^-F (int64 rounded to nearest even; exact product), clamp.
         const auto y = S::SubF(bias, S::MulF(S::Int64ToF(wide + v * L), unscale));
@@ -180,8 +179,8 @@ SC_TARGET void AdderTask(const AdderConvRun& r, const int32_t* buf, float* yn, i
 // The work of one image as (output block, flat chunk) tasks.
 struct TaskGrid {
   int64_t chunk = 0, chunks = 0, blocks = 0;
-  TaskGrid(const ConvGeom& g, const ConvPlanes& pl, int lanes) {
-    chunk = int64_t{2} * kSimdVectors * lanes;
+  TaskGrid(const ConvGeom& g, const ConvPlanes& pl, int lanes, int vectors) {
+    chunk = int64_t{2} * vectors * lanes;
     chunks = (pl.flat + chunk - 1) / chunk;
     blocks = (g.m + kOutBlock - 1) / kOutBlock;
   }
@@ -211,7 +210,7 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
   int32_t *tmp = nullptr, *range = nullptr;
   int64_t tmp_stride = 0;
   int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride);
-  const TaskGrid grid(g, pl, S::kLanes);
+  const TaskGrid grid(g, pl, S::kLanes, S::kVectors);
   for (int64_t n = 0; n < g.n; ++n) {
     const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
@@ -235,7 +234,7 @@ bool AdderConvSimd(const AdderConvRun& r, const float* x, float* y, const Parall
   int32_t *tmp = nullptr, *range = nullptr;
   int64_t tmp_stride = 0;
   int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride);
-  const TaskGrid grid(g, pl, S::kLanes);
+  const TaskGrid grid(g, pl, S::kLanes, S::kVectors);
   int64_t wlo = 0, whi = 0;
   for (int64_t o = 0; o < g.m; ++o) {
     wlo = std::min<int64_t>(wlo, r.p->wmin[o]);

@@ -12,6 +12,7 @@ namespace mfconvert {
 namespace {
 
 struct SimdAvx2 {
+  static constexpr int kVectors = 4;  // V: vectors of flat outputs per pass over the weights
   static constexpr int kLanes = 8;
   using I = __m256i;
   using F = __m256;

@@ -14,6 +14,7 @@ namespace mfconvert {
 namespace {
 
 struct SimdAvx512 {
+  static constexpr int kVectors = 8;  // V: vectors of flat outputs per pass over the weights
   static constexpr int kLanes = 16;
   using I = __m512i;
   using F = __m512;
