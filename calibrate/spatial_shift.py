@@ -330,7 +330,7 @@ def calibrate_shifts(student: onnx.ModelProto, original: onnx.ModelProto, data: 
             _write_conv(out, inits, pw, wb)
         ch.calibration = figures
         ch.moved = figures["moved"]
-    lines = [f"spatial-shift: {len(layers)} layer(s) calibrated on {len(items)} examples (least-squares offset and "
+    lines = [] if not layers else [f"spatial-shift: {len(layers)} layer(s) calibrated on {len(items)} examples (least-squares offset and "
              f"scale per channel" + (f"; {refits} 1×1 conv(s) around them refit by ridge regression, the "
                                      "others kept: no held-out gain" if refit else "") + ")"]
     if skipped:

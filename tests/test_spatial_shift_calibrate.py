@@ -179,3 +179,21 @@ def test_channels_no_shift_explains_stay_depthwise():
     assert kept.kept_depthwise == len(keep[change.node]) and "chosen on data" in kept.detail
     calibrated, lines = calibrate_shifts(result.model, original, data, result.report.changes)
     assert kept.calibration["explained_variance_median"] >= threshold   # only the well-explained channels shift
+
+
+def test_shift_conv_layers_are_not_refit_and_the_notes_say_so(tmp_path):
+    """With shift-conv on too (the default), the scale conv is a ShiftConv (codes, not floats):
+    the layer keeps its data-free form and the pipeline's notes name it."""
+    buf = io.BytesIO()
+    torch.onnx.export(Residual().eval(), torch.zeros(1, 3, 16, 16), buf, input_names=["x"], output_names=["y"],
+                      dynamo=False, opset_version=17, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    path = tmp_path / "block.onnx"
+    path.write_bytes(buf.getvalue())
+    config = ConvertConfig(spatial_shift=SpatialShiftConfig())
+    piped = convert_model(str(path), config, PipelineOptions(data=Examples([{"x": x} for x in images(16, 1)]),
+                                                             shift_terms=1, rounding="nearest"))
+    assert "ShiftConv" in [n.op_type for n in piped.result.model.graph.node]
+    assert not any("calibrated on" in line for line in piped.notes)
+    assert any("1 layer(s) not calibrated" in line and "/dw/Conv: its scale is a ShiftConv" in line for line in piped.notes)
+    change = next(c for c in piped.result.report.changes if c.pass_name == "spatial-shift")
+    assert change.calibration is None
