@@ -29,15 +29,15 @@ PROBE_EXAMPLES = 8          # synthesised probe inputs without data
 DEFAULT_LENGTH = 64         # a dynamic non-batch dimension of a probe input (a sequence length)
 PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
 SATURATING = ("Softmax", "LogSoftmax", "Sigmoid", "Exp", "Tanh", "HardSigmoid")
-# between a saturating head and its logits: shifts (softmax's max), normalisers, Q/DQ pairs
-TRANSPARENT = ("Div", "Sub", "Reshape", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze", "QuantizeLinear",
-               "DequantizeLinear")
+# between a saturating head and its logits: shifts (softmax's max), normalisers. Not a Q/DQ pair:
+# the head reads the logits on its int8 grid, where an error below a step vanishes.
+TRANSPARENT = ("Div", "Sub", "Reshape", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze")
 
 
 def pre_activation(graph, output) -> object | None:
     """The float tensor an output's saturating head (Softmax, Sigmoid, an unfused exp/sum) reads:
-    its logits, past shifts and Q/DQ pairs; None when the output has no such head. (gs graph and
-    tensor.)"""
+    its logits, past shifts (not past a Q/DQ pair); None when the output has no such head. (gs
+    graph and tensor.)"""
     t, found, crossed = output, None, False
     for _ in range(8):
         node = t.inputs[0] if t.inputs else None
@@ -48,7 +48,7 @@ def pre_activation(graph, output) -> object | None:
         elif node.op not in TRANSPARENT:
             break
         t = node.inputs[0]
-        if crossed and node.op != "DequantizeLinear" and not _is_constant(t):
+        if crossed and not _is_constant(t):
             found = t
     return found
 
