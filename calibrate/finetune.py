@@ -398,6 +398,10 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
                                                       selected_at, features, logits_of, latency, cfg, device)
             offset += real
             weight = real / n_rows
+            if not getattr(loss, "requires_grad", False):
+                raise ConversionError(f"nothing to train: {', '.join(selected)} depend(s) on no trainable weight "
+                                      "(every path to them passes through an op without a gradient, such as a QDQ "
+                                      "model's QuantizeLinear)")
             (loss * weight).backward()
             total += loss.item() * weight
             distill += piece_distill * weight

@@ -15,6 +15,7 @@ from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune, rounding_split, start_codes
 from mfconvert.calibrate.rounding import ROUNDING_KEY, round_model, rounding_record
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig, convert_onnx
+from mfconvert.convert.onnx_model import ConversionError
 from mfconvert.convert.pipeline import PipelineOptions, convert_model
 from mfconvert.runtime import session
 from tests.digits_mlp import trained_digits_mlp
@@ -134,3 +135,24 @@ def test_minutes_bound_the_training_alone(digits, monkeypatch):
     assert f"finetuned {result.steps} steps in 1 s of training (the --minutes 0.02 budget; " \
            f"{result.steps} of --steps 100000), rounding {result.rounding_seconds:.0f} s besides" in line
     assert ROUNDING_KEY in {p.key for p in result.model.metadata_props}
+
+
+def test_outputs_behind_quantize_linear_are_refused_in_one_line(tmp_path):
+    """A QDQ model's activation fake quantisation (QuantizeLinear → DequantizeLinear) after the
+    shift layer leaves no gradient to the output: one error naming why, not a traceback from
+    backward() (smart-turn, an int8 QDQ Whisper encoder, reached it once a step ran)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.2, (48, 32)).astype(np.float32)
+    scale, zero = numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+                               helper.make_node("QuantizeLinear", ["h", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+                              [numpy_helper.from_array(w, "w"), scale, zero])
+    teacher = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    student = convert_onnx(teacher, ConvertConfig(shift_linear=ShiftLinearConfig())).model
+    cfg = FinetuneConfig(steps=2, batch_size=16, rounding="nearest", progress=False)
+    with pytest.raises(ConversionError, match=r"^nothing to train: y depend\(s\) on no trainable weight .*QuantizeLinear"):
+        finetune(student, teacher, correlated_inputs(32), cfg, output=str(tmp_path / "ft.onnx"))
+    assert not (tmp_path / "ft.onnx").exists()
