@@ -31,7 +31,7 @@ constexpr int64_t kOutBlock = 16;    // output channels per task
 
 // Quantises channel c of image xc ([H][W] floats) into its planes (q null: copies the float bits
 // instead, 0.0f at padding, for the lookup-table path). With `range`, *lo and *hi get the range of
-// the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32 (sw > 1 only).
+// the quantised values, 0 included. tmp: Wq * sw + S::kLanes int32 (sw > 2 only).
 template <class S>
 SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes& pl, const ActQuant* q,
                             int32_t* dst, int32_t* tmp, bool range, int32_t* lo, int32_t* hi) {
@@ -39,6 +39,23 @@ SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes
   int32_t mn = 0, mx = 0;
   for (int64_t r = 0; r < pl.hq * g.sh; ++r) {
     const int64_t ph = r % g.sh, rq = r / g.sh, ih = r - g.pt;
+    if (g.sw == 2) {  // the common stride: quantised and split into its two phase rows at once
+      int32_t* even = dst + ph * 2 * pl.plane + rq * pl.wq;
+      if (ih < 0 || ih >= g.h) {
+        std::memset(even, 0, static_cast<size_t>(pl.wq) * 4);
+        std::memset(even + pl.plane, 0, static_cast<size_t>(pl.wq) * 4);
+        continue;
+      }
+      S::QuantizeSplit2(xc + ih * g.w, g.w, g.pl, pl.wq, q, even, even + pl.plane);
+      if (range) {
+        for (const int32_t* v : {even, even + pl.plane})
+          for (int64_t i = 0; i < pl.wq; ++i) {
+            mn = v[i] < mn ? v[i] : mn;
+            mx = v[i] > mx ? v[i] : mx;
+          }
+      }
+      continue;
+    }
     // sw = 1: the padded row is the plane row; else it is built in tmp and split by phase.
     int32_t* row = g.sw == 1 ? dst + ph * pl.plane + rq * pl.wq : tmp;
     if (ih < 0 || ih >= g.h) {
@@ -61,10 +78,6 @@ SC_TARGET void BuildChannel(const float* xc, const ConvGeom& g, const ConvPlanes
     }
     if (g.sw == 1) continue;
     int32_t* out = dst + ph * g.sw * pl.plane + rq * pl.wq;
-    if (g.sw == 2) {  // the common stride: one vector de-interleave per 2 * S::kLanes values
-      S::Split2(tmp, pl.wq, out, out + pl.plane);
-      continue;
-    }
     for (int64_t pw = 0; pw < g.sw; ++pw, out += pl.plane)
       for (int64_t i = 0; i < pl.wq; ++i) out[i] = tmp[i * g.sw + pw];
   }

@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "shift_conv_common.h"
 
 #define SC_TARGET __attribute__((target("avx2,fma")))
@@ -44,19 +46,49 @@ struct SimdAvx2 {
     for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(w[i]);
     return _mm256_load_ps(f);
   }
-  // even[i] = in[2 i], odd[i] = in[2 i + 1] for i < n (in: 2 n int32).
-  SC_TARGET static void Split2(const int32_t* in, int64_t n, int32_t* even, int32_t* odd) {
+  // sat_A(floor(x * 2^F)) per lane, NaN -> 0.
+  SC_INLINE I Quantize(__m256 x, const ActQuant& q) {
+    const __m256 f = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(q.scale)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256i r = _mm256_cvttps_epi32(f);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(q.qhi), _mm256_castps_si256(_mm256_cmp_ps(f, _mm256_set1_ps(q.hi), _CMP_GE_OQ)));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(q.qlo), _mm256_castps_si256(_mm256_cmp_ps(f, _mm256_set1_ps(q.lo), _CMP_LE_OQ)));
+    return _mm256_and_si256(r, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_ORD_Q)));
+  }
+  // A stride-2 row split into its phases (as SimdAvx512::QuantizeSplit2), 8 values per phase and step.
+  SC_TARGET static void QuantizeSplit2(const float* x, int64_t w, int64_t pad, int64_t wq, const ActQuant* q,
+                                       int32_t* even, int32_t* odd) {
+    auto one = [&](int64_t p) -> int32_t {
+      const int64_t k = p - pad;
+      if (k < 0 || k >= w) return 0;
+      if (q != nullptr) return ConvQuantize(x[k], *q);
+      int32_t bits;
+      std::memcpy(&bits, x + k, 4);
+      return bits;
+    };
     const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256i a = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 2 * i)), perm);
-      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 2 * i + 8)), perm);
+    for (; i < wq && 2 * i < pad; ++i) {
+      even[i] = one(2 * i);
+      odd[i] = one(2 * i + 1);
+    }
+    for (; i + 8 <= wq && 2 * i - pad + 16 <= w; i += 8) {
+      const float* s = x + (2 * i - pad);
+      __m256i a, b;
+      if (q != nullptr) {
+        a = Quantize(_mm256_loadu_ps(s), *q);
+        b = Quantize(_mm256_loadu_ps(s + 8), *q);
+      } else {
+        a = _mm256_castps_si256(_mm256_loadu_ps(s));
+        b = _mm256_castps_si256(_mm256_loadu_ps(s + 8));
+      }
+      a = _mm256_permutevar8x32_epi32(a, perm);
+      b = _mm256_permutevar8x32_epi32(b, perm);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(even + i), _mm256_permute2x128_si256(a, b, 0x20));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd + i), _mm256_permute2x128_si256(a, b, 0x31));
     }
-    for (; i < n; ++i) {
-      even[i] = in[2 * i];
-      odd[i] = in[2 * i + 1];
+    for (; i < wq; ++i) {
+      even[i] = one(2 * i);
+      odd[i] = one(2 * i + 1);
     }
   }
   SC_TARGET static void QuantizeRow(const float* x, int64_t n, const ActQuant& q, int32_t* out) {
