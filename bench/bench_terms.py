@@ -35,6 +35,7 @@ import onnx
 
 from mfconvert.calibrate.data import Examples, from_text, model_fixed_batch
 from mfconvert.calibrate.evaluate import fidelity, model_outputs
+from mfconvert.calibrate.allocate import DEFAULT_TARGET
 from mfconvert.calibrate.sensitivity import drop, nsr_drop
 from mfconvert.convert import ConvertConfig, ShiftLinearConfig
 from mfconvert.convert.pipeline import PipelineOptions, convert_model
@@ -218,6 +219,7 @@ def plot(results: list[dict], path: str) -> str:
             if c.startswith("auto"):
                 ax.plot([x], [y], "s" if c == "auto" else "D", label=c, markersize=8)
             ax.annotate(c, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(DEFAULT_TARGET, ls="--", lw=0.8, color="tab:red", label=f"default target {DEFAULT_TARGET:g}")
         ax.set_yscale("log")
         ax.set_title(model)
         ax.set_xlabel("additions (× one term)")
