@@ -309,8 +309,8 @@ def test_error_input_type_and_rank():
 
 # ---------------------------------------------------------------------------------------------
 # The lookup-table path (AVX-512 only; ort_ops/src/shift_conv_lut_avx512.cc): the ShiftLinear
-# kernel over im2col strips. ShiftConvLutPays selects it for group 1, M >= 32 and
-# 256 <= (C/G) * K * T <= 2^16; on the other ISAs the same cases run the direct kernels, so every
+# kernel over im2col strips. ShiftConvLutPays selects it for group 1, M >= 64 and
+# 64 <= (C/G) * K * T <= 2^16; on the other ISAs the same cases run the direct kernels, so every
 # case is also a cross-ISA check. Shapes: C and M off multiples of 16 and 64, flat outputs off
 # multiples of 16 (the transposes' masked tails), fewer than 29 flat outputs (ShiftLinear's
 # shared-table branch), several strips (strip = 2^17 / (C * K) rows, multiple of 16), junk
@@ -318,17 +318,18 @@ def test_error_input_type_and_rank():
 LUT_CASES = {
     "lut_pointwise_tails": (2, 260, (5, 7), 70, (1, 1), {}),
     "lut_pointwise_64": (1, 256, (8, 8), 64, (1, 1), {}),
-    "lut_3x3_pad1": (1, 40, (9, 11), 33, (3, 3), dict(pads=[1, 1, 1, 1])),
-    "lut_3x3_stride2": (1, 30, (13, 12), 48, (3, 3), dict(strides=[2, 2], pads=[1, 0, 1, 1])),
-    "lut_stride_dilation_asym": (1, 48, (15, 17), 40, (3, 2), dict(strides=[2, 3], dilations=[2, 3],
+    "lut_3x3_pad1": (1, 40, (9, 11), 65, (3, 3), dict(pads=[1, 1, 1, 1])),
+    "lut_3x3_stride2": (1, 30, (13, 12), 80, (3, 3), dict(strides=[2, 2], pads=[1, 0, 1, 1])),
+    "lut_stride_dilation_asym": (1, 48, (15, 17), 72, (3, 2), dict(strides=[2, 3], dilations=[2, 3],
                                                                    pads=[2, 0, 1, 3])),
-    "lut_pointwise_stride2_pads": (1, 300, (9, 10), 32, (1, 1), dict(strides=[2, 2], pads=[1, 0, 0, 1])),
+    "lut_pointwise_stride2_pads": (1, 300, (9, 10), 64, (1, 1), dict(strides=[2, 2], pads=[1, 0, 0, 1])),
     "lut_few_rows": (2, 256, (3, 4), 65, (1, 1), {}),
     "lut_one_pixel": (1, 288, (1, 1), 130, (1, 1), {}),
-    "lut_many_strips_3x3": (1, 256, (10, 10), 32, (3, 3), dict(pads=[1, 1, 1, 1])),
-    "lut_many_strips_1x1": (1, 256, (30, 30), 40, (1, 1), {}),
+    "lut_many_strips_3x3": (1, 256, (10, 10), 64, (3, 3), dict(pads=[1, 1, 1, 1])),
+    "lut_many_strips_1x1": (1, 256, (30, 30), 100, (1, 1), {}),
+    "lut_few_inputs_many_outputs": (1, 64, (14, 14), 384, (1, 1), {}),
     "lut_conv1d": (3, 100, (33,), 64, (3,), dict(pads=[1, 2])),
-    "lut_kernel_wider_than_input": (1, 32, (3, 4), 36, (5, 5), dict(pads=[2, 2, 2, 2])),
+    "lut_kernel_wider_than_input": (1, 32, (3, 4), 67, (5, 5), dict(pads=[2, 2, 2, 2])),
 }
 
 
@@ -349,16 +350,16 @@ def test_lut_terms(isa, name, terms):
 
 
 def test_lut_terms_reach_the_threshold(isa):
-    """C * K = 128 with 2 terms is 256 table inputs: the lookup-table path with 2 terms only."""
+    """C * K = 32 with 2 terms is 64 table inputs: the lookup-table path with 2 terms only."""
     for terms in (1, 2):
-        model, feeds, expected = shift_case(np.random.default_rng(7), 1, 128, (6, 7), 40, (1, 1), terms=terms)
+        model, feeds, expected = shift_case(np.random.default_rng(7), 1, 32, (6, 7), 70, (1, 1), terms=terms)
         assert_same(run(model, feeds), expected)
 
 
 @pytest.mark.parametrize("weight_bits", [2, 5])
 @pytest.mark.parametrize("act", [(16, 8), (8, 4), (32, 0), (20, -3), (12, 20)])
 def test_lut_formats(isa, weight_bits, act):
-    model, feeds, expected = shift_case(np.random.default_rng(weight_bits + act[0]), 1, 36, (7, 8), 33, (3, 3),
+    model, feeds, expected = shift_case(np.random.default_rng(weight_bits + act[0]), 1, 36, (7, 8), 66, (3, 3),
                                         pads=[1, 0, 1, 2], weight_bits=weight_bits, act=act)
     assert_same(run(model, feeds), expected)
 
@@ -374,7 +375,7 @@ def test_lut_fused_activation(isa, name, activation, clip):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_lut_weights_as_inputs(isa, with_bias):
-    model, feeds, expected = shift_case(np.random.default_rng(9), 2, 64, (6, 5), 40, (3, 3), pads=[1, 1, 1, 1],
+    model, feeds, expected = shift_case(np.random.default_rng(9), 2, 64, (6, 5), 72, (3, 3), pads=[1, 1, 1, 1],
                                         terms=2, as_inputs=True, with_bias=with_bias)
     assert_same(run(model, feeds), expected)
 
@@ -389,11 +390,11 @@ def test_lut_threads(isa, threads):
 def test_lut_any_spatial_size(isa):
     """The prepared tables follow each run's input size (initializer weights, dynamic shape)."""
     rng = np.random.default_rng(13)
-    model, _, _ = shift_case(rng, 1, 64, (5, 5), 48, (3, 3), pads=[1, 1, 1, 1], dynamic=True)
+    model, _, _ = shift_case(rng, 1, 64, (5, 5), 68, (3, 3), pads=[1, 1, 1, 1], dynamic=True)
     import onnx
     proto = onnx.load_from_string(model)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    codes = pow2.unpack_codes(inits["W_codes"], 48 * 64 * 9, 5).reshape(1, 48, 64, 3, 3)
+    codes = pow2.unpack_codes(inits["W_codes"], 68 * 64 * 9, 5).reshape(1, 68, 64, 3, 3)
     sess = session(model, threads=2)
     for shape in [(1, 64, 5, 5), (2, 64, 9, 4), (1, 64, 1, 1), (0, 64, 3, 3), (1, 64, 5, 5)]:
         x = random_x(rng, shape, 32, 16)
@@ -403,7 +404,7 @@ def test_lut_any_spatial_size(isa):
 
 def test_lut_wraparound_and_extreme_exponents(isa):
     """Saturated inputs over 300 channels wrap the int32 accumulator on the table path too."""
-    m, c = 32, 300
+    m, c = 64, 300
     codes = np.zeros((1, m, c, 1, 1), np.uint8)
     codes[0, 1::2, ::3] = 0x10
     codes[0, 2::4, 1::5] = 0x0F                                # the zero code at weight_bits 5

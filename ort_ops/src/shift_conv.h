@@ -21,12 +21,15 @@ inline bool ConvPlanesPay(const ConvGeom& g) {
   return planes <= 4.0 * hp * wp + 4096.0 && planes * static_cast<double>(g.c) < 1e10;
 }
 
-// The lookup-table path's range (ShiftConvLutPays). Below ~256 inputs per output the direct
-// kernel's inputs stay in L1 and it is as fast or faster (bench_conv.py: 24->144 and the 3->32 stem
-// 2-3x slower through tables, 256->64 a tie, 576->96 1.3-1.5x and 1024->256 2.2-2.6x faster);
-// below 32 outputs most of each 64-output group of lookups would be padding.
-inline constexpr int64_t kShiftConvLutMinOut = 32;       // M
-inline constexpr int64_t kShiftConvLutMinIn = 256;       // T * K * C
+// The lookup-table path's range (ShiftConvLutPays), from bench_conv.py's layers and MobileNetV2's
+// pointwise shapes (1 thread, CPU time): the direct kernel reads (C/G) * K * 512 bytes per output
+// and pass, in L1 up to ~64 inputs, and its two vector µops per 16 MACs win there (16->96@112,
+// 24->144@56, 32->192@28 and the 3->32 stem 1.1-2x slower through tables); from 64 inputs and 64
+// outputs the tables win (64->384@14 1.3x, 96->576@14 1.7x, 160->960@7 2.6x, 192->64@14 1.4x,
+// 1024->256@14 2.2-2.6x); with 32 outputs half of each 64-output group of lookups is padding
+// (144->32@28 2x slower).
+inline constexpr int64_t kShiftConvLutMinOut = 64;       // M
+inline constexpr int64_t kShiftConvLutMinIn = 64;        // T * K * C
 inline constexpr int64_t kShiftConvLutMaxIn = 1 << 16;   // T * K * C
 
 // The custom ops (registered in register_ops.cc).

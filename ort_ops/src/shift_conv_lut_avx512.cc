@@ -12,7 +12,7 @@
 // activation and drops the junk columns ow >= OW. The strip's rows stay in L2 (<= 512 KiB).
 //
 // Cost beside the lookups: per output element (M / 16 lookups per table) about 4 µops of table
-// building per input element of the im2col row, so the path serves layers with M >= 16 outputs;
+// building per input element of the im2col row, so the path serves layers with M >= 64 outputs;
 // the transposes are ~0.25 µop per im2col element (64 shuffles per 16 x 16 tile).
 #include "shift_conv_simd_avx512.h"
 #include "shift_conv_simd.h"
