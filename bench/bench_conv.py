@@ -18,12 +18,15 @@ samples as for the layers; "fp32/ours" is the ratio of medians, then of the fast
 Each layer gets one single-node model per kind with the same random weights (normal, std 0.05;
 ShiftConv's rounded by nn/pow2.py, 5-bit codes, Q16.16), run interleaved (warm-up, then
 `repeats` samples, each the mean of enough runs to last >= 2 ms) with spinning off in every
-session (intra- and inter-op); the table gives medians and "t_X / t_ours" (> 1: ours faster).
-MAC/cycle/thread = MACs / (time x nominal clock x threads) against the inner loop's limit:
-ShiftConv is load + vpsravd + vpaddd per 16 (AVX-512) or 8 (AVX2) MACs — two ALU µops, so
-16 MAC/cycle on AVX-512's two vector ports (vpsravd runs on one of them: p0 on Intel), 12 with
-AVX2's three; AdderConv is vpsubd + vpabsd + vpaddd: 10.7 and 8. fp32 FMA peaks at 32 (two
-AVX-512 FMA ports) and int8 VNNI at 128.
+session (intra- and inter-op); the table gives medians and "t_X / t_ours" (> 1: ours faster), the
+ratio of medians and, in parentheses, of the fastest samples (on a shared machine a long call is
+preempted more often than a short one, so the medians of slow kernels measure the scheduler).
+MAC/cycle/thread = MACs / (fastest sample x nominal clock x threads) against the inner loop's
+limit: ShiftConv's direct kernel is load + vpsravd + vpaddd per 16 (AVX-512) or 8 (AVX2) MACs —
+two ALU µops, so 16 MAC/cycle on AVX-512's two vector ports (vpsravd runs on one of them: p0 on
+Intel), 12 with AVX2's three; its lookup-table path (dense layers, AVX-512) one vpermt2d (port 5)
++ one vpaddd per 16 MACs plus ~4 µops of table per im2col input, 16 at most; AdderConv is vpsubd +
+vpabsd + vpaddd: 10.7 and 8. fp32 FMA peaks at 32 (two AVX-512 FMA ports) and int8 VNNI at 128.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import argparse
 import collections
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_shift_linear import cpu_name, time_interleaved  # noqa: E402
+from bench_shift_linear import cpu_name, interleaved_samples  # noqa: E402
 
 from mfconvert.nn import pow2  # noqa: E402
 from mfconvert.ort_ops import DOMAIN, library_path  # noqa: E402
@@ -248,29 +252,35 @@ def main():
                     sessions["before"] = quiet_session_lib(models["shift1"], threads, args.before)
                 feeds = {"X": x}
                 runs = {kind: (lambda s=s: s.run(None, feeds)) for kind, s in sessions.items()}
-                t = time_interleaved(runs, args.repeats)
-                results.append((name, threads, macs, t))
+                samples = interleaved_samples(runs, args.repeats)
+                t = {kk: statistics.median(v) for kk, v in samples.items()}
+                results.append((name, threads, macs, t, {kk: min(v) for kk, v in samples.items()}))
                 print(f"{name} x{threads}: " + ", ".join(f"{kk} {v * 1e6:.0f} µs" for kk, v in t.items()),
                       file=sys.stderr, flush=True)
 
     lim = LIMIT[isa()]
     print(f"ShiftConv / AdderConv ({isa()}, 5-bit codes, Q16.16) vs ONNX Runtime {ort.__version__} Conv (fp32; "
           f"int8 = quantize_static QDQ per channel) on {cpu_name()} at a nominal {ghz:.2f} GHz, batch 1, "
-          f"median of {args.repeats} interleaved samples, spinning off\n")
+          f"median of {args.repeats} interleaved samples, spinning off; ratios: medians (fastest samples); "
+          f"MAC/cycle from the fastest samples; load {os.getloadavg()}\n")
     before = bool(args.before)
     print("| layer | threads | MMAC | " + ("shift1 before µs | " if before else "") +
-          "shift1 µs | shift2 µs | adder µs | fp32 µs | int8 µs | " + ("shift1 after/before | " if before else "") +
+          "shift1 µs | shift2 µs | adder µs | fp32 µs | int8 µs | " + ("before/shift1 | " if before else "") +
           "fp32/shift1 | fp32/shift2 | fp32/adder | int8/shift1 | MAC/cycle/thread shift1 · adder · fp32 "
           f"(limits {lim['shift']:.0f} · {lim['adder']:.1f} · 32) |")
     print("|---|---:|---:|" + ("---:|" if before else "") + "---:|---:|---:|---:|---:|" + ("---:|" if before else "")
           + "---:|---:|---:|---:|---|")
-    for name, threads, macs, t in results:
-        per = {kk: macs / (v * ghz * 1e9 * threads) for kk, v in t.items()}
+    for name, threads, macs, t, lo in results:
+        per = {kk: macs / (v * ghz * 1e9 * threads) for kk, v in lo.items()}
+
+        def ratio(a, b):  # median (fastest samples)
+            return f"{t[a] / t[b]:.2f}× ({lo[a] / lo[b]:.2f}×)"
+
         print(f"| {name} | {threads} | {macs / 1e6:.1f} | " + (f"{t['before'] * 1e6:.0f} | " if before else "")
               + " | ".join(f"{t[kk] * 1e6:.0f}" for kk in KINDS)
-              + (f" | {t['before'] / t['shift1']:.2f}×" if before else "")
-              + f" | {t['fp32'] / t['shift1']:.2f}× | {t['fp32'] / t['shift2']:.2f}× | {t['fp32'] / t['adder']:.2f}× "
-              f"| {t['int8'] / t['shift1']:.2f}× | {per['shift1']:.1f} · {per['adder']:.1f} · {per['fp32']:.1f} |")
+              + (f" | {ratio('before', 'shift1')}" if before else "")
+              + f" | {ratio('fp32', 'shift1')} | {ratio('fp32', 'shift2')} | {ratio('fp32', 'adder')} "
+              f"| {ratio('int8', 'shift1')} | {per['shift1']:.1f} · {per['adder']:.1f} · {per['fp32']:.1f} |")
 
 
 if __name__ == "__main__":
