@@ -174,7 +174,7 @@ def table(results: list[dict]) -> str:
     lines = ["| model | choice | output error ½NSR | predicted | 1 − cosine | top-1 agr. | SQNR dB | additions (× 1 term) | "
              "code bytes | terms 1/2/3/4 | ORT ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        base = r["rows"]["1 term"]["additions"] or 1
+        base = r["rows"].get("1 term", {}).get("additions") or 1
         for choice, row in r["rows"].items():
             if "failed" in row or isinstance(row.get("error"), str):
                 lines.append(f"| {r['model']} | {choice} | {row.get('failed', row.get('error'))} | | | | | | | | |")
@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=None, help="held-out examples per model (default: all)")
     ap.add_argument("--calib", type=int, default=None, help="calibration examples per model for auto+data "
                     "(default: all; the allocation measures at most 64 of them)")
+    ap.add_argument("--choices", default=",".join(CHOICES), help="the choices to run (comma-separated)")
     ap.add_argument("--merge", default=None, help="a JSON of this script's earlier results to add to the table")
     args = ap.parse_args()
     import torch
@@ -268,7 +269,8 @@ def main() -> None:
     results = []
     for name in args.models.split(","):
         spec = MODELS[name]()
-        choices = tuple(c for c in CHOICES if c != "auto+data" or name not in args.no_data.split(","))
+        choices = tuple(c for c in CHOICES if (c != "auto+data" or name not in args.no_data.split(","))
+                        and c in args.choices.split(","))
         results.append(measure(name, spec, args.threads, args.repeats, lambda s: print(s, flush=True), choices,
                                args.eval, args.calib))
         Path(args.json).write_text(json.dumps({"results": results}, indent=2))   # what is done so far

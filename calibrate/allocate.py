@@ -18,9 +18,9 @@ attention softmaxes and LayerNorms attenuate it, a read-out layer passes it whol
 (calibrate/probe.py): the original model runs in ONNX Runtime on a few inputs synthesised from its
 input signature with this node alone rounded to one term (one run per node, no conversion), and
 the output error measured is the node's share e_1; e_t = e_1·NSR_t/NSR_1. Errors of different
-nodes are independent, so their powers add: the prediction is Σ e_t. Outputs behind a
-saturating head (Softmax, Sigmoid) count by the larger of their error and their logits' (random
-inputs can make a classifier certain, which hides every error in its probabilities). Nodes the
+nodes are independent, so their powers add: the prediction is Σ e_t. Outputs behind a Softmax
+count by the larger of their error and their logits' (random inputs can make a classifier
+certain, which hides every error in its probabilities). Nodes the
 probe cannot rewrite (shift convolutions, MoE experts) take ½·NSR_t times the probed nodes'
 median e_1/(½·NSR_1); without any probe, ½·Σ NSR_t (7–1700× over on the benched models).
 

@@ -28,14 +28,17 @@ SWITCH = "mfconvert_probe_switch"
 PROBE_EXAMPLES = 8          # synthesised probe inputs without data
 DEFAULT_LENGTH = 64         # a dynamic non-batch dimension of a probe input (a sequence length)
 PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
-SATURATING = ("Softmax", "LogSoftmax", "Sigmoid", "Exp", "Tanh", "HardSigmoid")
+# Heads over several classes: random inputs make them certain, which hides every error in their
+# probabilities, while the logits' norm stays a fair scale. Not a one-value Sigmoid: its logit
+# near 0 (p ≈ ½) makes any error look large against it (oww-alexa 10×, smart-turn 1000× over).
+SATURATING = ("Softmax", "LogSoftmax", "Exp")
 # between a saturating head and its logits: shifts (softmax's max), normalisers. Not a Q/DQ pair:
 # the head reads the logits on its int8 grid, where an error below a step vanishes.
 TRANSPARENT = ("Div", "Sub", "Reshape", "Identity", "Cast", "Flatten", "Squeeze", "Unsqueeze")
 
 
 def pre_activation(graph, output) -> object | None:
-    """The float tensor an output's saturating head (Softmax, Sigmoid, an unfused exp/sum) reads:
+    """The float tensor an output's saturating head (Softmax, an unfused exp/sum) reads:
     its logits, past shifts (not past a Q/DQ pair); None when the output has no such head. (gs
     graph and tensor.)"""
     t, found, crossed = output, None, False
@@ -139,9 +142,9 @@ class LayerProbe:
 
     def __init__(self, original: onnx.ModelProto, nodes, terms=(1,), outputs: list[str] | None = None,
                  threads: int | None = None, logits: bool = False):
-        """`logits`: an output behind a saturating head (Softmax, Sigmoid) is also compared before
-        it, and counts by the larger of the two errors (without data: synthesised inputs can drive
-        a classifier to certainties no real input gives, where its probabilities hide every error)."""
+        """`logits`: an output behind a Softmax is also compared before it, and counts by the
+        larger of the two errors (without data: synthesised inputs can drive a classifier to
+        certainties no real input gives, where its probabilities hide every error)."""
         import onnx_graphsurgeon as gs
         import torch
 
