@@ -11,7 +11,10 @@ the figures are the shifts' own), judged against the original in ONNX Runtime:
   MobileNetV2 (batch 1), and end-to-end latency of the converted model against the original:
   medians of interleaved runs, their ratio; sessions with spinning off (the machine is shared).
 
-    nice .venv/bin/python bench/bench_spatial_shift.py --minutes 3 --json out/bench_spatial_shift.json
+    nice .venv/bin/python bench/bench_spatial_shift.py --minutes 10 --json out/bench_spatial_shift.json
+
+--data rows: calibrate/spatial_shift.py on crops of images 0–9, every layer shifted, then with the
+channels no single shift explains (--keep-below) kept depthwise.
 """
 from __future__ import annotations
 
@@ -163,8 +166,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--fidelity", type=float, default=None, help="also the data-free conversion keeping channels "
                     "whose dominant tap holds less of the kernel's energy depthwise")
-    ap.add_argument("--keep-below", type=float, default=0.5, help="--data row keeping depthwise the channels whose "
-                    "best shift explains less than this share of their output's variance")
+    ap.add_argument("--keep-below", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9], help="--data rows keeping "
+                    "depthwise the channels whose best shift explains less than this share of their output's variance")
     ap.add_argument("--calib-per-image", type=int, default=3, help="--data: calibration crops per image 0–9")
     ap.add_argument("--skip-timing", action="store_true", help="accuracy only (no kernel or end-to-end timing)")
     ap.add_argument("--threads", type=int, default=2)
@@ -188,16 +191,19 @@ def main():
     calib = Examples([{"image": x} for x in crops(images[:10], args.calib_per_image, seed=3)])
     students = {}
     rows = [("shift", {}, False), ("shift, --data", {}, True)]
-    if args.keep_below is not None:
-        rows.append((f"shift, --data, kept depthwise below {args.keep_below:.0%} explained", {}, True))
+    explained = None
+    for threshold in args.keep_below:
+        rows.append((f"shift, --data, kept depthwise below {threshold:.0%} explained", {"keep_below": threshold}, True))
     if args.fidelity is not None:
         rows.append((f"fidelity {args.fidelity}", {"fidelity": args.fidelity}, False))
     for name, cfg, with_data in rows:
         t0 = time.monotonic()
-        if "kept depthwise" in name:   # the channels no single shift explains stay depthwise
-            first = convert(teacher).report.changes
-            keep, _ = channels_to_keep(teacher, calib, first, args.keep_below)
-            cfg = {"keep_channels": keep}
+        if "keep_below" in cfg:   # the channels no single shift explains stay depthwise
+            if explained is None:   # measured once on the original's activations
+                _, explained = channels_to_keep(teacher, calib, convert(teacher).report.changes, 0.0)
+                out["explained_median"] = {k: float(np.median(v)) for k, v in explained.items()}
+            cfg = {"keep_channels": {k: [int(i) for i in np.flatnonzero(v < cfg["keep_below"])]
+                                     for k, v in explained.items()}}
         result = convert(teacher, **cfg)
         changes = result.report.changes
         model = result.model
@@ -214,6 +220,9 @@ def main():
                "seconds": time.monotonic() - t0, "calibration": calibration}
         out[name] = {"before": row}
         print(f"{name}: { {k: v for k, v in row.items() if k != 'calibration'} }", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
         if calibration:
             print("  " + "; ".join(calibration["lines"]), flush=True)
             for layer, fig in calibration["layers"].items():
