@@ -227,6 +227,18 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
   for (int64_t n = 0; n < g.n; ++n) {
     const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
+    if (g.cg == 1) {
+      // Depthwise (each group one channel): a channel's planes are built and read by its M/G
+      // outputs in one task, while they are in L1/L2, instead of all planes first (MBs for
+      // MobileNetV2's early layers) and then read back.
+      par.For(static_cast<size_t>(g.c), [&](size_t ci) {
+        const int64_t c = static_cast<int64_t>(ci);
+        BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
+                        range + 2 * c, range + 2 * c + 1);
+        ShiftTask<S>(r, buf, yn, c * g.mg, (c + 1) * g.mg, 0, pl.flat);
+      });
+      continue;
+    }
     par.For(static_cast<size_t>(g.c), [&](size_t ci) {
       const int64_t c = static_cast<int64_t>(ci);
       BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
