@@ -16,9 +16,10 @@ graph order:
    its weights and bias are refit by ridge regression from the features the converted layer now
    gives to the original block's output: the original conv's output, plus (where an Add follows)
    the original residual minus the converted one, so each block also absorbs the error it inherits
-   on the skip path. The ridge λ (relative to the features' mean energy) is chosen among a few on
-   held-out examples, against keeping the weights as they are (step 1's scale folded); the
-   winner is fit again on all examples.
+   on the skip path. Before step 1, the expansion 1×1 conv that feeds the layer (if any) is refit
+   the same way towards the original's expansion output. The ridge λ (relative to the features'
+   mean energy) is chosen among a few on held-out examples, against keeping the weights as they
+   are (step 1's scale folded); the winner is fit again on all examples.
 
 Convs the shift-conv pass has already made ShiftConv (codes, not floats) are not refit: such a
 layer keeps its data-free form and the notes say so (--no-shift-conv keeps them float).
@@ -185,6 +186,7 @@ def _layers(student: onnx.ModelProto, changes) -> tuple[list[_Layer], list[str]]
     consumers = _consumers(student)
     sole = lambda name: consumers[name][0] if len(consumers.get(name, [])) == 1 else None   # noqa: E731
     by_name = {n.name: n for n in student.graph.node if n.op_type == "SpatialShift"}
+    producer = {o: n for n in student.graph.node for o in n.output}
     layers, skipped = [], []
     for change in changes:
         node = by_name.get(change.node)
@@ -220,7 +222,6 @@ def _layers(student: onnx.ModelProto, changes) -> tuple[list[_Layer], list[str]]
         if pw is not None and (add := sole(pw.output[0])) is not None and add.op_type == "Add" and len(add.input) == 2:
             residual = add.input[1] if add.input[0] == pw.output[0] else add.input[0]
         # the expansion before it: a 1×1 conv whose output reaches the layer through elementwise ops
-        producer = {o: n for n in student.graph.node for o in n.output}
         t, expand = change.shift_input, None
         while (n := producer.get(t)) is not None and sole(t) is not None:
             if n.op_type in ELEMENTWISE:
@@ -330,6 +331,10 @@ def calibrate_shifts(student: onnx.ModelProto, original: onnx.ModelProto, data: 
             _write_conv(out, inits, pw, wb)
         ch.calibration = figures
         ch.moved = figures["moved"]
+        ch.detail += (f"; on data: {figures['offsets_changed']} offsets changed, {figures['moved']} moved, shift explains "
+                      f"{figures['explained_variance_median']:.0%} of a channel's variance (median)"
+                      + (f", block error {figures['held_out_error_before']:.0%} → {figures['held_out_error_after']:.0%} "
+                         "held out" if "held_out_error_after" in figures else ""))
     lines = [] if not layers else [f"spatial-shift: {len(layers)} layer(s) calibrated on {len(items)} examples (least-squares offset and "
              f"scale per channel" + (f"; {refits} 1×1 conv(s) around them refit by ridge regression, the "
                                      "others kept: no held-out gain" if refit else "") + ")"]
