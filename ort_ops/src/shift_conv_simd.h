@@ -99,11 +99,11 @@ inline void Scatter(const float* res, int64_t f, int64_t n, const ConvGeom& g, i
 }
 
 // ShiftConv: outputs [o0, o1) x flat indices [f0, f1) of one image.
-template <class S>
+template <class S, int V = S::kVectors>
 SC_TARGET void ShiftTask(const ShiftConvRun& r, const int32_t* buf, float* yn, int64_t o0, int64_t o1,
                          int64_t f0, int64_t f1) {
   using I = typename S::I;
-  constexpr int L = S::kLanes, V = S::kVectors;
+  constexpr int L = S::kLanes;
   const PackedShiftConv& p = *r.p;
   const ConvGeom& g = r.g;
   const auto lo = S::Set1F(r.act.lo), hi = S::Set1F(r.act.hi);
@@ -223,7 +223,13 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
   int32_t *tmp = nullptr, *range = nullptr;
   int64_t tmp_stride = 0;
   int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride);
-  const TaskGrid grid(g, pl, S::kLanes, S::kVectors);
+  // S::kVectors vectors of flat outputs per pass, but half as many when an output's inputs
+  // ((C/G) * K * T int32 rows of V * S::kLanes) would overflow L1 at the full count (a ResNet
+  // pointwise layer with few outputs, e.g. 144->24, which the lookup-table path does not take).
+  const int64_t per_output = g.cg * g.k * r.p->terms;
+  const bool half = S::kVectors > 4 && per_output * S::kVectors * S::kLanes * 4 > (int64_t{32} << 10);
+  constexpr int kHalf = S::kVectors > 4 ? S::kVectors / 2 : S::kVectors;
+  const TaskGrid grid(g, pl, S::kLanes, half ? kHalf : S::kVectors);
   for (int64_t n = 0; n < g.n; ++n) {
     const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
@@ -246,8 +252,13 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
     });
     par.For(grid.size(), [&](size_t t) {
       const int64_t b = static_cast<int64_t>(t) / grid.chunks, k = static_cast<int64_t>(t) % grid.chunks;
-      ShiftTask<S>(r, buf, yn, b * kOutBlock, std::min(g.m, (b + 1) * kOutBlock), k * grid.chunk,
-                   std::min(pl.flat, (k + 1) * grid.chunk));
+      const int64_t o0 = b * kOutBlock, o1 = std::min(g.m, (b + 1) * kOutBlock), f0 = k * grid.chunk;
+      const int64_t f1 = std::min(pl.flat, (k + 1) * grid.chunk);
+      if (half) {
+        ShiftTask<S, kHalf>(r, buf, yn, o0, o1, f0, f1);
+      } else {
+        ShiftTask<S>(r, buf, yn, o0, o1, f0, f1);
+      }
     });
   }
 }
