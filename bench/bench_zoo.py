@@ -290,7 +290,7 @@ def table(work: Path, names) -> str:
         data = f"{r['data']}; {r['n_train']} / {r['n_held']}"
         if "original_accuracy" in r:
             data += f"; original acc {r['original_accuracy']:.0%}"
-        ft = _fid(r.get("ft_fidelity")) if "ft_error" not in r else f"error: {r['ft_error']}"
+        ft = _fid(r.get("ft_fidelity")) if "ft_error" not in r else f"error: {r['ft_error'].split('error: ', 1)[-1]}"
         if "ft_start" in r:
             start = r["ft_start"]
             how = {"given": "start: its own codes", "nearest": "start: nearest",

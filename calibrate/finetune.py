@@ -291,11 +291,14 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     features = block_outputs(student, teacher) if cfg.feature_weight > 0 else []
     teach = Teacher(teacher, features, outputs=selected)
     called = time.monotonic()
+    module = OnnxModule(student, latent_weights=latent_start_weights(student, teacher)).train()
+    check_trainable(module, data, selected)   # before minutes of rounding
     resuming = bool(cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint))
     start_model, rounding = start_codes(student, teacher, data, cfg, "checkpoint" if resuming else cfg.rounding,
                                         progress=cfg.progress and rank == 0)
     rounding_seconds = rounding.pop("seconds", 0.0)
-    module = OnnxModule(start_model, latent_weights=latent_start_weights(start_model, teacher)).train()
+    if start_model is not student:
+        module = OnnxModule(start_model, latent_weights=latent_start_weights(start_model, teacher)).train()
     if rounding["start"] in ("rounded", "given"):
         keep_codes(module, OnnxModule(start_model))
     module = module.to(device)
@@ -398,10 +401,8 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
                                                       selected_at, features, logits_of, latency, cfg, device)
             offset += real
             weight = real / n_rows
-            if not getattr(loss, "requires_grad", False):
-                raise ConversionError(f"nothing to train: {', '.join(selected)} depend(s) on no trainable weight "
-                                      "(every path to them passes through an op without a gradient, such as a QDQ "
-                                      "model's QuantizeLinear)")
+            if not getattr(loss, "requires_grad", False):   # check_trainable saw one example; not expected
+                raise ConversionError(_NOTHING_TO_TRAIN.format(", ".join(selected)))
             (loss * weight).backward()
             total += loss.item() * weight
             distill += piece_distill * weight
@@ -446,6 +447,19 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
     return FinetuneResult(trained, step, time.monotonic() - called, losses, rounding_seconds, distill_losses,
                           shift_fractions, scores if checking else {}, kept, rounding, training_seconds,
                           scoring_seconds, cfg.steps, cfg.minutes, stopped_by)
+
+
+_NOTHING_TO_TRAIN = ("nothing to train: {} depend(s) on no trainable weight (every path to them passes through an op "
+                     "without a gradient, such as a QDQ model's QuantizeLinear)")
+
+
+def check_trainable(module: OnnxModule, data: Examples, selected: list[str]) -> None:
+    """A ConversionError unless some distilled output has a gradient on the first example (a QDQ
+    model's fake quantisation, QuantizeLinear to integers, passes none)."""
+    first = next(iter(chunks(next(data.batches(1)), model_fixed_batch(module.model))))[0]
+    outputs = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in first.items()})
+    if not any(outputs[module.output_names.index(n)].requires_grad for n in selected):
+        raise ConversionError(_NOTHING_TO_TRAIN.format(", ".join(selected)))
 
 
 def start_codes(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples, cfg: FinetuneConfig,
