@@ -3,7 +3,9 @@ own, then keep the most sensitive layers in float until the whole model's error 
 
 Error is measured in ONNX Runtime on calibration data against the original model's outputs (the
 ones named, by default every float output; their mean): 1 − mean per-example cosine
-(embeddings, hidden states) or, for logits, the loss of top-1 agreement. Keeping the k most
+(embeddings, hidden states) or, for logits, the loss of top-1 agreement. The terms allocation
+(calibrate/allocate.py) measures by `nsr_drop` instead (Measurer(metric="nsr")): ½·‖y − y′‖²/‖y‖²,
+which also sees one-number and two-class outputs. Keeping the k most
 sensitive layers is searched by bisection over k (the error falls as more layers stay float),
 so a model with n candidate layers costs n + log2(n) conversions.
 """
