@@ -21,7 +21,8 @@ centre crops (open_nsfw has no labels for them: it says sfw/nsfw, not ImageNet c
   mf --data -T t       `mfconvert model.onnx --data crops --shift-terms t` (t = auto: terms per
                         layer measured on the data; compensated rounding, kept per layer where it
                         beats nearest on held-out crops, and bias correction; t = 1 is DeepShift's
-                        one power of two per weight); `nearest:t` the same with --rounding nearest;
+                        one power of two per weight); `nearest:t` the same with --rounding nearest,
+                        `no-bias-correction:t` / `bias-correction-only:t` with one piece off;
   ... + finetune       then `mfconvert finetune` for M minutes (distillation: kl on MobileNetV2's
                         logits, mse on open_nsfw's probabilities; a validation split of other
                         crops of images 0–9 picks the best of start/rounded/trained).
@@ -29,6 +30,7 @@ centre crops (open_nsfw has no labels for them: it says sfw/nsfw, not ImageNet c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -116,6 +118,8 @@ def scores(y: np.ndarray, y_ref: np.ndarray, y_lab, y_ref_lab, labels, labelled:
     if labelled:
         out["top1"] = float((y_lab.argmax(1) == labels).mean())
         out["top1_fp32"] = float((y_ref_lab.argmax(1) == labels).mean())
+        a, b = y_ref.astype(np.float64), y.astype(np.float64)
+        out["logit_sqnr_db"] = float(10 * np.log10((a * a).sum() / max(((a - b) ** 2).sum(), 1e-30)))
     else:   # open_nsfw: probabilities of (sfw, nsfw)
         out["mean_abs_dp"] = float(np.abs(y[:, 1] - y_ref[:, 1]).mean())
         out["max_abs_dp"] = float(np.abs(y[:, 1] - y_ref[:, 1]).max())
@@ -184,6 +188,12 @@ def bench_model(name: str, args, images, labels, log, rows: list[dict]) -> list[
             converted[terms] = data
             record(f"mf --data --shift-terms {terms}" + (" --rounding nearest" if kind == "nearest" else ""),
                    data.result.model, time.monotonic() - t, _terms_note(data) + _rounding_note(data))
+        elif kind in ABLATIONS:   # --data with one piece of the rounding switched off (BENCHMARKS.md, one term)
+            t = time.monotonic()
+            with _ablation(kind):
+                data = convert_model(path, _config(terms), PipelineOptions(shift_terms=_terms(terms), data=examples))
+            record(f"mf --data --shift-terms {terms}, {ABLATIONS[kind]}", data.result.model, time.monotonic() - t,
+                   _terms_note(data) + _rounding_note(data))
         elif kind == "finetune":
             data = converted.get(terms)
             if data is None:
@@ -199,6 +209,25 @@ def bench_model(name: str, args, images, labels, log, rows: list[dict]) -> list[
         elif kind not in ("ort",):
             raise SystemExit(f"bench_cnn: error: unknown row {spec!r} in --rows")
     return rows
+
+
+ABLATIONS = {"no-bias-correction": "compensated rounding without bias correction",
+             "bias-correction-only": "nearest codes + bias correction"}
+
+
+@contextlib.contextmanager
+def _ablation(kind: str):
+    """calibrate/rounding.py with bias correction (no-bias-correction) or the compensated rounding
+    itself (bias-correction-only: every layer's compensated codes equal nearest's, so it keeps
+    nearest, then corrects its bias) replaced by nothing, for the rows that say what each does."""
+    from mfconvert.calibrate import rounding
+    name = "correct_conv_bias" if kind == "no-bias-correction" else "round_layer"
+    saved = getattr(rounding, name)
+    setattr(rounding, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        setattr(rounding, name, saved)
 
 
 def _terms(terms: str) -> int | str:
@@ -255,7 +284,8 @@ def main() -> None:
     p.add_argument("--rows", default="ort,free,data:auto,data:2,finetune:auto",
                    help="the rows after fp32, in order: ort (dynamic and static int8), free[:T] (data-free, "
                         "--shift-terms T, default auto), data:T (--data, T = auto or 1–4), nearest:T (--data "
-                        "--rounding nearest), finetune:T (data:T's conversion, then finetuning)")
+                        "--rounding nearest), no-bias-correction:T and bias-correction-only:T (--data with one piece "
+                        "of the rounding off), finetune:T (data:T's conversion, then finetuning)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
