@@ -311,3 +311,17 @@ def test_without_a_probe_the_weight_model_stands_in_and_says_why(tmp_path):
     assert "½·Σ weight NSR (no probe: input 'scale' is a scalar" in a.note, a.note
     assert not any(n.probed for n in a.nodes)
     assert a.predicted == pytest.approx(0.5 * sum(n.nsr[a.terms[n.node] - 1] for n in a.nodes))
+
+
+def test_unprobed_nodes_keep_the_weight_model_unless_the_probes_say_worse():
+    """A node the probe cannot rewrite (a convolution) takes ½·NSR_t, raised by the probed nodes'
+    median ratio e_1/(½·NSR_1) only when that is above 1."""
+    def node(name, nsr):
+        return allocate.ShiftWeighted(name, "ShiftLinear", np.zeros((1, 1)), np.zeros(1), 5, nsr=nsr)
+    for measured_ratio, want in ((0.1, 1.0), (3.0, 3.0)):
+        nodes = [node("a", [0.02, 0.001, 5e-5, 2e-6]), node("conv", [0.04, 0.002, 1e-4, 4e-6])]
+        used = allocate.set_shares(nodes, {"a": measured_ratio * 0.5 * 0.02})
+        assert used == pytest.approx(want)
+        assert nodes[0].probed and not nodes[1].probed
+        assert nodes[0].error(2) == pytest.approx(measured_ratio * 0.5 * 0.001)
+        assert nodes[1].error(3) == pytest.approx(want * 0.5 * 1e-4)
