@@ -157,8 +157,8 @@ class FinetuneResult:
                     f"{r['layers']} shift layer(s) where it beat nearest rounding on {r['held_out']} held-out "
                     f"examples, the rest nearest ({self.rounding_seconds:.0f} s, not counted in --minutes)")
         if r.get("start") == "given":
-            return ("start: the student's own codes (its metadata says they were chosen on data with a held-out "
-                    f"check, by {r['record'].get('by', 'an earlier run')}); not re-rounded")
+            return (f"start: the student's own codes, chosen on data by {r['record'].get('by', 'an earlier run')} "
+                    "(its metadata says so); not re-rounded")
         if r.get("start") == "nearest":
             return "start: the teacher's weights rounded to the nearest power (--rounding nearest)"
         return "start: the checkpoint's state (--resume)"
