@@ -161,20 +161,29 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
   float* ycol = reinterpret_cast<float*>(xcol + (strip * in + 15) / 16 * 16);
   AlignedBuffer inner;  // ShiftLinearAvx512's shared tables (fewer than 32 rows only)
   const int64_t cblocks = (c + 15) / 16, oblocks = (m + 15) / 16;
+  const bool unpadded_1x1 = g.k == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.pb == 0 && g.pr == 0 &&
+                            pl.channel == g.h * g.w && pl.wq == g.w && r.tap[0] == 0;
   for (int64_t n = 0; n < g.n; ++n) {
     const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
-    par.For(static_cast<size_t>(c), [&](size_t ci) {
-      const int64_t ch = static_cast<int64_t>(ci);
-      BuildChannel<S>(xn + ch * g.h * g.w, g, pl, nullptr, buf + ch * pl.channel, tmp + ch * tmp_stride, false,
-                      range + 2 * ch, range + 2 * ch + 1);
-    });
+    // A 1x1, stride-1, unpadded conv: the planes are the image itself (plane = channel = H * W,
+    // Wq = W, tap offset 0) and the transposes read no further than OH * Wq: no copy.
+    const int32_t* planes_n = buf;
+    if (unpadded_1x1) {
+      planes_n = reinterpret_cast<const int32_t*>(xn);
+    } else {
+      par.For(static_cast<size_t>(c), [&](size_t ci) {
+        const int64_t ch = static_cast<int64_t>(ci);
+        BuildChannel<S>(xn + ch * g.h * g.w, g, pl, nullptr, buf + ch * pl.channel, tmp + ch * tmp_stride, false,
+                        range + 2 * ch, range + 2 * ch + 1);
+      });
+    }
     for (int64_t f0 = 0; f0 < pl.flat; f0 += strip) {
       const int64_t rows = std::min(strip, pl.flat - f0);
       // xcol[j][tap * C + ch] = planes[ch][tap offset + f0 + j]
       par.For(static_cast<size_t>(g.k * cblocks), [&](size_t task) {
         const int64_t tap = static_cast<int64_t>(task) / cblocks, c0 = static_cast<int64_t>(task) % cblocks * 16;
-        const int32_t* src = buf + c0 * pl.channel + r.tap[tap] + f0;
+        const int32_t* src = planes_n + c0 * pl.channel + r.tap[tap] + f0;
         const int nr = static_cast<int>(std::min<int64_t>(16, c - c0));
         for (int64_t j0 = 0; j0 < rows; j0 += 16)
           TransposeTile(src + j0, pl.channel, nr, static_cast<int>(std::min<int64_t>(16, rows - j0)),
