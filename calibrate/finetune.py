@@ -450,12 +450,12 @@ def finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, data: Examples,
 
 
 _NOTHING_TO_TRAIN = ("nothing to train: {} depend(s) on no trainable weight (every path to them passes through an op "
-                     "without a gradient, such as a QDQ model's QuantizeLinear)")
+                     "without a gradient, such as integers from a QuantizeLinear read by an op other than DequantizeLinear)")
 
 
 def check_trainable(module: OnnxModule, data: Examples, selected: list[str]) -> None:
     """A ConversionError unless some distilled output has a gradient on the first example (a QDQ
-    model's fake quantisation, QuantizeLinear to integers, passes none)."""
+    QuantizeLinear's integers pass none unless a DequantizeLinear reads them directly)."""
     first = next(iter(chunks(next(data.batches(1)), model_fixed_batch(module.model))))[0]
     outputs = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in first.items()})
     if not any(outputs[module.output_names.index(n)].requires_grad for n in selected):

@@ -138,16 +138,17 @@ def test_minutes_bound_the_training_alone(digits, monkeypatch):
 
 
 def test_outputs_behind_quantize_linear_are_refused_in_one_line(tmp_path, monkeypatch):
-    """A QDQ model's activation fake quantisation (QuantizeLinear → DequantizeLinear) after the
-    shift layer leaves no gradient to the output: one error naming why, before any rounding, not
-    a traceback from backward() (smart-turn, an int8 QDQ Whisper encoder, reached it once a step
-    ran, after 16 minutes of re-rounding)."""
+    """Integers from a QuantizeLinear read by anything but a DequantizeLinear (here a Cast; a
+    Q → DQ pair passes its gradient straight through, tests/test_qdq_ste.py) leave no gradient to
+    the output: one error naming why, before any rounding, not a traceback from backward()
+    (smart-turn, an int8 QDQ Whisper encoder, reached it once a step ran, after 16 minutes of
+    re-rounding, before the executor's straight-through Q → DQ)."""
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.2, (48, 32)).astype(np.float32)
     scale, zero = numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
                                helper.make_node("QuantizeLinear", ["h", "s", "z"], ["q"]),
-                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+                               helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT)], "qcast",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
                               [numpy_helper.from_array(w, "w"), scale, zero])

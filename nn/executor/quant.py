@@ -1,6 +1,8 @@
 """Quantization: QuantizeLinear / DequantizeLinear (per tensor, per axis, blocked),
 DynamicQuantizeLinear, MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv. Integer
-arithmetic runs exactly in float64 (|values| < 2^53) and is cast back."""
+arithmetic runs exactly in float64 (|values| < 2^53) and is cast back. For training, a
+QuantizeLinear read directly by a DequantizeLinear passes its gradient straight through (STE,
+zero where the value was clipped); integers reaching any other op carry none."""
 from __future__ import annotations
 
 import torch
@@ -37,8 +39,15 @@ def _quantize(a, x, scale, zero=None):
     if zero is not None:
         q = q + _expand(wide(zero), x, axis, block).to(torch.float64)
     lo, hi = _RANGES[dtype]
+    inside = (q >= lo) & (q <= hi) if x.requires_grad else None
     q = q.clamp(lo, hi)
-    return q.to(torch.int64).to(dtype) if dtype in NARROW_UNSIGNED else q.to(dtype)
+    q = q.to(torch.int64).to(dtype) if dtype in NARROW_UNSIGNED else q.to(dtype)
+    if inside is not None:
+        # Integers carry no gradient. For training, the integer tensor remembers the float it was
+        # quantised from, and a DequantizeLinear that reads it directly passes the gradient
+        # straight through (below): the STE of quantisation-aware training.
+        q._mf_ste = (x, s, inside)
+    return q
 
 
 def _dequantize(a, x, scale, zero=None):
@@ -47,7 +56,18 @@ def _dequantize(a, x, scale, zero=None):
     if zero is not None:
         xf = xf - _expand(wide(zero), x, axis, block).to(torch.float64)
     out_dtype = tdtype(a["output_dtype"]) if a.get("output_dtype") else scale.dtype
-    return (xf.to(scale.dtype) * _expand(scale, x, axis, block)).to(out_dtype)
+    s = _expand(scale, x, axis, block)
+    y = (xf.to(scale.dtype) * s).to(out_dtype)
+    ste = getattr(x, "_mf_ste", None)
+    if ste is not None:
+        # Straight-through estimator of a QuantizeLinear → DequantizeLinear pair (fake
+        # quantisation): d y / d source = (this scale / the quantiser's scale) where the source
+        # was inside the integer range, 0 where it was clipped. The added term is exactly zero in
+        # value, so the forward result is the executor's (and ORT's) dequantised value unchanged.
+        source, q_scale, inside = ste
+        ratio = (s.to(source.dtype) / q_scale.to(source.dtype)).detach()
+        y = y + ((source - source.detach()) * ratio * inside.to(source.dtype)).to(out_dtype)
+    return y
 
 
 op("QuantizeLinear", 10)(_quantize)
