@@ -127,9 +127,12 @@ def test_minutes_bound_the_training_alone(digits, monkeypatch):
     result = finetune(plain, onnx.load(teacher), train, cfg)
     assert result.rounding_seconds >= 3.0
     assert result.stopped_by == "minutes" and 1 <= result.steps < 100_000
-    # The budget is checked between steps, so training overruns it by at most one step (≤ 0.3 s here,
-    # 5–100 steps fit depending on the load).
-    assert 1.2 <= result.training_seconds < 1.2 + 1.0
+    # The budget is checked between steps, so training overruns it by at most one step: ≤ 0.3 s
+    # on an idle core, 5–100 steps fit depending on the load; the bound leaves room for a step
+    # slowed 10× by a loaded machine (a one-second overrun failed once at load 28). What matters
+    # is the lower bound: the 3 s rounding took none of the 1.2 s.
+    mean_step = result.training_seconds / result.steps
+    assert 1.2 <= result.training_seconds < 1.2 + max(1.0, 3 * mean_step)
     assert result.seconds >= result.training_seconds + result.rounding_seconds
     line = result.steps_line()
     assert f"finetuned {result.steps} steps in 1 s of training (the --minutes 0.02 budget; " \
