@@ -10,6 +10,11 @@ ResNet-50 layer shapes at batch 1.
 op library (each session registers its own copy; it exports only RegisterCustomOps, so two copies
 coexist), for before/after ratios of interleaved runs.
 
+`--cpu-time N` (with `--before LIB`): the kernel alone, single thread, before vs after vs fp32, one
+and two terms: N interleaved single calls per session, each timed by the calling thread's CPU time
+(`time.thread_time`, which a preemption on a shared machine does not inflate; ORT runs a 1-thread
+session on the calling thread), the fastest kept; MAC/cycle at --ghz (the core's measured clock).
+
 `--model mobilenetv2`: torchvision's ImageNet MobileNetV2 (zoo/public.py, torchscript export)
 end to end at batch 1, the fp32 original against its data-free conversions with the CLI's default
 passes (shift-conv on; `--shift-terms 1` and `auto`), converted once into --workdir; interleaved
@@ -156,6 +161,45 @@ def quiet_session_lib(model, threads, lib):
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def cpu_time_ab(args):
+    """--cpu-time N: before vs after vs fp32 per layer, 1 thread, fastest thread CPU time."""
+    if not args.before:
+        raise SystemExit("bench_conv: error: --cpu-time needs --before LIB")
+    rng = np.random.default_rng(args.seed)
+    print(f"ShiftConv kernel alone, 1 thread, fastest thread CPU time of {args.cpu_time} interleaved calls "
+          f"(two terms: half as many); before = {args.before}, after = {library_path()}; load {os.getloadavg()}\n")
+    print("| layer | 1 term: before µs | after µs | fp32 µs | after/before | fp32/ours before → after "
+          f"| MAC/cycle after ({args.ghz} GHz) | 2 terms: before µs | after µs | after/before |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (c, h, wd, m, k, stride, group) in LAYERS.items():
+        if args.only not in name:
+            continue
+        w = (rng.standard_normal((m, c // group, k, k)) * 0.05).astype(np.float32)
+        b = (rng.standard_normal(m) * 0.05).astype(np.float32)
+        x = {"X": rng.standard_normal((1, c, h, wd)).astype(np.float32)}
+        fp32 = quiet_session(fp32_model(w, b, c, h, wd, m, k, stride, group).SerializeToString(), 1)
+        best = {}
+        for terms, calls in ((1, args.cpu_time), (2, max(1, args.cpu_time // 2))):
+            sm = shift_model(w, b, c, h, wd, m, k, stride, group, terms).SerializeToString()
+            s = {"before": quiet_session_lib(sm, 1, args.before), "after": quiet_session(sm, 1, ours=True), "fp32": fp32}
+            if not np.array_equal(s["before"].run(None, x)[0], s["after"].run(None, x)[0]):
+                raise SystemExit(f"bench_conv: error: {name}, {terms} terms: before and after differ")
+            t = {kk: float("inf") for kk in s}
+            for _ in range(calls):
+                for kk, sess in s.items():
+                    t0 = time.thread_time()
+                    sess.run(None, x)
+                    t[kk] = min(t[kk], time.thread_time() - t0)
+            best[terms] = t
+        oh = (h + 2 * (k // 2) - k) // stride + 1
+        macs = m * oh * oh * (c // group) * k * k
+        t1, t2 = best[1], best[2]
+        print(f"| {name} | {t1['before'] * 1e6:.0f} | {t1['after'] * 1e6:.0f} | {t1['fp32'] * 1e6:.0f} "
+              f"| {t1['before'] / t1['after']:.2f}× | {t1['fp32'] / t1['before']:.2f}× → {t1['fp32'] / t1['after']:.2f}× "
+              f"| {macs / (t1['after'] * args.ghz * 1e9):.1f} | {t2['before'] * 1e6:.0f} | {t2['after'] * 1e6:.0f} "
+              f"| {t2['before'] / t2['after']:.2f}× |", flush=True)
+
+
 def model_bench(args, threads_list):
     """MobileNetV2 end to end: fp32 vs data-free shift-conv conversions (1 term, auto)."""
     import statistics
@@ -216,8 +260,13 @@ def main():
     ap.add_argument("--before", default="", help="another build of the op library: a 'shift1 before' column")
     ap.add_argument("--model", default="", help="mobilenetv2: the whole model instead of the layers")
     ap.add_argument("--workdir", default="out/bench_conv", help="--model: where the conversions are kept")
+    ap.add_argument("--cpu-time", type=int, default=0, help="N: the kernel alone by thread CPU time (needs --before)")
+    ap.add_argument("--ghz", type=float, default=2.99, help="--cpu-time: core clock for MAC/cycle")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
+    if args.cpu_time:
+        cpu_time_ab(args)
+        return
     if args.model:
         model_bench(args, [int(t) for t in args.threads.split(",")])
         return
