@@ -15,7 +15,7 @@ is a MatchResult (passes/match.py) with the reason and the node; the report show
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -27,24 +27,21 @@ from mfconvert.passes.graph import (NotConstant, constant_value, graph_opset, is
                                     tensor_dtype)
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
-from mfconvert.passes.targeting import compile_patterns, exclusion_reason
+from mfconvert.passes.targeting import Targeting, exclusion_reason
 
 NAME = "add-attention"
 OP = "AddLinearAttention"
 
 
 @dataclass
-class AddAttentionConfig:
+class AddAttentionConfig(Targeting):
     binarizer: str = "sign"
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.binarizer != "sign":
             raise ValueError(f"binarizer must be 'sign' for the ONNX pass (got {self.binarizer!r}); the "
                              "'ksh' hash is fitted on data by mfconvert.nn.AddLinearAttention")
-        compile_patterns(self.include, "--include")
-        compile_patterns(self.exclude, "--exclude")
+        self.check_targeting()
 
 
 NoMatch = Miss   # the subgraph is not an attention core we can rewrite; the message is the reason

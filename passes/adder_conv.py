@@ -35,7 +35,7 @@ layers' weights as converted (ShiftAddNet's fixed-shift variant).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -47,7 +47,7 @@ from mfconvert.passes.graph import claim, claimant, node_label
 from mfconvert.passes.registry import PassError, register
 from mfconvert.passes.report import PassResult
 from mfconvert.passes.shift_format import ShiftFormat
-from mfconvert.passes.targeting import compile_patterns, exclusion_reason
+from mfconvert.passes.targeting import Targeting, exclusion_reason
 
 ADDER, SHIFT_ADD = "adder-conv", "shift-add-conv"
 OP = "AdderConv"
@@ -57,9 +57,7 @@ RANGE_SIGMAS = 8.0       # shift-add, data-free: L_c ≥ RANGE_SIGMAS·σ·‖ro
 
 
 @dataclass
-class _Selection:
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+class _Selection(Targeting):
     min_params: int = 0
     # AdderNet and ShiftAddNet keep the first conv (the stem, on raw pixels) as it is: it stays
     # for shift-conv unless this is true.
@@ -68,12 +66,9 @@ class _Selection:
     input_std: float = 1.0
 
     def _check(self):
-        if self.min_params < 0:
-            raise ValueError(f"min_params must be >= 0, got {self.min_params}")
+        self.check_targeting()
         if not (self.input_std > 0 and math.isfinite(self.input_std)):
             raise ValueError(f"input_std must be a positive number, got {self.input_std}")
-        compile_patterns(self.include, "--include")
-        compile_patterns(self.exclude, "--exclude")
 
 
 @dataclass

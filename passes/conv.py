@@ -22,18 +22,16 @@ from mfconvert.passes.linear import shift_linear_node, weight_warnings
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
 from mfconvert.passes.shift_format import ShiftFormat
-from mfconvert.passes.targeting import compile_patterns, exclusion_reason
+from mfconvert.passes.targeting import Targeting, exclusion_reason
 
 NAME = "shift-conv"
 OP = "ShiftConv"
 
 
 @dataclass
-class ShiftConvConfig(ShiftFormat):
+class ShiftConvConfig(ShiftFormat, Targeting):
     """The ShiftConv format (the ShiftLinear one: weight_bits, act_bits, act_frac_bits,
-    weight_scale, terms) and which convolutions to convert."""
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    weight_scale, terms) and which convolutions to convert (include/exclude: Targeting)."""
     # Every conv by default: a CNN's stem (3·32·9 = 864 weights) and its depthwise convs (C·9) are
     # small but run at the largest resolutions.
     min_params: int = 0
@@ -48,10 +46,7 @@ class ShiftConvConfig(ShiftFormat):
         super().__post_init__()
         for frac_bits in self.act_frac_bits_by_input.values():
             pow2.check_format(self.weight_bits, self.act_bits, frac_bits)
-        if self.min_params < 0:
-            raise ValueError(f"min_params must be >= 0, got {self.min_params}")
-        compile_patterns(self.include, "--include")
-        compile_patterns(self.exclude, "--exclude")
+        self.check_targeting()
 
 
 @dataclass

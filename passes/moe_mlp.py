@@ -18,7 +18,7 @@ from mfconvert.passes.linear import LinearMatch, match_linear, shift_linear_node
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
 from mfconvert.passes.shift_format import ShiftFormat
-from mfconvert.passes.targeting import compile_patterns, exclusion_reason
+from mfconvert.passes.targeting import Targeting, exclusion_reason
 
 NAME = "moe-mlp"
 ROUTES_KEY = "mfconvert.moe_mlp.routes"
@@ -26,23 +26,20 @@ MIN_OPSET = 13
 
 
 @dataclass
-class MoEMLPConfig(ShiftFormat):
+class MoEMLPConfig(ShiftFormat, Targeting):
     """ShiftLinear format of the Shift expert (ShiftFormat: the shift-linear pass's fields, terms
     included), router initialisation (docs/ops.md), and which blocks to convert (include/exclude
     match the name of the block's fc1 node)."""
     router_std: float = 10.0
     router_bias: float = 0.0
     seed: int = 0
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         super().__post_init__()
         if not (self.router_std >= 0 and np.isfinite(self.router_std) and np.isfinite(self.router_bias)):
             raise ValueError(f"router_std must be finite and >= 0 and router_bias finite, "
                              f"got {self.router_std}, {self.router_bias}")
-        compile_patterns(self.include, "--include")
-        compile_patterns(self.exclude, "--exclude")
+        self.check_targeting()
 
 
 @dataclass

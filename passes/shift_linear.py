@@ -12,17 +12,15 @@ from mfconvert.passes.linear import match_linear, shift_linear_node, weight_warn
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import LayerChange, PassResult
 from mfconvert.passes.shift_format import ShiftFormat
-from mfconvert.passes.targeting import compile_patterns, exclusion_reason
+from mfconvert.passes.targeting import Targeting, exclusion_reason
 
 NAME = "shift-linear"
 
 
 @dataclass
-class ShiftLinearConfig(ShiftFormat):
+class ShiftLinearConfig(ShiftFormat, Targeting):
     """The ShiftLinear format (weight_bits, act_bits, act_frac_bits, weight_scale, terms: ShiftFormat)
-    and which linears to convert."""
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    and which linears to convert (include/exclude: Targeting)."""
     min_params: int = 1024
     # Fractional bits per activation tensor name, from calibration (calibrate/activation_stats.py);
     # a linear whose input is not listed uses act_frac_bits.
@@ -32,10 +30,7 @@ class ShiftLinearConfig(ShiftFormat):
         super().__post_init__()
         for frac_bits in self.act_frac_bits_by_input.values():
             pow2.check_format(self.weight_bits, self.act_bits, frac_bits)
-        if self.min_params < 0:
-            raise ValueError(f"min_params must be >= 0, got {self.min_params}")
-        compile_patterns(self.include, "--include")
-        compile_patterns(self.exclude, "--exclude")
+        self.check_targeting()
 
 
 # Integer matrix products: their activation input is itself quantised (uint8/int8, with its scale

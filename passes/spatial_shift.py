@@ -24,17 +24,15 @@ from mfconvert.passes.conv import ConvChange, ConvMatch, match_conv
 from mfconvert.passes.graph import NotConstant, claimant, constant_value, graph_opset, node_label, sole_consumer
 from mfconvert.passes.registry import register
 from mfconvert.passes.report import PassResult
-from mfconvert.passes.targeting import compile_patterns, exclusion_reason
+from mfconvert.passes.targeting import Targeting, exclusion_reason
 
 NAME = "spatial-shift"
 OP = "SpatialShift"
 
 
 @dataclass
-class SpatialShiftConfig:
-    """Which depthwise convs become shifts and how."""
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+class SpatialShiftConfig(Targeting):
+    """Which depthwise convs become shifts (include/exclude: Targeting) and how."""
     # None: every channel shifts. Else the least share of its kernel's energy the dominant tap must
     # hold for a channel to shift; the others stay depthwise (reported per layer).
     fidelity: float | None = None
@@ -60,8 +58,7 @@ class SpatialShiftConfig:
             raise ValueError(f"padding must be 'zeros' or 'edge', got {self.padding!r}")
         if self.sparsity < 0:
             raise ValueError(f"sparsity must be >= 0, got {self.sparsity}")
-        compile_patterns(self.include, "--include")
-        compile_patterns(self.exclude, "--exclude")
+        self.check_targeting()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 
 def compile_patterns(patterns: list[str], flag: str) -> list[re.Pattern]:
@@ -22,3 +23,19 @@ def exclusion_reason(name: str, include: list[str], exclude: list[str]) -> str |
         if re.search(p, name):
             return f"excluded by --exclude {p!r}"
     return None
+
+
+@dataclass
+class Targeting:
+    """The include/exclude fields every pass config has (a base of each), checked by
+    check_targeting() from the config's __post_init__: a bad pattern is one error naming the flag.
+    A config with a `min_params` field has it checked too."""
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+    def check_targeting(self) -> None:
+        compile_patterns(self.include, "--include")
+        compile_patterns(self.exclude, "--exclude")
+        min_params = getattr(self, "min_params", 0)
+        if min_params < 0:
+            raise ValueError(f"min_params must be >= 0, got {min_params}")
