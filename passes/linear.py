@@ -424,7 +424,7 @@ def accumulator_checks(model: onnx.ModelProto, input_ranges: dict[str, np.ndarra
         x = node.input[0]
         seen = None if input_ranges is None else _seen_range(producers_of or model, x, n_in, input_ranges)
         known = known_input_bound(producers_of or model, x, n_in)
-        narrower = (f"--act-bits 16 with --data to calibrate it per layer" if a_bits == 32
+        narrower = ("--act-bits 16 with --data to calibrate it per layer" if a_bits == 32
                     else f"a smaller --act-bits (now {a_bits})")
         fix = (f"lower --act-frac-bits (now {f_bits}), or {narrower}, or {exclude_hint(name)} to keep "
                "the layer float")
