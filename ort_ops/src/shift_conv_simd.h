@@ -226,9 +226,14 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
   // S::kVectors vectors of flat outputs per pass, but half as many when an output's inputs
   // ((C/G) * K * T int32 rows of V * S::kLanes) would overflow L1 at the full count (a ResNet
   // pointwise layer with few outputs, e.g. 144->24, which the lookup-table path does not take).
+  // Also half as many when that leaves fewer junk outputs in the last pass (7 x 7 images: 63
+  // flat outputs are one pass of 64, not of 128).
   const int64_t per_output = g.cg * g.k * r.p->terms;
-  const bool half = S::kVectors > 4 && per_output * S::kVectors * S::kLanes * 4 > (int64_t{32} << 10);
   constexpr int kHalf = S::kVectors > 4 ? S::kVectors / 2 : S::kVectors;
+  constexpr int64_t kFull = int64_t{S::kVectors} * S::kLanes, kHalfSpan = int64_t{kHalf} * S::kLanes;
+  const bool half = S::kVectors > 4 && (per_output * kFull * 4 > (int64_t{32} << 10) ||
+                                        (pl.flat + kHalfSpan - 1) / kHalfSpan * kHalfSpan <
+                                            (pl.flat + kFull - 1) / kFull * kFull);
   const TaskGrid grid(g, pl, S::kLanes, half ? kHalf : S::kVectors);
   for (int64_t n = 0; n < g.n; ++n) {
     const float* xn = x + n * g.c * g.h * g.w;
@@ -241,7 +246,11 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
         const int64_t c = static_cast<int64_t>(ci);
         BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
                         range + 2 * c, range + 2 * c + 1);
-        ShiftTask<S>(r, buf, yn, c * g.mg, (c + 1) * g.mg, 0, pl.flat);
+        if (half) {
+          ShiftTask<S, kHalf>(r, buf, yn, c * g.mg, (c + 1) * g.mg, 0, pl.flat);
+        } else {
+          ShiftTask<S>(r, buf, yn, c * g.mg, (c + 1) * g.mg, 0, pl.flat);
+        }
       });
       continue;
     }
