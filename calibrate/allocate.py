@@ -403,7 +403,7 @@ def _probe_on_data(measurer, config, nodes: list[ShiftWeighted], progress=None) 
     if shift is None or shift.act_bits < 32 or getattr(measurer, "metric", "cosine") != "nsr":
         return {}
     try:
-        probe = LayerProbe(measurer.original, nodes, terms=(1, 2), outputs=measurer.reference.names)
+        probe = LayerProbe(measurer.original, nodes, terms=(1, 2), outputs=measurer.names, logits=True)
     except Exception:   # a graph the probe cannot rewrite: every unit is converted and measured instead
         return {}
     return probe.errors(measurer.examples, progress)

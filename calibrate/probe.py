@@ -56,6 +56,38 @@ def pre_activation(graph, output) -> object | None:
     return found
 
 
+def with_logits(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """(`model` with the logits its outputs' saturating heads read as extra outputs, {output:
+    its logits}) for the outputs `names` that have such a head (pre_activation); the model itself
+    when none has."""
+    import onnx_graphsurgeon as gs
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    logit_of = {}
+    for name in names:
+        before = pre_activation(graph, tensors[name]) if name in tensors else None
+        if before is not None and before.name not in names:
+            logit_of[name] = before.name
+            if before not in graph.outputs:
+                before.dtype = before.dtype or np.float32
+                graph.outputs.append(before)
+    if not logit_of:
+        return model, {}
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    return out, logit_of
+
+
+def head_drop(reference: dict, test: dict, names: list[str], logit_of: dict[str, str]) -> float:
+    """The outputs' ½·NSR (sensitivity.nsr_drop), averaged over `names`, each output's the larger
+    of its own and its logits' where `logit_of` names them (and `test` has them)."""
+    from mfconvert.calibrate.sensitivity import nsr_drop
+    ref, got = getattr(reference, "rows", reference), getattr(test, "rows", test)
+    return float(np.mean([max(nsr_drop({n: ref[n]}, got),
+                              nsr_drop({logit_of[n]: ref[logit_of[n]]}, got)
+                              if n in logit_of and logit_of[n] in got else 0.0) for n in names]))
+
+
 def _is_constant(tensor) -> bool:
     import onnx_graphsurgeon as gs
     return isinstance(tensor, gs.Constant)
@@ -225,10 +257,7 @@ class LayerProbe:
     def drop(self, reference: dict, test: dict) -> float:
         """The outputs' ½·NSR (sensitivity.nsr_drop), each output's the larger of its own and its
         logits' where compared before its head too."""
-        from mfconvert.calibrate.sensitivity import nsr_drop
-        return float(np.mean([max(nsr_drop({n: reference[n]}, test),
-                                  nsr_drop({self.logit_of[n]: reference[self.logit_of[n]]}, test)
-                                  if n in self.logit_of else 0.0) for n in self.names]))
+        return head_drop(reference, test, self.names, self.logit_of)
 
     def errors(self, examples: Examples, progress=None) -> dict[str, list[float]]:
         """{probed node: [the output's ½·NSR with it alone rounded to t terms, for t in terms]}."""

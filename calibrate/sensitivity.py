@@ -125,6 +125,17 @@ class Measurer:
         self.original, self.examples, self.logits, self.input_shapes = original, examples, logits, input_shapes
         self.metric = metric
         self.reference = model_outputs(original, examples, outputs=outputs)
+        # 'nsr': an output behind a Softmax also counts by its logits' error (calibrate/probe.py's
+        # rule): a confident classifier's probabilities, (1, 0) for a two-class model such as
+        # open_nsfw, hide an error its logits show (its --data auto chose one term everywhere).
+        self.names = list(self.reference.names)
+        self.logit_of: dict[str, str] = {}
+        if metric == "nsr":
+            from mfconvert.calibrate.probe import with_logits
+            augmented, self.logit_of = with_logits(original, self.names)
+            if self.logit_of:
+                self.reference = model_outputs(augmented, examples,
+                                               outputs=self.names + sorted(set(self.logit_of.values())))
 
     def measure(self, cfg: ConvertConfig, counts: bool = True) -> tuple[ConversionResult, float]:
         """(the conversion, its drop); `counts=False`: a conversion only measured (no report counts)."""
@@ -133,8 +144,15 @@ class Measurer:
         return result, self.drop(result.model)
 
     def drop(self, model: onnx.ModelProto) -> float:
+        if self.metric == "nsr":
+            from mfconvert.calibrate.probe import head_drop, with_logits
+            augmented, logit_of = with_logits(model, self.names)
+            logit_of = {n: t for n, t in logit_of.items() if self.logit_of.get(n) == t}
+            wanted = self.names + sorted(set(logit_of.values()))
+            test = model_outputs(augmented, self.examples, outputs=wanted)
+            return head_drop(self.reference, test, self.names, logit_of)
         test = model_outputs(model, self.examples, outputs=self.reference.names)
-        return nsr_drop(self.reference, test) if self.metric == "nsr" else drop(self.reference, test, self.logits)
+        return drop(self.reference, test, self.logits)
 
 
 def _without(config: ConvertConfig, layers: list[LayerSensitivity]) -> ConvertConfig:

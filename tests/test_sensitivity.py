@@ -60,3 +60,45 @@ def test_cli_max_drop_reports_kept_layers(mlp, tmp_path):
     assert onnx.load(out)
     res = CliRunner().invoke(app, [path, "--dry-run", "--data", str(data), "--rounding", "nearest"])
     assert res.exit_code == 1 and "--data with --rounding nearest is for" in res.output
+
+
+def _two_class(w, b):
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["p"], axis=-1)], "two_class",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_nsr_measure_counts_the_logits_behind_a_softmax():
+    """A confident two-class model (open_nsfw's p ≈ (1, 0)): the probabilities' ½·NSR hides an
+    error that the logits show; the allocation's measure takes the larger (NumPy reference)."""
+    from mfconvert.calibrate.sensitivity import Measurer, nsr_drop
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (16, 2)).astype(np.float32)
+    b = np.array([6.0, -6.0], np.float32)
+    noisy = (w + rng.normal(0, 0.05, w.shape)).astype(np.float32)
+    xs = rng.normal(0, 1, (32, 16)).astype(np.float32)
+    examples = Examples([{"x": x} for x in xs])
+
+    def numpy_model(weights):
+        logits = xs.astype(np.float64) @ weights + b
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return logits, e / e.sum(-1, keepdims=True)
+
+    (l0, p0), (l1, p1) = numpy_model(w), numpy_model(noisy)
+    half_nsr = lambda a, c: 0.5 * np.sum((a - c) ** 2) / np.sum(a ** 2)  # noqa: E731
+    assert half_nsr(l0, l1) > 20 * half_nsr(p0, p1)   # the case the rule is for
+    measurer = Measurer(_two_class(w, b), examples, metric="nsr")
+    got = measurer.drop(_two_class(noisy, b))
+    # float32 ORT against float64 NumPy: relative 1e-4 on an error of ~1e-3.
+    assert got == pytest.approx(max(half_nsr(l0, l1), half_nsr(p0, p1)), rel=1e-4)
+    # The plain outputs' measure alone is the probabilities' (what the allocation used before).
+    reference, test = model_outputs(_two_class(w, b), examples), model_outputs(_two_class(noisy, b), examples)
+    assert nsr_drop(reference, test) == pytest.approx(half_nsr(p0, p1), rel=1e-3)
+    # The cosine measure (--max-drop) is unchanged by the rule.
+    assert Measurer(_two_class(w, b), examples).drop(_two_class(noisy, b)) == pytest.approx(
+        drop(reference, test, False))
