@@ -56,12 +56,9 @@ def pre_activation(graph, output) -> object | None:
     return found
 
 
-def with_logits(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """(`model` with the logits its outputs' saturating heads read as extra outputs, {output:
-    its logits}) for the outputs `names` that have such a head (pre_activation); the model itself
-    when none has."""
-    import onnx_graphsurgeon as gs
-    graph = gs.import_onnx(model)
+def add_logit_outputs(graph, names: list[str]) -> dict[str, str]:
+    """{output: its logits} for the outputs `names` of gs `graph` that have a saturating head
+    (pre_activation), those logits added to the graph's outputs."""
     tensors = graph.tensors()
     logit_of = {}
     for name in names:
@@ -71,6 +68,15 @@ def with_logits(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelPro
             if before not in graph.outputs:
                 before.dtype = before.dtype or np.float32
                 graph.outputs.append(before)
+    return logit_of
+
+
+def with_logits(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """(`model` with the logits its outputs' saturating heads read as extra outputs, {output:
+    its logits}: add_logit_outputs); the model itself when no output has such a head."""
+    import onnx_graphsurgeon as gs
+    graph = gs.import_onnx(model)
+    logit_of = add_logit_outputs(graph, names)
     if not logit_of:
         return model, {}
     out = gs.export_onnx(graph)
@@ -223,16 +229,7 @@ class LayerProbe:
             self.slots[item.node] = slots
         self.size = count
         self.names = output_names(model_float_outputs(original), outputs)
-        self.logit_of: dict[str, str] = {}
-        if logits:
-            tensors = graph.tensors()
-            for name in self.names:
-                before = pre_activation(graph, tensors[name])
-                if before is not None and before.name not in self.names:
-                    self.logit_of[name] = before.name
-                    if before not in graph.outputs:
-                        before.dtype = before.dtype or np.float32
-                        graph.outputs.append(before)
+        self.logit_of: dict[str, str] = add_logit_outputs(graph, self.names) if logits else {}
         graph.inputs.append(switch)
         graph.toposort()
         model = gs.export_onnx(graph)
