@@ -25,10 +25,12 @@ OrtStatusPtr ComputeStatus(const std::string& prefix, Body&& body) noexcept {
 }
 
 // CreateKernelV2's body: the kernel's constructor already names the node in an Ort::Exception.
-template <class Kernel>
-OrtStatusPtr CreateKernelStatus(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) noexcept {
+// `first` are the constructor's arguments before `info` (ShiftLinear's kernel takes the api).
+template <class Kernel, class... First>
+OrtStatusPtr CreateKernelStatus(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op,
+                                const First&... first) noexcept {
   try {
-    *kernel = new Kernel(info);
+    *kernel = new Kernel(first..., info);
   } catch (const Ort::Exception& e) {
     return api.CreateStatus(e.GetOrtErrorCode(), e.what());
   } catch (const std::exception& e) {

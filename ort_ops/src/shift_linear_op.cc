@@ -6,6 +6,7 @@
 #include "attrs.h"
 #include "checked.h"
 #include "custom_ops.h"
+#include "op_status.h"
 #include "shift_linear_kernels.h"
 
 namespace mfconvert {
@@ -189,16 +190,7 @@ OrtStatusPtr ShiftLinearKernel::ComputeV2(OrtKernelContext* context) noexcept {
 
 OrtStatusPtr ShiftLinearOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                                            void** kernel) const {
-  try {
-    *kernel = new ShiftLinearKernel(api, info);
-  } catch (const Ort::Exception& e) {
-    return api.CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::exception& e) {
-    std::string name = "?";
-    try { name = Ort::ConstKernelInfo(info).GetNodeName(); } catch (...) {}
-    return api.CreateStatus(ORT_FAIL, ("ShiftLinear node '" + name + "': " + e.what()).c_str());
-  }
-  return nullptr;
+  return CreateKernelStatus<ShiftLinearKernel>(api, info, kernel, "ShiftLinear", api);
 }
 
 ONNXTensorElementDataType ShiftLinearOp::GetInputType(size_t index) const {
