@@ -429,6 +429,19 @@ def conv_cases(draw):
     return c
 
 
+def _fused_activation(rng, activation, attrs: dict) -> tuple[float, float]:
+    """Adds a conv's fused activation to `attrs` (Clip with random bounds); its clip range."""
+    if not activation:
+        return (-np.inf, np.inf)
+    attrs["activation"] = activation
+    if activation != "Clip":
+        return (-np.inf, np.inf)
+    lo = float(rng.standard_normal() * 3)
+    clip = (lo, lo + abs(float(rng.standard_normal() * 5)))
+    attrs.update(clip_min=clip[0], clip_max=clip[1])
+    return clip
+
+
 @FUZZ
 @given(conv_cases())
 def test_conv_fuzz(c):
@@ -438,13 +451,7 @@ def test_conv_fuzz(c):
     act_bits, frac, terms, bits = c["act_bits"], c["act_frac_bits"], c["terms"], c["weight_bits"]
     attrs = dict(out_channels=m, kernel_shape=kernel, strides=c["strides"], pads=c["pads"],
                  dilations=c["dilations"], group=g, act_bits=act_bits, act_frac_bits=frac)
-    clip = (-np.inf, np.inf)
-    if c["activation"]:
-        attrs["activation"] = c["activation"]
-    if c["activation"] == "Clip":
-        lo = float(rng.standard_normal() * 3)
-        clip = (lo, lo + abs(float(rng.standard_normal() * 5)))
-        attrs.update(clip_min=clip[0], clip_max=clip[1])
+    clip = _fused_activation(rng, c["activation"], attrs)
     kk = int(np.prod(kernel))
     x = hostile_floats(rng, (c["n"], cin, *c["spatial"]), c["x_scale"], c["x_special"])
     bias = hostile_floats(rng, (m,), 4.0, False) if c["bias"] else None
@@ -561,13 +568,7 @@ def test_shift_conv_lut_fuzz(c):
     frac = c["act_frac_bits"]
     attrs = dict(out_channels=m, kernel_shape=kernel, strides=c["strides"], pads=c["pads"], dilations=c["dilations"],
                  act_bits=c["act_bits"], act_frac_bits=frac, weight_bits=bits, terms=terms)
-    clip = (-np.inf, np.inf)
-    if c["activation"]:
-        attrs["activation"] = c["activation"]
-    if c["activation"] == "Clip":
-        lo = float(rng.standard_normal() * 3)
-        clip = (lo, lo + abs(float(rng.standard_normal() * 5)))
-        attrs.update(clip_min=clip[0], clip_max=clip[1])
+    clip = _fused_activation(rng, c["activation"], attrs)
     x = hostile_floats(rng, (c["n"], c["c"], *c["spatial"]), c["x_scale"], c["x_special"])
     codes = rng.integers(0, 1 << bits, size=(terms, m, c["c"], *kernel)).astype(np.uint8)
     packed = np.packbits(((codes.reshape(-1)[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1),
