@@ -14,12 +14,12 @@ the figures are the shifts' own), judged against the original in ONNX Runtime:
     nice .venv/bin/python bench/bench_spatial_shift.py --minutes 10 --json out/bench_spatial_shift.json
 
 --data rows: calibrate/spatial_shift.py on crops of images 0–9, every layer shifted, then with the
-channels no single shift explains (--keep-below) kept depthwise.
+channels no single shift explains (--keep-below) kept depthwise; with --reconstruct-minutes each
+row's blocks are then trained on their output error (reconstruct_blocks), agreement before and after.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 
@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mfconvert.calibrate.data import Examples
 from mfconvert.calibrate.finetune import FinetuneConfig, finetune
-from mfconvert.calibrate.spatial_shift import calibrate_shifts, channels_to_keep
+from mfconvert.calibrate.spatial_shift import Reconstruction, calibrate_shifts, channels_to_keep, reconstruct_blocks
 from mfconvert.convert import ConvertConfig, convert_onnx
 from mfconvert.ort_ops import DOMAIN
 from mfconvert.passes.spatial_shift import SpatialShiftConfig
@@ -169,6 +169,14 @@ def main():
     ap.add_argument("--keep-below", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9], help="--data rows keeping "
                     "depthwise the channels whose best shift explains less than this share of their output's variance")
     ap.add_argument("--calib-per-image", type=int, default=3, help="--data: calibration crops per image 0–9")
+    ap.add_argument("--reconstruct-minutes", type=float, default=0.0, help="--data rows: then train each block on "
+                    "its output error (calibrate/spatial_shift.py:reconstruct_blocks) for this many minutes in all "
+                    "(0: not; the row gives the agreement before and after)")
+    ap.add_argument("--reconstruct-steps", type=int, default=2000, help="the reconstruction's step cap per block")
+    ap.add_argument("--reconstruct-lr", type=float, default=1e-3)
+    ap.add_argument("--reconstruct-offsets", action="store_true", help="the reconstruction also trains the offsets "
+                    "(continuous, Active Shift; rounded at the end)")
+    ap.add_argument("--skip-free", action="store_true", help="no data-free row")
     ap.add_argument("--skip-timing", action="store_true", help="accuracy only (no kernel or end-to-end timing)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
@@ -180,6 +188,7 @@ def main():
     if args.probe:
         probe()
         return
+    torch.set_num_threads(1)   # training one thread at a time: the machine is shared
     out: dict = {"args": vars(args)}
     teacher = onnx.load(str(mobilenet_v2("torchscript")))
     images, _ = imagenet_images()
@@ -190,7 +199,7 @@ def main():
 
     calib = Examples([{"image": x} for x in crops(images[:10], args.calib_per_image, seed=3)])
     students = {}
-    rows = [("shift", {}, False), ("shift, --data", {}, True)]
+    rows = ([] if args.skip_free else [("shift", {}, False)]) + [("shift, --data", {}, True)]
     explained = None
     for threshold in args.keep_below:
         rows.append((f"shift, --data, kept depthwise below {threshold:.0%} explained", {"keep_below": threshold}, True))
@@ -208,8 +217,18 @@ def main():
         changes = result.report.changes
         model = result.model
         calibration = None
+        reconstruction = None
         if with_data:
             model, lines = calibrate_shifts(model, teacher, calib, changes)
+            if args.reconstruct_minutes > 0:   # the block-wise training after the least-squares fit
+                least_squares = {"agreement": agree(model), "unshifted": unshifted_share(model),
+                                 "seconds": time.monotonic() - t0}
+                print(f"  least squares: {least_squares}", flush=True)
+                model, more = reconstruct_blocks(model, teacher, calib, changes, Reconstruction(
+                    minutes=args.reconstruct_minutes, steps=args.reconstruct_steps, lr=args.reconstruct_lr,
+                    offsets=args.reconstruct_offsets))
+                lines = lines + more
+                reconstruction = {"least_squares": least_squares, "seconds": time.monotonic() - t0 - least_squares["seconds"]}
             calibration = {"lines": lines, "layers": {c.node: c.calibration for c in changes}}
         kept = sum(c.kept_depthwise for c in changes)
         channels = sum(c.out_features for c in changes)
@@ -217,7 +236,7 @@ def main():
         row = {"layers": len(changes), "channels": channels, "kept_depthwise": kept,
                "macs_removed": sum(c.macs_removed or 0 for c in changes),
                "unshifted": unshifted_share(model), "agreement": agree(model),
-               "seconds": time.monotonic() - t0, "calibration": calibration}
+               "seconds": time.monotonic() - t0, "reconstruction": reconstruction, "calibration": calibration}
         out[name] = {"before": row}
         print(f"{name}: { {k: v for k, v in row.items() if k != 'calibration'} }", flush=True)
         if args.json:

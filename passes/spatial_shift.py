@@ -48,8 +48,20 @@ class SpatialShiftConfig(Targeting):
     # Channels that stay depthwise, by node: {label: [channel, …]} (what --data chose:
     # calibrate/spatial_shift.py:channels_to_keep), on top of `fidelity`'s.
     keep_channels: dict[str, list[int]] = field(default_factory=dict)
+    # With --data, after the least-squares calibration: each block (expansion 1×1 conv → shift →
+    # pointwise 1×1 conv, its Add) trained on its output error against the original's
+    # (calibrate/spatial_shift.py:reconstruct_blocks), all blocks within this many minutes (0: none),
+    # at most reconstruct_steps Adam steps each at reconstruct_lr; reconstruct_offsets also trains
+    # the offsets as continuous ones (Active Shift), rounded at the end.
+    reconstruct_minutes: float = 2.0
+    reconstruct_steps: int = 2000
+    reconstruct_lr: float = 1e-3
+    reconstruct_offsets: bool = False
 
     def __post_init__(self):
+        if self.reconstruct_minutes < 0 or self.reconstruct_steps < 0 or not self.reconstruct_lr > 0:
+            raise ValueError(f"reconstruct_minutes and reconstruct_steps must be >= 0 and reconstruct_lr > 0, got "
+                             f"{self.reconstruct_minutes}, {self.reconstruct_steps}, {self.reconstruct_lr}")
         if not 0.0 <= self.neighbour_correlation <= 1.0:
             raise ValueError(f"neighbour_correlation must be in [0, 1], got {self.neighbour_correlation}")
         if self.fidelity is not None and not 0.0 <= self.fidelity <= 1.0:
