@@ -334,10 +334,26 @@ def adder_conv(x: np.ndarray, w: np.ndarray, bias, act_bits: int, frac_bits: int
 
 
 def spatial_shift(x: np.ndarray, offsets: np.ndarray, strides=(1, 1), padding: str = "zeros",
-                  channel_shift: int = 0) -> np.ndarray:
+                  channel_shift: int = 0, scale=None, bias=None, clip=None) -> np.ndarray:
     """SpatialShift (docs/ops.md#spatialshift), element by element: Y[n, c, i, j] =
     X[n, (c - channel_shift) mod C, i·sh + dy_c, j·sw + dx_c], outside the image 0 or (edge) the
-    nearest pixel; [OH, OW] = ceil([H, W] / strides)."""
+    nearest pixel; [OH, OW] = ceil([H, W] / strides). Then the fused tail, in float32 and this
+    order: v·scale_c (if scale), + bias_c (if bias), clip = (lo, hi): v < lo → lo, then v > hi →
+    hi (NaN kept)."""
+    y = _spatial_shift_move(x, offsets, strides, padding, channel_shift)
+    with np.errstate(all="ignore"):   # inf·0, inf − inf: NaN, as in float32 hardware
+        if scale is not None:
+            y = y * np.asarray(scale, np.float32).reshape(1, -1, 1, 1)
+        if bias is not None:
+            y = y + np.asarray(bias, np.float32).reshape(1, -1, 1, 1)
+        if clip is not None:
+            lo, hi = np.float32(clip[0]), np.float32(clip[1])
+            y = np.where(y < lo, lo, y)
+            y = np.where(y > hi, hi, y)
+    return y.astype(np.float32)
+
+
+def _spatial_shift_move(x: np.ndarray, offsets: np.ndarray, strides, padding: str, channel_shift: int) -> np.ndarray:
     n, c, h, w = x.shape
     sh, sw = strides
     oh, ow = -(-h // sh), -(-w // sw)

@@ -1,14 +1,19 @@
 // The SpatialShift custom op (docs/ops.md#spatialshift): attribute and shape checks (errors name
-// the node), overflow-checked sizes, and the kernel, which copies row segments (memcpy at stride 1)
-// and writes the padding. No arithmetic on the floats: Y is bit-exact by construction.
+// the node), overflow-checked sizes, the fused tail's inputs (scale, bias) and attributes
+// (activation, clip_min, clip_max), the task split, and the scalar plane kernel (the SIMD ones:
+// spatial_shift_avx2.cc, spatial_shift_avx512.cc). Without the tail no arithmetic touches the
+// floats: Y is bit-exact by construction.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "op_status.h"
 #include "shift_conv_common.h"
 #include "spatial_shift.h"
+#include "spatial_shift_rows.h"
 
 namespace mfconvert {
 
@@ -47,6 +52,8 @@ class SpatialShiftKernel {
       err = ReadIntAttr(info, "channel_shift", &channel_shift_, &present);
       if (!err.empty()) throw ShiftError{err};
       if (!present) channel_shift_ = 0;
+      ReadActivation(info);
+      if (!SelectIsa(&isa_, &err)) throw ShiftError{err};
     } catch (const ShiftError& e) {
       Fail(e.message);
     } catch (const ConvError& e) {
@@ -62,6 +69,47 @@ class SpatialShiftKernel {
   [[noreturn]] void Fail(const std::string& what) const { throw Ort::Exception(Message(what), ORT_INVALID_ARGUMENT); }
 
  private:
+  // activation '' | 'Relu' | 'Clip' with clip_min/clip_max, as ShiftConv's (docs/ops.md).
+  void ReadActivation(const OrtKernelInfo* info) {
+    bool present = false, has_min = false, has_max = false;
+    std::string name;
+    const std::string err = ReadStringAttr(info, "activation", &name, &present);
+    if (!err.empty()) throw ShiftError{err};
+    if (!present) name.clear();
+    const float lo = conv_detail::ReadFloat(info, "clip_min", -std::numeric_limits<float>::infinity(), &has_min);
+    const float hi = conv_detail::ReadFloat(info, "clip_max", std::numeric_limits<float>::infinity(), &has_max);
+    if (name == "Relu") {
+      clip_ = true;
+      lo_ = 0.0f;
+    } else if (name == "Clip") {
+      if (std::isnan(lo) || std::isnan(hi) || lo > hi)
+        throw ShiftError{"attributes clip_min=" + std::to_string(lo) + ", clip_max=" + std::to_string(hi) +
+                         " must be numbers with clip_min <= clip_max"};
+      clip_ = true;
+      lo_ = lo;
+      hi_ = hi;
+    } else if (!name.empty()) {
+      throw ShiftError{"attribute activation='" + name + "' is not one of '', 'Relu', 'Clip'"};
+    }
+    if ((has_min || has_max) && name != "Clip")
+      throw ShiftError{"attributes clip_min/clip_max are only allowed with activation='Clip'"};
+  }
+
+  // Optional input `index` (scale or bias): null when absent, else float32 [C].
+  static const float* PerChannel(Ort::KernelContext& ctx, size_t index, const char* what, int64_t c) {
+    if (ctx.GetInputCount() <= index) return nullptr;
+    const Ort::ConstValue v = ctx.GetInput(index);
+    if (static_cast<const OrtValue*>(v) == nullptr) return nullptr;
+    if (!v.IsTensor()) throw ShiftError{std::string(what) + " is not a tensor"};
+    const auto info = v.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw ShiftError{std::string(what) + " must be float32"};
+    const std::vector<int64_t> shape = info.GetShape();
+    if (shape.size() != 1 || shape[0] != c)
+      throw ShiftError{std::string(what) + " must have shape [" + std::to_string(c) + "] (C = X's channels), got " +
+                       Shape(shape)};
+    return v.GetTensorData<float>();
+  }
+
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const Ort::ConstValue x = ctx.GetInput(0), off = ctx.GetInput(1);
@@ -90,15 +138,22 @@ class SpatialShiftKernel {
       throw ShiftError{"offsets must have shape [" + std::to_string(g.c) + ", 2] (C = X's channels; dy, dx), got " + Shape(os)};
     // (c - channel_shift) mod C, in [0, C), for any int64 channel_shift
     g.channel_shift = g.c == 0 ? 0 : ((channel_shift_ % g.c) + g.c) % g.c;
+    g.scale = PerChannel(ctx, 2, "scale", g.c);
+    g.bias = PerChannel(ctx, 3, "bias", g.c);
+    g.clip = clip_;
+    g.lo = lo_;
+    g.hi = hi_;
     Ort::UnownedValue y = ctx.GetOutput(0, std::vector<int64_t>{g.n, g.c, g.oh, g.ow});
     if (size == 0 || g.oh * g.ow == 0) return;
     SpatialShiftRun(g, off.GetTensorData<int64_t>(), x.GetTensorData<float>(), y.GetTensorMutableData<float>(),
-                    Parallel(context));
+                    Parallel(context), isa_);
   }
 
   std::string node_;
   int64_t sh_ = 1, sw_ = 1, channel_shift_ = 0;
-  bool edge_ = false;
+  bool edge_ = false, clip_ = false;
+  float lo_ = -std::numeric_limits<float>::infinity(), hi_ = std::numeric_limits<float>::infinity();
+  Isa isa_ = Isa::kScalar;
 };
 
 struct SpatialShiftOp : Ort::CustomOpBase<SpatialShiftOp, SpatialShiftKernel, true> {
@@ -107,9 +162,13 @@ struct SpatialShiftOp : Ort::CustomOpBase<SpatialShiftOp, SpatialShiftKernel, tr
   }
   const char* GetName() const { return "SpatialShift"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 2; }
+  size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= 2 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                      : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -122,62 +181,50 @@ inline int64_t Clamp(int64_t offset, int64_t size, int64_t stride) {
   return std::min(std::max(offset, -bound), bound);
 }
 
+// Output floats per task, and below which a run stays on the calling thread: waking a pool
+// thread (spinning off) costs more than a plane of 960×7×7 takes to write (BENCHMARKS.md).
 constexpr int64_t kTaskFloats = 16384;
-
-void Plane(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y, int64_t p, int64_t plane,
-           int64_t out_plane);
+constexpr int64_t kSerialFloats = 65536;
 
 }  // namespace
 
-void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y,
-                     const Parallel& par) {
-  const int64_t plane = g.h * g.w, out_plane = g.oh * g.ow, planes = g.n * g.c;
-  // Tasks of whole planes, ~16K output floats each (a 7×7 plane alone is too little to hand out).
-  const int64_t per_task = std::max<int64_t>(1, std::min<int64_t>(planes, kTaskFloats / std::max<int64_t>(out_plane, 1)));
-  const int64_t tasks = (planes + per_task - 1) / per_task;
-  par.For(static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
-    for (int64_t p = first; p < last; ++p) Plane(g, offsets, x, y, p, plane, out_plane);
+// Portable: the spec's formula per element; memcpy for the plain shift at stride 1.
+void SpatialShiftPlaneScalar(const SpatialShiftGeom& g, const ShiftPlane& p) {
+  const bool plain = !g.scale && !g.bias && !g.clip;
+  spatial_shift_detail::Rows(g, p, [&](float* yr, const float* xr, int64_t j0, int64_t j1, float zero) {
+    std::fill(yr, yr + j0, g.edge ? ShiftAffine(g, p, xr[0]) : zero);
+    if (plain && g.sw == 1) {
+      if (j1 > j0) std::memcpy(yr + j0, xr + j0 + p.dx, static_cast<size_t>(j1 - j0) * sizeof(float));
+    } else {
+      for (int64_t j = j0; j < j1; ++j) yr[j] = ShiftAffine(g, p, xr[j * g.sw + p.dx]);
+    }
+    std::fill(yr + j1, yr + g.ow, g.edge ? ShiftAffine(g, p, xr[g.w - 1]) : zero);
   });
 }
 
-namespace {
-
-// One output plane p = n * C + c.
-void Plane(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y, int64_t p, int64_t plane,
-           int64_t out_plane) {
-  {
-    const int64_t n = p / g.c, c = p % g.c;
-    const int64_t src_c = (c + g.c - g.channel_shift) % g.c;
-    const int64_t dy = Clamp(offsets[2 * c], g.h, g.sh), dx = Clamp(offsets[2 * c + 1], g.w, g.sw);
-    const float* xp = x + (n * g.c + src_c) * plane;
-    float* yp = y + (n * g.c + c) * out_plane;
-    // Output columns [j0, j1) read inside the row: 0 <= j * sw + dx < W.
-    const int64_t j0 = dx >= 0 ? 0 : std::min(g.ow, (-dx + g.sw - 1) / g.sw);
-    const int64_t j1 = std::max(j0, std::min(g.ow, g.w - dx <= 0 ? 0 : (g.w - dx - 1) / g.sw + 1));
-    for (int64_t i = 0; i < g.oh; ++i) {
-      float* yr = yp + i * g.ow;
-      int64_t r = i * g.sh + dy;
-      if (r < 0 || r >= g.h) {
-        if (!g.edge) {
-          std::fill(yr, yr + g.ow, 0.0f);
-          continue;
-        }
-        r = std::min(std::max(r, int64_t{0}), g.h - 1);
-      }
-      const float* xr = xp + r * g.w;
-      std::fill(yr, yr + j0, g.edge ? xr[0] : 0.0f);
-      if (g.sw == 1) {
-        if (j1 > j0) std::memcpy(yr + j0, xr + j0 + dx, static_cast<size_t>(j1 - j0) * sizeof(float));
-      } else {
-        for (int64_t j = j0; j < j1; ++j) yr[j] = xr[j * g.sw + dx];
-      }
-      std::fill(yr + j1, yr + g.ow, g.edge ? xr[g.w - 1] : 0.0f);
+void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y,
+                     const Parallel& par, Isa isa) {
+  const int64_t plane = g.h * g.w, out_plane = g.oh * g.ow, planes = g.n * g.c;
+  void (*kernel)(const SpatialShiftGeom&, const ShiftPlane&) =
+      isa == Isa::kAvx512 ? SpatialShiftPlaneAvx512 : isa == Isa::kAvx2 ? SpatialShiftPlaneAvx2 : SpatialShiftPlaneScalar;
+  // Tasks of whole planes, ~16K output floats each (a 7×7 plane alone is too little to hand
+  // out); a run of up to 64K output floats is one task (planes * out_plane fits: Y's size).
+  const int64_t total = planes * out_plane;
+  const int64_t per_task = total <= kSerialFloats ? planes
+      : std::max<int64_t>(1, std::min<int64_t>(planes, kTaskFloats / std::max<int64_t>(out_plane, 1)));
+  const int64_t tasks = (planes + per_task - 1) / per_task;
+  par.For(static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
+    for (int64_t q = first; q < last; ++q) {
+      const int64_t n = q / g.c, c = q % g.c;
+      const int64_t src_c = (c + g.c - g.channel_shift) % g.c;
+      const ShiftPlane p{x + (n * g.c + src_c) * plane, y + q * out_plane, Clamp(offsets[2 * c], g.h, g.sh),
+                         Clamp(offsets[2 * c + 1], g.w, g.sw), g.scale ? g.scale[c] : 1.0f,
+                         g.bias ? g.bias[c] : 0.0f};
+      kernel(g, p);
     }
-  }
+  });
 }
-
-}  // namespace
 
 const OrtCustomOp* SpatialShiftCustomOp() {
   static const SpatialShiftOp op;
