@@ -1,7 +1,7 @@
 """Benchmark the AddLinearAttention op against the softmax attention core it replaces, both in
 ONNX Runtime fp32.
 
-    .venv/bin/python bench/bench_add_attention.py [--threads 2] [--repeats 30] [--runs 5]
+    .venv/bin/python bench/bench_add_attention.py [--threads 2] [--repeats 30] [--runs 5] [--tokens 197 785 3137]
 
 Both models take Q, K, V [1, T, C] (the projection outputs) and produce the merged context
 [1, T, C]. The original is the core as exporters write it: head Reshape/Transpose, Q·Kᵀ, scale,
@@ -101,14 +101,15 @@ def main():
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts (default: %(default)s)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     ours = session(add_attention(args.dim, args.heads, rng).SerializeToString(), threads=args.threads, spinning=False)
     base = plain_session(softmax_core(args.dim, args.heads).SerializeToString(), args.threads)
-    feeds = {t: {k: rng.standard_normal((1, t, args.dim)).astype(np.float32) for k in "QKV"} for t in TOKENS}
-    results = {t: [] for t in TOKENS}
+    feeds = {t: {k: rng.standard_normal((1, t, args.dim)).astype(np.float32) for k in "QKV"} for t in args.tokens}
+    results = {t: [] for t in args.tokens}
     for _ in range(args.runs):
-        for t in TOKENS:
+        for t in args.tokens:
             runs = {"ours": lambda: ours.run(None, feeds[t]), "softmax": lambda: base.run(None, feeds[t])}
             results[t].append(time_interleaved(runs, args.repeats))
     print(f"AddLinearAttention vs softmax attention core, ONNX Runtime {ort.__version__} fp32 on {cpu_name()}, "

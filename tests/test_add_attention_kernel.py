@@ -98,7 +98,7 @@ def tolerance(layer, q, k, v, mask):
     return tol.transpose(1, 2).reshape(b, t, c).float().numpy()
 
 
-CASES = [  # binarizer, conv, B, T, H, D, mask
+CASES = [  # binarizer, conv, B, T, H, D, mask[, token conv taps (default 9)]
     ("sign", "tokens", 2, 37, 3, 16, "half"),
     ("sign", None, 1, 1, 2, 5, None),               # one token, odd head size
     ("sign", "tokens", 3, 1, 1, 7, "all"),           # one token, every key masked
@@ -106,16 +106,19 @@ CASES = [  # binarizer, conv, B, T, H, D, mask
     ("ksh", "tokens", 2, 50, 2, 33, "half"),
     ("sign", "grid", 2, 17, 4, 8, "half"),           # class token + 4×4 grid
     ("sign", "tokens", 1, 300, 3, 64, None),
+    ("sign", "tokens", 2, 300, 2, 64, "half"),       # two key chunks, masked keys across 64-key words
+    ("sign", "tokens", 2, 90, 2, 24, "half", 41),    # 41 conv taps: more than one batch of 32 in registers
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernel_matches_layer(case):
-    binz, conv, b, t, h, d, masking = case
+    binz, conv, b, t, h, d, masking, *taps = case
     c = h * d
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
-    layer = AddLinearAttention(c, h, binarizer=binz, conv=conv, grid=(4, 4), prefix_tokens=1)
+    layer = AddLinearAttention(c, h, binarizer=binz, conv=conv, grid=(4, 4), prefix_tokens=1,
+                               conv_kernel=taps[0] if taps else 9)
     if binz == "ksh":
         layer.binarizer.iterations = 10      # fit quality is irrelevant to parity
     if conv:

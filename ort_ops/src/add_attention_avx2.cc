@@ -19,6 +19,8 @@ struct Vec {
   static void Store(float* x, __m256 v) { _mm256_storeu_ps(x, v); }
   static __m256 Add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
   static __m256 Zero() { return _mm256_setzero_ps(); }
+  static __m256 Mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+  static __m256 Set1(float x) { return _mm256_set1_ps(x); }
   static void AddTail(float* acc, const float* row, int64_t n) {
     for (int64_t i = 0; i < n; ++i) acc[i] += row[i];
   }

@@ -19,13 +19,45 @@ struct Vec {
   static void Store(float* x, __m512 v) { _mm512_storeu_ps(x, v); }
   static __m512 Add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
   static __m512 Zero() { return _mm512_setzero_ps(); }
+  static __m512 Mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+  static __m512 Set1(float x) { return _mm512_set1_ps(x); }
   static void AddTail(float* acc, const float* row, int64_t n) {
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc), _mm512_maskz_loadu_ps(m, row)));
   }
 };
 
+// The key masks of add_attention_impl.h's PartialS (same result as its generic KeyMasks): the
+// codes of 64 keys in 8 zmm (a masked key's code as 0), then per code bit r one vptestmq per 8 keys.
+constexpr int64_t kKeyMaskWords = 256 / 64;  // add_attention_impl.h's kKeyWords
+void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, uint64_t* kt);
+#define MF_KEY_MASKS 1
 #include "add_attention_impl.h"
+static_assert(kKeyMaskWords == kKeyWords, "kKeyChunk changed");
+
+void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, uint64_t* kt) {
+  std::fill(kt, kt + p.bits * kKeyWords, uint64_t{0});
+  const uint64_t* codes = p.k_codes + ((b * p.heads + h) * p.tokens) * p.words;
+  alignas(64) uint64_t block[64];
+  for (int64_t k0 = j0; k0 < j1; k0 += 64) {
+    const int64_t n = std::min<int64_t>(64, j1 - k0), kw = (k0 - j0) / 64;
+    for (int64_t w = 0; w < p.words; ++w) {
+      for (int64_t k = 0; k < 64; ++k) {
+        const int64_t j = k0 + k;
+        block[k] = k < n && (p.keep == nullptr || p.keep[b * p.tokens + j]) ? codes[j * p.words + w] : 0;
+      }
+      __m512i z[8];
+      for (int q = 0; q < 8; ++q) z[q] = _mm512_load_si512(block + 8 * q);
+      const int64_t rows = std::min<int64_t>(64, p.bits - w * 64);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << r));
+        uint64_t m = 0;
+        for (int q = 0; q < 8; ++q) m |= static_cast<uint64_t>(_mm512_test_epi64_mask(z[q], bit)) << (8 * q);
+        kt[(w * 64 + r) * kKeyWords + kw] = m;
+      }
+    }
+  }
+}
 
 }  // namespace
 

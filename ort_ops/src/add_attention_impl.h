@@ -15,46 +15,165 @@ inline void AddRow(float* acc, const float* row, int64_t n) {
   if (i < n) Vec::AddTail(acc + i, row + i, n - i);
 }
 
-// Partial S of keys [j0, j1) of (b, h) into part[bits][D] (zeroed here): for each kept key,
-// its V row is added to the rows of S its code selects.
-void PartialS(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, float* part) {
-  const int64_t d = p.depth, c = p.heads * p.depth;
-  std::fill(part, part + p.bits * d, 0.0f);
-  for (int64_t j = j0; j < j1; ++j) {
-    if (p.keep != nullptr && !p.keep[b * p.tokens + j]) continue;
-    const float* vrow = p.v + (b * p.tokens + j) * c + h * d;
-    const uint64_t* code = p.k_codes + ((b * p.heads + h) * p.tokens + j) * p.words;
-    for (int64_t w = 0; w < p.words; ++w) {
-      for (uint64_t m = code[w]; m != 0; m &= m - 1) {
-        const int64_t r = w * 64 + __builtin_ctzll(m);
-        AddRow(part + r * d, vrow, d);
+// acc[0:n] = Σ over the set bits r of code of s[r][0:n] (rows `stride` floats apart), four
+// vectors of the accumulator held in registers per pass over the bits, as two partial sums (the
+// set bits taken alternately, then added) so the two dependency chains of adds overlap. With
+// `add_to` the sum is added to acc's values instead (acc + (r + e) per element).
+inline void GatherRows(float* acc, const float* s, int64_t stride, const uint64_t* code, int64_t words, int64_t n,
+                       bool add_to = false) {
+  constexpr int64_t kBlock = 4 * Vec::kWidth;
+  int64_t i0 = 0;
+  for (; i0 + kBlock <= n; i0 += kBlock) {
+    auto r0 = Vec::Zero(), r1 = Vec::Zero(), r2 = Vec::Zero(), r3 = Vec::Zero();
+    auto e0 = Vec::Zero(), e1 = Vec::Zero(), e2 = Vec::Zero(), e3 = Vec::Zero();
+    for (int64_t w = 0; w < words; ++w) {
+      for (uint64_t m = code[w]; m != 0;) {
+        const float* row = s + (w * 64 + __builtin_ctzll(m)) * stride + i0;
+        m &= m - 1;
+        r0 = Vec::Add(r0, Vec::Load(row));
+        r1 = Vec::Add(r1, Vec::Load(row + Vec::kWidth));
+        r2 = Vec::Add(r2, Vec::Load(row + 2 * Vec::kWidth));
+        r3 = Vec::Add(r3, Vec::Load(row + 3 * Vec::kWidth));
+        if (m == 0) break;
+        const float* next = s + (w * 64 + __builtin_ctzll(m)) * stride + i0;
+        m &= m - 1;
+        e0 = Vec::Add(e0, Vec::Load(next));
+        e1 = Vec::Add(e1, Vec::Load(next + Vec::kWidth));
+        e2 = Vec::Add(e2, Vec::Load(next + 2 * Vec::kWidth));
+        e3 = Vec::Add(e3, Vec::Load(next + 3 * Vec::kWidth));
       }
     }
+    r0 = Vec::Add(r0, e0);
+    r1 = Vec::Add(r1, e1);
+    r2 = Vec::Add(r2, e2);
+    r3 = Vec::Add(r3, e3);
+    if (add_to) {
+      r0 = Vec::Add(Vec::Load(acc + i0), r0);
+      r1 = Vec::Add(Vec::Load(acc + i0 + Vec::kWidth), r1);
+      r2 = Vec::Add(Vec::Load(acc + i0 + 2 * Vec::kWidth), r2);
+      r3 = Vec::Add(Vec::Load(acc + i0 + 3 * Vec::kWidth), r3);
+    }
+    Vec::Store(acc + i0, r0);
+    Vec::Store(acc + i0 + Vec::kWidth, r1);
+    Vec::Store(acc + i0 + 2 * Vec::kWidth, r2);
+    Vec::Store(acc + i0 + 3 * Vec::kWidth, r3);
   }
+  if (i0 == n) return;
+  if (!add_to) std::fill(acc + i0, acc + n, 0.0f);
+  for (int64_t w = 0; w < words; ++w)
+    for (uint64_t m = code[w]; m != 0; m &= m - 1) AddRow(acc + i0, s + (w * 64 + __builtin_ctzll(m)) * stride + i0, n - i0);
 }
 
-// out[0:D] += w * V'[b, src, h, :] (nothing for a masked token).
-inline void AddTap(const AddAttentionProblem& p, int64_t b, int64_t src, int64_t h, float w, float* out) {
-  if (w == 0.0f || (p.keep != nullptr && !p.keep[b * p.tokens + src])) return;
-  const float* row = p.v + (b * p.tokens + src) * p.heads * p.depth + h * p.depth;
-  for (int64_t i = 0; i < p.depth; ++i) out[i] += w * row[i];
+// Partial S of keys [j0, j1) (at most kKeyChunk) of (b, h) into part[bits][D]: row r of S is
+// the sum of the V rows of the kept keys whose code has bit r. The key codes are first turned
+// into one key mask per row r (kt[r]: bit j - j0 set when key j counts and has bit r), so each
+// row is summed in registers by GatherRows (two alternating partial sums) 64 keys at a time,
+// whose V rows stay in L1 while every row r gathers from them, and added to the row: one
+// load/add/store of the row per 64 keys instead of one per (key, set bit).
+constexpr int64_t kKeyWords = kKeyChunk / 64;
+
+// kt[r * kKeyWords + (j - j0) / 64] bit (j - j0) % 64 = key j of (b, h) counts and its code has
+// bit r, for keys [j0, j1) (at most kKeyChunk). kt is zeroed here. (The AVX-512 kernel has its
+// own, MF_KEY_MASKS: eight codes tested per instruction instead of one set bit at a time.)
+#ifndef MF_KEY_MASKS
+void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, uint64_t* kt) {
+  std::fill(kt, kt + p.bits * kKeyWords, uint64_t{0});
+  for (int64_t j = j0; j < j1; ++j) {
+    if (p.keep != nullptr && !p.keep[b * p.tokens + j]) continue;
+    const uint64_t* code = p.k_codes + ((b * p.heads + h) * p.tokens + j) * p.words;
+    const uint64_t bit = uint64_t{1} << ((j - j0) % 64);
+    uint64_t* col = kt + (j - j0) / 64;
+    for (int64_t w = 0; w < p.words; ++w)
+      for (uint64_t m = code[w]; m != 0; m &= m - 1) col[(w * 64 + __builtin_ctzll(m)) * kKeyWords] |= bit;
+  }
 }
+#endif
+
+void PartialS(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, float* part) {
+  const int64_t d = p.depth, c = p.heads * p.depth;
+  uint64_t local[64 * kKeyWords];
+  std::vector<uint64_t> heap;
+  uint64_t* kt = local;
+  if (p.bits > 64) {
+    heap.resize(static_cast<size_t>(p.bits * kKeyWords));
+    kt = heap.data();
+  }
+  KeyMasks(p, b, h, j0, j1, kt);
+  const float* v0 = p.v + (b * p.tokens + j0) * c + h * d;
+  const int64_t key_words = (j1 - j0 + 63) / 64;
+  for (int64_t kw = 0; kw < key_words; ++kw)
+    for (int64_t r = 0; r < p.bits; ++r)
+      GatherRows(part + r * d, v0 + kw * 64 * c, c, kt + r * kKeyWords + kw, 1, d, kw > 0);
+}
+
+// The taps of conv(V')_t for one output row: out[0:D] += w * V'[b, src, h, :] per tap, in tap
+// order (nothing for a masked token or a zero weight). Taps are collected, then added with four
+// vectors of the row held in registers over all of them (one load and store of the row per
+// kTapBatch taps instead of one per tap); the float operations are the same, in the same order.
+constexpr int kTapBatch = 32;
+struct Taps {
+  Taps(const AddAttentionProblem& p_, int64_t b_, int64_t h_, float* out_) : p(p_), b(b_), h(h_), out(out_) {}
+  const AddAttentionProblem& p;
+  int64_t b, h;
+  float* out;
+  float w[kTapBatch];           // (not zeroed: only [0, n) is read)
+  const float* row[kTapBatch];
+  int n = 0;
+
+  void Add(int64_t src, float weight) {
+    if (weight == 0.0f || (p.keep != nullptr && !p.keep[b * p.tokens + src])) return;
+    w[n] = weight;
+    row[n] = p.v + (b * p.tokens + src) * p.heads * p.depth + h * p.depth;
+    if (++n == kTapBatch) Flush();
+  }
+
+  void Flush() {
+    constexpr int64_t kBlock = 4 * Vec::kWidth;
+    const int64_t d = p.depth;
+    int64_t i0 = 0;
+    for (; i0 + kBlock <= d; i0 += kBlock) {
+      auto a0 = Vec::Load(out + i0), a1 = Vec::Load(out + i0 + Vec::kWidth);
+      auto a2 = Vec::Load(out + i0 + 2 * Vec::kWidth), a3 = Vec::Load(out + i0 + 3 * Vec::kWidth);
+      for (int k = 0; k < n; ++k) {
+        const auto wk = Vec::Set1(w[k]);
+        const float* r = row[k] + i0;
+        a0 = Vec::Add(a0, Vec::Mul(wk, Vec::Load(r)));
+        a1 = Vec::Add(a1, Vec::Mul(wk, Vec::Load(r + Vec::kWidth)));
+        a2 = Vec::Add(a2, Vec::Mul(wk, Vec::Load(r + 2 * Vec::kWidth)));
+        a3 = Vec::Add(a3, Vec::Mul(wk, Vec::Load(r + 3 * Vec::kWidth)));
+      }
+      Vec::Store(out + i0, a0);
+      Vec::Store(out + i0 + Vec::kWidth, a1);
+      Vec::Store(out + i0 + 2 * Vec::kWidth, a2);
+      Vec::Store(out + i0 + 3 * Vec::kWidth, a3);
+    }
+    for (int64_t i = i0; i < d; ++i) {
+      float a = out[i];
+      for (int k = 0; k < n; ++k) a += w[k] * row[k][i];
+      out[i] = a;
+    }
+    n = 0;
+  }
+};
 
 // conv(V')_t added into out[0:D].
 void AddConv(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, float* out) {
+  Taps taps(p, b, h, out);
   if (p.conv_rank == 2) {
     const float* w = p.conv + h * p.conv_k;
     const int64_t half = p.conv_k / 2;
     for (int64_t u = 0; u < p.conv_k; ++u) {
       const int64_t src = t + u - half;
-      if (src >= 0 && src < p.tokens) AddTap(p, b, src, h, w[u], out);
+      if (src >= 0 && src < p.tokens) taps.Add(src, w[u]);
     }
+    taps.Flush();
     return;
   }
   const float* w = p.conv + h * p.conv_kh * p.conv_kw;
   const int64_t hh = p.conv_kh / 2, hw = p.conv_kw / 2;
   if (t < p.prefix) {
-    AddTap(p, b, t, h, w[hh * p.conv_kw + hw], out);
+    taps.Add(t, w[hh * p.conv_kw + hw]);
+    taps.Flush();
     return;
   }
   const int64_t row = (t - p.prefix) / p.grid_w, col = (t - p.prefix) % p.grid_w;
@@ -63,46 +182,10 @@ void AddConv(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, floa
     if (r < 0 || r >= p.grid_h) continue;
     for (int64_t e = 0; e < p.conv_kw; ++e) {
       const int64_t q = col + e - hw;
-      if (q >= 0 && q < p.grid_w) AddTap(p, b, p.prefix + r * p.grid_w + q, h, w[a * p.conv_kw + e], out);
+      if (q >= 0 && q < p.grid_w) taps.Add(p.prefix + r * p.grid_w + q, w[a * p.conv_kw + e]);
     }
   }
-}
-
-// acc[0:n] = Σ over the set bits r of code of s[r][0:n] (rows of stride d), four vectors of
-// the accumulator held in registers per pass over the bits, as two partial sums (the set bits
-// taken alternately, then added) so the two dependency chains of adds overlap.
-inline void GatherRows(float* acc, const float* s, int64_t d, const uint64_t* code, int64_t words, int64_t n) {
-  constexpr int64_t kBlock = 4 * Vec::kWidth;
-  int64_t i0 = 0;
-  for (; i0 + kBlock <= n; i0 += kBlock) {
-    auto r0 = Vec::Zero(), r1 = Vec::Zero(), r2 = Vec::Zero(), r3 = Vec::Zero();
-    auto e0 = Vec::Zero(), e1 = Vec::Zero(), e2 = Vec::Zero(), e3 = Vec::Zero();
-    for (int64_t w = 0; w < words; ++w) {
-      for (uint64_t m = code[w]; m != 0;) {
-        const float* row = s + (w * 64 + __builtin_ctzll(m)) * d + i0;
-        m &= m - 1;
-        r0 = Vec::Add(r0, Vec::Load(row));
-        r1 = Vec::Add(r1, Vec::Load(row + Vec::kWidth));
-        r2 = Vec::Add(r2, Vec::Load(row + 2 * Vec::kWidth));
-        r3 = Vec::Add(r3, Vec::Load(row + 3 * Vec::kWidth));
-        if (m == 0) break;
-        const float* next = s + (w * 64 + __builtin_ctzll(m)) * d + i0;
-        m &= m - 1;
-        e0 = Vec::Add(e0, Vec::Load(next));
-        e1 = Vec::Add(e1, Vec::Load(next + Vec::kWidth));
-        e2 = Vec::Add(e2, Vec::Load(next + 2 * Vec::kWidth));
-        e3 = Vec::Add(e3, Vec::Load(next + 3 * Vec::kWidth));
-      }
-    }
-    Vec::Store(acc + i0, Vec::Add(r0, e0));
-    Vec::Store(acc + i0 + Vec::kWidth, Vec::Add(r1, e1));
-    Vec::Store(acc + i0 + 2 * Vec::kWidth, Vec::Add(r2, e2));
-    Vec::Store(acc + i0 + 3 * Vec::kWidth, Vec::Add(r3, e3));
-  }
-  if (i0 == n) return;
-  std::fill(acc + i0, acc + n, 0.0f);
-  for (int64_t w = 0; w < words; ++w)
-    for (uint64_t m = code[w]; m != 0; m &= m - 1) AddRow(acc + i0, s + (w * 64 + __builtin_ctzll(m)) * d + i0, n - i0);
+  taps.Flush();
 }
 
 void Queries(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float* acc) {

@@ -14,6 +14,8 @@ struct Vec {
   static void Store(float* x, float v) { *x = v; }
   static float Add(float a, float b) { return a + b; }
   static float Zero() { return 0.0f; }
+  static float Mul(float a, float b) { return a * b; }
+  static float Set1(float x) { return x; }
   static void AddTail(float*, const float*, int64_t) {}
 };
 
