@@ -8,11 +8,14 @@ shift-weighted node's terms (`--shift-terms auto`: calibrate/allocate.py), runs 
 (canonicalisation and shape inference are convert_onnx's first steps), keeps layers float for
 `max_drop` (calibrate/sensitivity.py), re-rounds shift weights by compensated rounding where it
 beats nearest rounding on held-out data (calibrate/rounding.py), and writes the model once,
-atomically (convert/files.py).
+atomically (convert/files.py). With --spatial-shift and --data the depthwise convs are shifted,
+calibrated and their blocks trained first, every other conv still float (spatial_shift_first);
+the rest then converts that model as its original.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +148,35 @@ def _probe(nodes, model_path, original, size: int, options: PipelineOptions, pro
                                  options.input_shapes, options.outputs, progress)
 
 
+_AFTER_SPATIAL_SHIFT = ("adder-conv", "shift-add-conv", "shift-conv")   # passes/registry.py ORDER
+
+
+@dataclass
+class ShiftStage:
+    model: onnx.ModelProto                # the original with its depthwise convs shifted and calibrated
+    report: object                        # its conversion's report (the spatial-shift rows)
+    lines: list[str]                      # the calibration's lines for the notes
+
+
+def spatial_shift_first(model_path: str, original: onnx.ModelProto, calibration: Examples, cfg, options: PipelineOptions,
+                        progress=None) -> ShiftStage:
+    """--spatial-shift with --data: the depthwise convs become shifts with every other conv float,
+    their offsets and scales fit and the 1×1 convs around them refit by least squares, then each
+    block trained on its output error (calibrate/spatial_shift.py: calibrate_shifts,
+    reconstruct_blocks, with cfg's reconstruct_* budget)."""
+    from mfconvert.calibrate.spatial_shift import Reconstruction, calibrate_shifts, reconstruct_blocks
+
+    only = ConvertConfig(**{f.name: None for f in dataclasses.fields(ConvertConfig)})
+    stage = convert_onnx(model_path, dataclasses.replace(only, spatial_shift=cfg), input_shapes=options.input_shapes,
+                         progress=progress)
+    changes = [c for c in stage.report.changes if c.pass_name == "spatial-shift"]
+    model, lines = calibrate_shifts(stage.model, original, calibration, changes)
+    model, more = reconstruct_blocks(model, original, calibration, changes, Reconstruction(
+        minutes=cfg.reconstruct_minutes, steps=cfg.reconstruct_steps, lr=cfg.reconstruct_lr,
+        offsets=cfg.reconstruct_offsets))
+    return ShiftStage(model, stage.report, lines + more)
+
+
 def convert_model(model_path: str, config: ConvertConfig | None = None, options: PipelineOptions | None = None,
                   output: str | None = None, force: bool = False, progress=None) -> PipelineResult:
     """Convert `model_path` by the pipeline (module docstring); write `output` once, atomically."""
@@ -167,6 +199,15 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         original, label, _ = load_model(model_path)
         check_serializable(original, label, "--data")
         calibration = Examples(data.items[:CALIBRATION_EXAMPLES], data.pad_values)
+    shifted = teacher = None
+    if calibration is not None and config.spatial_shift is not None:
+        # spatial shifts on data come first, while every conv is float: converted, calibrated and
+        # their blocks trained (spatial_shift_first); the rest of the pipeline then converts that
+        # model as its original, so shift-conv quantises the refit 1×1 convs on its own data
+        shifted = spatial_shift_first(model_path, original, calibration, config.spatial_shift, options, progress)
+        teacher, original = original, shifted.model
+        full_config, config = config, dataclasses.replace(config, spatial_shift=None)
+    if calibration is not None:
         ranges = column_ranges(original, calibration)   # the report checks accumulators on them
     # calibrate
     config, notes = calibrate_formats(original or light, config, options, calibration)
@@ -176,8 +217,9 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
                                   shift.act_frac_bits_by_input, ranges)
     # passes (canonicalised and shape-inferred inside), allocate
     allocation = None
-    source = model_path   # read again, lazily: labels and external data as the file has them
-    first = convert_onnx(source, config, input_shapes=options.input_shapes, progress=progress, input_ranges=ranges)
+    source = model_path if shifted is None else shifted.model   # read again, lazily: labels and external data as the file has them
+    first = convert_onnx(source, config, input_shapes=options.input_shapes, progress=progress, input_ranges=ranges,
+                         allow_unchanged=shifted is not None)
     result = first
     if allocating(config, options):
         nodes = allocate.shift_weighted_nodes(first.model, original if original is not None else source,
@@ -194,7 +236,8 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         if allocation is not None:
             config = allocate.with_terms(config, allocation.terms)
             if any(t > 1 for t in allocation.terms.values()):
-                result = convert_onnx(source, config, input_shapes=options.input_shapes, input_ranges=ranges)
+                result = convert_onnx(source, config, input_shapes=options.input_shapes, input_ranges=ranges,
+                                      allow_unchanged=shifted is not None)
     elif options.predict and _shift_configs(config):   # terms as configured: say what they are predicted to cost
         nodes = allocate.shift_weighted_nodes(first.model, original if original is not None else source,
                                               first.report.changes)
@@ -212,14 +255,17 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         result, budget_lines = budget.result, budget.lines()
         if ranges is not None:   # the budget's conversions had no data to check on
             annotate_accumulators(result.report.changes, accumulator_checks(result.model, ranges))
-    # spatial shifts: each channel's offset and scale, and the pointwise convs after them, fit on the
-    # data, layer by layer on the converted model's activations (calibrate/spatial_shift.py)
-    if calibration is not None and any(c.pass_name == "spatial-shift" for c in result.report.changes):
-        from mfconvert.calibrate.spatial_shift import calibrate_shifts
-
-        result.model, shift_lines = calibrate_shifts(result.model, original, calibration, [
-            c for c in result.report.changes if c.pass_name == "spatial-shift"])
-        notes += shift_lines
+    if shifted is not None:   # one report, one config: the spatial shifts' rows among the passes' in their order
+        results = result.report.results
+        at = next((i for i, r in enumerate(results) if r.pass_name in _AFTER_SPATIAL_SHIFT), len(results))
+        results[at:at] = shifted.report.results
+        result.report.file_bytes_before = shifted.report.file_bytes_before
+        result.report.notes[:0] = shifted.report.notes
+        result.report.attach_models(teacher, lambda: result.model)
+        config = dataclasses.replace(config, spatial_shift=full_config.spatial_shift)
+        onnx.helper.set_model_props(result.model, {**{p.key: p.value for p in result.model.metadata_props},
+                                                   "mfconvert.config": json.dumps(config.to_dict())})
+        notes[:0] = shifted.lines
     # round
     rounding = None
     if calibration is not None and options.rounding == "compensated" and not options.finetuning:

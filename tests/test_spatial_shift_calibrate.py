@@ -124,7 +124,8 @@ def test_calibration_lowers_held_out_error(tmp_path):
     original = onnx.load_from_string(buf.getvalue())
     path = tmp_path / "block.onnx"
     onnx.save(original, str(path))
-    config = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, spatial_shift=SpatialShiftConfig())
+    config = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None,   # the least-squares steps alone
+                           spatial_shift=SpatialShiftConfig(reconstruct_minutes=0))
     data = Examples([{"x": x} for x in images(48, 1)])
     held_out = images(64, 2)
     want = session(original.SerializeToString()).run(None, {"x": held_out})[0]
@@ -181,19 +182,167 @@ def test_channels_no_shift_explains_stay_depthwise():
     assert kept.calibration["explained_variance_median"] >= threshold   # only the well-explained channels shift
 
 
-def test_shift_conv_layers_are_not_refit_and_the_notes_say_so(tmp_path):
-    """With shift-conv on too (the default), the scale conv is a ShiftConv (codes, not floats):
-    the layer keeps its data-free form and the pipeline's notes name it."""
+def test_default_pipeline_calibrates_before_shift_conv(tmp_path):
+    """With shift-conv also on (the default), the spatial shifts are calibrated (and their blocks
+    trained) while the convs are float, then shift-conv quantises the refit convs: the layer has
+    its figures, the report lists spatial-shift before shift-conv, the written config keeps
+    spatial_shift, and the output on held-out inputs is closer to the original's than the
+    data-free conversion's (measured in ONNX Runtime)."""
+    import json
+
     buf = io.BytesIO()
     torch.onnx.export(Residual().eval(), torch.zeros(1, 3, 16, 16), buf, input_names=["x"], output_names=["y"],
                       dynamo=False, opset_version=17, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     path = tmp_path / "block.onnx"
     path.write_bytes(buf.getvalue())
-    config = ConvertConfig(spatial_shift=SpatialShiftConfig())
-    piped = convert_model(str(path), config, PipelineOptions(data=Examples([{"x": x} for x in images(16, 1)]),
-                                                             shift_terms=1, rounding="nearest"))
-    assert "ShiftConv" in [n.op_type for n in piped.result.model.graph.node]
-    assert not any("calibrated on" in line for line in piped.notes)
-    assert any("1 layer(s) not calibrated" in line and "/dw/Conv: its scale is a ShiftConv" in line for line in piped.notes)
-    change = next(c for c in piped.result.report.changes if c.pass_name == "spatial-shift")
-    assert change.calibration is None
+    original = onnx.load_from_string(buf.getvalue())
+    config = ConvertConfig(spatial_shift=SpatialShiftConfig(reconstruct_minutes=0.2, reconstruct_steps=300))
+    options = dict(shift_terms=2, rounding="nearest")
+    piped = convert_model(str(path), config, PipelineOptions(data=Examples([{"x": x} for x in images(48, 1)]), **options))
+    free = convert_model(str(path), config, PipelineOptions(**options))
+    ops = [n.op_type for n in piped.result.model.graph.node]
+    assert "ShiftConv" in ops and "SpatialShift" in ops and "Conv" not in ops
+    passes = [c.pass_name for c in piped.result.report.changes]
+    assert passes[0] == "spatial-shift" and "shift-conv" in passes[1:]
+    change = piped.result.report.changes[0]
+    assert change.calibration is not None and "reconstruction" in change.calibration
+    assert any("1 layer(s) calibrated on 48 examples" in line for line in piped.notes)
+    assert any("block(s) trained on their output error" in line for line in piped.notes)
+    props = {p.key: p.value for p in piped.result.model.metadata_props}
+    assert json.loads(props["mfconvert.config"])["spatial_shift"]["reconstruct_steps"] == 300
+    assert piped.config.spatial_shift is not None
+    assert piped.result.report.file_bytes_before == path.stat().st_size
+    held_out = images(64, 2)
+    want = session(original.SerializeToString()).run(None, {"x": held_out})[0]
+
+    def error(model):
+        got = session(model.SerializeToString()).run(None, {"x": held_out})[0]
+        return float(((got - want) ** 2).sum() / ((want - want.mean((0, 2, 3), keepdims=True)) ** 2).sum())
+
+    e_free, e_data = error(free.result.model), error(piped.result.model)
+    assert e_data < 0.6 * e_free, (e_free, e_data)
+
+
+class TwoBlocks(nn.Module):
+    """stem → MobileNetV2's inverted residual (1×1 expansion, BN, ReLU6, depthwise 3×3, BN, ReLU6,
+    1×1 projection, BN, + skip) → a stride-2 one without skip; depthwise kernels spread over
+    their taps (a poor one-tap copy, which training the block can improve on)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+
+        def block(c_in, c_mid, c_out, stride):
+            layers = nn.Sequential(nn.Conv2d(c_in, c_mid, 1, bias=False), nn.BatchNorm2d(c_mid), nn.ReLU6(),
+                                   nn.Conv2d(c_mid, c_mid, 3, stride, 1, groups=c_mid, bias=False),
+                                   nn.BatchNorm2d(c_mid), nn.ReLU6(), nn.Conv2d(c_mid, c_out, 1, bias=False),
+                                   nn.BatchNorm2d(c_out))
+            layers[3].weight.data = 0.4 * torch.randn(c_mid, 1, 3, 3) + 0.2
+            for bn in (layers[1], layers[4], layers[7]):
+                bn.running_mean.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+            return layers
+
+        self.a, self.b = block(8, 24, 8, 1), block(8, 24, 12, 2)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.b(s + self.a(s))
+
+
+def _two_blocks():
+    buf = io.BytesIO()
+    torch.onnx.export(TwoBlocks().eval(), torch.zeros(1, 3, 16, 16), buf, input_names=["x"], output_names=["y"],
+                      dynamo=False, opset_version=17, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _with_outputs(model, names):
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
+    return probe.SerializeToString()
+
+
+def test_block_is_expansion_to_add_and_extracts_exactly():
+    """block_of finds each converted layer's block from the graph (the expansion conv's input,
+    through the projection, the Add where there is one); the extracted block run alone in ORT
+    gives the full model's tensor there from the full model's own block input."""
+    from mfconvert.calibrate.spatial_shift import _consumers, _layers, block_of, extract_block
+
+    original = _two_blocks()
+    config = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, spatial_shift=SpatialShiftConfig())
+    free = convert_onnx(original, config)
+    layers, skipped = _layers(free.model, free.report.changes)
+    assert len(layers) == 2 and not skipped
+    producer = {o: n for n in free.model.graph.node for o in n.output}
+    x = images(5, 7)
+    for layer, residual in zip(layers, (True, False)):
+        inputs, end = block_of(layer, _consumers(free.model))
+        assert inputs[0] == layer.expand.input[0] and len(inputs) == 1     # MobileNetV2's skip is the block input
+        assert producer[end].op_type == ("Add" if residual else "Conv")
+        block = extract_block(free.model, inputs, end)
+        ops = [n.op_type for n in block.graph.node]
+        assert ops.count("SpatialShift") == 1 and ops.count("Add") == int(residual) and ops.count("Conv") == 3
+        got_in, want = session(_with_outputs(free.model, [inputs[0], end])).run([inputs[0], end], {"x": x})
+        got, = session(block.SerializeToString()).run([end], {inputs[0]: got_in})
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)   # the same float ops on the same inputs
+    # a block whose input does not cut it off from the model's input: refused, naming the tensor
+    assert "neither an input of the block" in extract_block(free.model, ["nothing"], layers[1].change.output)
+
+
+def test_reconstruction_lowers_held_out_block_error():
+    """After the least-squares calibration, training each block (reconstruct_blocks) lowers the
+    model's error against the original on inputs neither step saw (ORT, relative to the output's
+    spread), and every block's held-out figure falls or the block is kept as calibrated."""
+    from mfconvert.calibrate.spatial_shift import Reconstruction, reconstruct_blocks
+
+    original = _two_blocks()
+    config = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, spatial_shift=SpatialShiftConfig())
+    free = convert_onnx(original, config)
+    data = Examples([{"x": x} for x in images(64, 1)])
+    calibrated, _ = calibrate_shifts(free.model, original, data, free.report.changes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a few hundred small steps: one thread is the fastest on a shared machine
+    try:
+        trained, lines = reconstruct_blocks(calibrated, original, data, free.report.changes,
+                                            Reconstruction(minutes=0.2, steps=200, lr=1e-2))
+    finally:
+        torch.set_num_threads(threads)
+    held_out = images(64, 2)
+    want = session(original.SerializeToString()).run(None, {"x": held_out})[0]
+
+    def error(model):
+        got = session(model.SerializeToString()).run(None, {"x": held_out})[0]
+        return float(((got - want) ** 2).sum() / ((want - want.mean((0, 2, 3), keepdims=True)) ** 2).sum())
+
+    e_cal, e_trained = error(calibrated), error(trained)
+    assert e_trained < 0.8 * e_cal, (e_cal, e_trained)
+    assert "2 block(s) trained" in lines[0]
+    for change in free.report.changes:
+        fig = change.calibration["reconstruction"]
+        assert fig["steps"] > 0
+        assert fig["held_out_error_after"] <= fig["held_out_error_before"]
+        assert fig["kept"] == (fig["held_out_error_after"] < fig["held_out_error_before"])
+    # the offsets stay integers (int64 initializers the kernel reads) and as calibrated (not trained)
+    offsets = lambda m: [onnx.numpy_helper.to_array(i) for i in m.graph.initializer if i.name.endswith(".offsets")]  # noqa: E731
+    for a, b in zip(offsets(calibrated), offsets(trained)):
+        assert b.dtype == np.int64 and np.array_equal(a, b)
+
+
+def test_block_training_that_does_not_help_is_not_kept():
+    """A learning rate that wrecks the block: the held-out error never falls, so train_block
+    returns no block and reconstruct_blocks leaves the calibrated weights exactly as they were."""
+    from mfconvert.calibrate.spatial_shift import Reconstruction, reconstruct_blocks
+
+    original = _two_blocks()
+    config = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, spatial_shift=SpatialShiftConfig())
+    free = convert_onnx(original, config)
+    data = Examples([{"x": x} for x in images(32, 1)])
+    calibrated, _ = calibrate_shifts(free.model, original, data, free.report.changes)
+    trained, lines = reconstruct_blocks(calibrated, original, data, free.report.changes,
+                                        Reconstruction(minutes=0.1, steps=20, lr=50.0, check_every=5))
+    assert "kept where the held-out error fell: 0" in lines[0]
+    for a, b in zip(calibrated.graph.initializer, trained.graph.initializer):
+        assert a.name == b.name and np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
