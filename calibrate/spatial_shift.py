@@ -21,8 +21,14 @@ graph order:
    mean energy) is chosen among a few on held-out examples, against keeping the weights as they
    are (step 1's scale folded); the winner is fit again on all examples.
 
-Convs the shift-conv pass has already made ShiftConv (codes, not floats) are not refit: such a
-layer keeps its data-free form and the notes say so (--no-shift-conv keeps them float).
+3. **Block-wise reconstruction** (`reconstruct_blocks`, BRECQ/AdaRound-style): each layer's block
+   (expansion 1×1 conv → shift → scale → pointwise 1×1 conv, and the Add after it) extracted,
+   fed its input as the converted model computes it and trained by Adam towards the original's
+   block output, kept where the held-out error falls.
+
+Convs already made ShiftConv (codes, not floats) are not refit: such a layer keeps its data-free
+form and the notes say so. The pipeline (convert/pipeline.py spatial_shift_first) therefore runs
+all of this before shift-conv, on the model with only the shifts converted.
 """
 from __future__ import annotations
 
