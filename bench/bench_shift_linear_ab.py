@@ -3,7 +3,10 @@ int8 in one process: each session registers its own copy of the library (it expo
 RegisterCustomOps, so two copies coexist); single calls interleaved, the fastest of each kept
 (a loaded machine preempts most calls; the fastest is the least disturbed).
 
-    .venv/bin/python bench/bench_shift_linear_ab.py BEFORE.so AFTER.so THREADS TERMS CALLS
+    .venv/bin/python bench/bench_shift_linear_ab.py BEFORE.so AFTER.so THREADS TERMS CALLS [SHAPES]
+
+SHAPES: comma-separated TOKENSxINxOUT (default: bench_shift_linear.py's four), e.g. 1x384x1536.
+The load average is printed before and after (the machine may be shared).
 """
 import logging
 import os
@@ -21,6 +24,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 logging.getLogger().setLevel(logging.ERROR)
 before_lib, after_lib = sys.argv[1], sys.argv[2]
 threads, terms, n = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+shapes = [tuple(int(v) for v in sh.split("x")) for sh in sys.argv[6].split(",")] if len(sys.argv) > 6 else SHAPES
 def ours(model, lib):
     o = ort.SessionOptions(); o.register_custom_ops_library(lib); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
     o.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -30,7 +34,7 @@ print(f"{before_lib} → {after_lib}: threads {threads}, terms {terms}, fastest 
 print("| tokens × in × out | before µs | after µs | fp32 µs | int8 µs | after/before speed-up | vs fp32 before → after | vs int8 after |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 with tempfile.TemporaryDirectory() as tmp:
-    for tokens, i, o in SHAPES:
+    for tokens, i, o in shapes:
         w = (rng.standard_normal((o, i)) * 0.05).astype(np.float32); b = (rng.standard_normal(o) * 0.05).astype(np.float32)
         x = {"X": rng.standard_normal((tokens, i)).astype(np.float32)}
         m = shift_model(w, b, terms=terms)
@@ -44,3 +48,4 @@ with tempfile.TemporaryDirectory() as tmp:
         u = {k: v * 1e6 for k, v in best.items()}
         print(f"| {tokens} × {i} × {o} | {u['before']:.1f} | {u['after']:.1f} | {u['fp32']:.1f} | {u['int8']:.1f} | {u['before']/u['after']:.2f}× "
               f"| {u['fp32']/u['before']:.2f}× → {u['fp32']/u['after']:.2f}× | {u['int8']/u['after']:.2f}× |", flush=True)
+print(f"load after: {os.getloadavg()[0]:.1f}")

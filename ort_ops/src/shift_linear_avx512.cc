@@ -34,6 +34,8 @@ constexpr int64_t kInBlock = 64;     // inputs per block: 4 tokens' tables are 3
 constexpr int64_t kGroupTasks = 8;   // from this many token groups on, one task per group
 constexpr int64_t kLutBudget = int64_t{8} << 20;  // few rows: all tables at once up to this size
 constexpr size_t kTaskStackBytes = size_t{64} << 10;  // a task's scratch up to this size on the stack
+constexpr int64_t kPrefetchBytes = 1024;  // codes are prefetched this far ahead (at batch 1 they come from L3)
+constexpr int64_t kFewRowsTaskMacs = int64_t{1} << 17;  // few rows: the least MACs per task
 
 MF_AVX512 inline __m512i Quantize16(__m512 x, const ActQuant& q) {
   const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(q.scale)),
@@ -83,6 +85,7 @@ MF_AVX512 void LutSpan(const int32_t* lut, int64_t lut_stride, const PackedShift
     for (int b = 0; b < 4; ++b) acc[t][b] = first ? _mm512_setzero_si512() : acc_mem[t * 4 + b];
   for (int64_t i = 0; i < n; ++i, lut += 32)
   for (int k = 0; k < terms; ++k, codes += kLutOut) {  // the T terms of input i share its table
+    _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes), _MM_HINT_T0);
     // Block b's codes are byte b of each dword (shift_linear_pack.h); vpermt2d reads bits 0-4.
     __m512i idx[4];
     idx[0] = _mm512_load_si512(codes);
@@ -195,7 +198,12 @@ void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows,
       BuildLuts(x + r * in, in, p.quant, lut + r * in * 32);
     });
   }
-  const int64_t per_task = std::max<int64_t>(1, p.lut_groups * token_groups / kGroupTasks);
+  // Output groups per task: at least kFewRowsTaskMacs MACs each (batch 1, 384 x 1536: 6 of the 24
+  // groups, 4 tasks), so a task outweighs handing it to a pool thread that has to be woken; at
+  // most about kGroupTasks tasks in all, as before.
+  const int64_t group_macs = std::min<int64_t>(rows, kLutTokens) * p.attrs.in_features * kLutOut;
+  const int64_t per_task = std::max({int64_t{1}, p.lut_groups * token_groups / kGroupTasks,
+                                     std::min(p.lut_groups, (kFewRowsTaskMacs + group_macs - 1) / group_macs)});
   const int64_t chunks = (p.lut_groups + per_task - 1) / per_task;
   par.For(static_cast<size_t>(token_groups * chunks), [&](size_t task) {
     const int64_t r0 = static_cast<int64_t>(task) / chunks * kLutTokens;
