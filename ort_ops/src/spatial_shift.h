@@ -27,6 +27,7 @@ struct SpatialShiftGeom {
   const float* bias = nullptr;   // [C] or null
   bool clip = false;
   float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+  int64_t lane_rows = 0, lane_cols = 0;  // 16 = lane_rows * ow + lane_cols (the AVX-512 small-plane paths)
 };
 
 // One output plane's arguments: its input plane, offsets clamped (Clamp in spatial_shift_op.cc),

@@ -81,9 +81,112 @@ SS_TARGET void Plane(const SpatialShiftGeom& g, const ShiftPlane& p) {
   });
 }
 
+// Stride 1, zeros padding, a plane of up to kFlat floats (MobileNetV2's 7×7, 14×14, 28×28): the
+// output plane is the input plane read at the flat offset dy·W + dx, so it goes 16 floats at a
+// time across rows; a lane reads only where its row i + dy and column j + dx are in the image
+// (its column j = k mod W kept per lane from vector to vector), else it is 0.0. The masked-off
+// lanes' addresses are never accessed (AVX-512 masked loads do not fault there); the address is
+// formed as an integer so that no pointer outside the plane exists either.
+constexpr int64_t kFlat = 1024;
+
+template <bool S, bool B, bool C>
+SS_TARGET void Flat(const SpatialShiftGeom& g, const ShiftPlane& p) {
+  const __m512 s = _mm512_set1_ps(p.s), b = _mm512_set1_ps(p.b), lo = _mm512_set1_ps(g.lo), hi = _mm512_set1_ps(g.hi);
+  const int64_t h = g.h, w = g.w, size = h * w, dy = p.dy, dx = p.dx;
+  // rows of the output whose input row is inside: [r0, r1); as flat output indices [k0, k1)
+  const int64_t r0 = std::min(std::max<int64_t>(-dy, 0), h), r1 = std::min(std::max(h - dy, r0), h);
+  const int64_t k_lo = r0 * w, k_hi = r1 * w;
+  const __m512i col_lo = _mm512_set1_epi32(static_cast<int32_t>(std::min(std::max<int64_t>(-dx, 0), w)));
+  const __m512i col_hi = _mm512_set1_epi32(static_cast<int32_t>(std::min(std::max<int64_t>(w - dx, 0), w)));
+  const __m512i width = _mm512_set1_epi32(static_cast<int32_t>(w));
+  const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(16 % w));
+  __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (__mmask16 over; (over = _mm512_cmpge_epi32_mask(col, width)) != 0;)   // each lane's column j = k mod W
+    col = _mm512_mask_sub_epi32(col, over, col, width);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(p.x) + static_cast<uintptr_t>((dy * w + dx) * 4);
+  for (int64_t k = 0; k < size; k += 16) {
+    const int64_t n = std::min<int64_t>(16, size - k);
+    const int64_t a = std::min(std::max<int64_t>(k_lo - k, 0), n), e = std::min(std::max(k_hi - k, a), n);
+    const __mmask16 rows = Lanes(a, e);
+    const __mmask16 cols = _mm512_cmpge_epi32_mask(col, col_lo) & _mm512_cmplt_epi32_mask(col, col_hi);
+    const __m512 v = _mm512_maskz_loadu_ps(rows & cols, reinterpret_cast<const float*>(base + static_cast<uintptr_t>(k * 4)));
+    const __m512 y = Tail<S, B, C>(v, s, b, lo, hi);
+    if (n == 16)
+      _mm512_storeu_ps(p.y + k, y);
+    else
+      _mm512_mask_storeu_ps(p.y + k, Lanes(0, n), y);
+    col = _mm512_add_epi32(col, step);
+    col = _mm512_mask_sub_epi32(col, _mm512_cmpge_epi32_mask(col, width), col, width);
+  }
+}
+
+// Strided, zeros padding, an input plane of up to kFlat floats (MobileNetV2's stride-2 layers to
+// 14×14 → 7×7): 16 outputs at a time across rows, each lane's (i, j) kept from vector to vector
+// (16 = rows·OW + cols: g.lane_rows, g.lane_cols), read by a masked gather at
+// (i·sh + dy)·W + j·sw + dx where that is inside the image (no access elsewhere), else 0.0.
+template <bool S, bool B, bool C>
+SS_TARGET void FlatStrided(const SpatialShiftGeom& g, const ShiftPlane& p) {
+  const __m512 s = _mm512_set1_ps(p.s), b = _mm512_set1_ps(p.b), lo = _mm512_set1_ps(g.lo), hi = _mm512_set1_ps(g.hi);
+  const int64_t size = g.oh * g.ow;
+  const __m512i ow = _mm512_set1_epi32(static_cast<int32_t>(g.ow)), h = _mm512_set1_epi32(static_cast<int32_t>(g.h));
+  const __m512i w = _mm512_set1_epi32(static_cast<int32_t>(g.w)), one = _mm512_set1_epi32(1);
+  const __m512i sh = _mm512_set1_epi32(static_cast<int32_t>(g.sh)), sw = _mm512_set1_epi32(static_cast<int32_t>(g.sw));
+  const __m512i dy = _mm512_set1_epi32(static_cast<int32_t>(p.dy)), dx = _mm512_set1_epi32(static_cast<int32_t>(p.dx));
+  const __m512i step_i = _mm512_set1_epi32(static_cast<int32_t>(g.lane_rows));
+  const __m512i step_j = _mm512_set1_epi32(static_cast<int32_t>(g.lane_cols));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i j = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), i = zero;
+  for (__mmask16 over; (over = _mm512_cmpge_epi32_mask(j, ow)) != 0;) {
+    j = _mm512_mask_sub_epi32(j, over, j, ow);
+    i = _mm512_mask_add_epi32(i, over, i, one);
+  }
+  for (int64_t k = 0; k < size; k += 16) {
+    const int64_t n = std::min<int64_t>(16, size - k);
+    const __m512i r = _mm512_add_epi32(_mm512_mullo_epi32(i, sh), dy), q = _mm512_add_epi32(_mm512_mullo_epi32(j, sw), dx);
+    const __mmask16 in = Lanes(0, n) & _mm512_cmpge_epi32_mask(r, zero) & _mm512_cmplt_epi32_mask(r, h) &
+                         _mm512_cmpge_epi32_mask(q, zero) & _mm512_cmplt_epi32_mask(q, w);
+    const __m512i index = _mm512_add_epi32(_mm512_mullo_epi32(r, w), q);
+    const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, index, p.x, 4);
+    const __m512 y = Tail<S, B, C>(v, s, b, lo, hi);
+    if (n == 16)
+      _mm512_storeu_ps(p.y + k, y);
+    else
+      _mm512_mask_storeu_ps(p.y + k, Lanes(0, n), y);
+    i = _mm512_add_epi32(i, step_i);
+    j = _mm512_add_epi32(j, step_j);
+    const __mmask16 wrap = _mm512_cmpge_epi32_mask(j, ow);
+    j = _mm512_mask_sub_epi32(j, wrap, j, ow);
+    i = _mm512_mask_add_epi32(i, wrap, i, one);
+  }
+}
+
 template <int SW>
 void Dispatch(const SpatialShiftGeom& g, const ShiftPlane& p) {
   const int k = (g.scale ? 4 : 0) | (g.bias ? 2 : 0) | (g.clip ? 1 : 0);
+  if (!g.edge && g.h * g.w <= kFlat && (SW != 1 || g.sh != 1)) {
+    switch (k) {
+      case 0: return FlatStrided<false, false, false>(g, p);
+      case 1: return FlatStrided<false, false, true>(g, p);
+      case 2: return FlatStrided<false, true, false>(g, p);
+      case 3: return FlatStrided<false, true, true>(g, p);
+      case 4: return FlatStrided<true, false, false>(g, p);
+      case 5: return FlatStrided<true, false, true>(g, p);
+      case 6: return FlatStrided<true, true, false>(g, p);
+      default: return FlatStrided<true, true, true>(g, p);
+    }
+  }
+  if (SW == 1 && g.sh == 1 && !g.edge && g.h * g.w <= kFlat) {
+    switch (k) {
+      case 0: return Flat<false, false, false>(g, p);
+      case 1: return Flat<false, false, true>(g, p);
+      case 2: return Flat<false, true, false>(g, p);
+      case 3: return Flat<false, true, true>(g, p);
+      case 4: return Flat<true, false, false>(g, p);
+      case 5: return Flat<true, false, true>(g, p);
+      case 6: return Flat<true, true, false>(g, p);
+      default: return Flat<true, true, true>(g, p);
+    }
+  }
   switch (k) {
     case 0: return Plane<SW, false, false, false>(g, p);
     case 1: return Plane<SW, false, false, true>(g, p);
@@ -100,7 +203,7 @@ void Dispatch(const SpatialShiftGeom& g, const ShiftPlane& p) {
 
 void SpatialShiftPlaneAvx512(const SpatialShiftGeom& g, const ShiftPlane& p) {
   if (g.sw == 1) return Dispatch<1>(g, p);
-  if (g.sw == 2) return Dispatch<2>(g, p);
+  if (g.sw == 2 || (!g.edge && g.h * g.w <= kFlat)) return Dispatch<2>(g, p);   // any stride: the gather
   SpatialShiftPlaneScalar(g, p);
 }
 

@@ -205,6 +205,9 @@ void SpatialShiftPlaneScalar(const SpatialShiftGeom& g, const ShiftPlane& p) {
 void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y,
                      const Parallel& par, Isa isa) {
   const int64_t plane = g.h * g.w, out_plane = g.oh * g.ow, planes = g.n * g.c;
+  SpatialShiftGeom geom = g;
+  geom.lane_rows = 16 / g.ow;
+  geom.lane_cols = 16 % g.ow;
   void (*kernel)(const SpatialShiftGeom&, const ShiftPlane&) =
       isa == Isa::kAvx512 ? SpatialShiftPlaneAvx512 : isa == Isa::kAvx2 ? SpatialShiftPlaneAvx2 : SpatialShiftPlaneScalar;
   // Tasks of whole planes, ~16K output floats each (a 7×7 plane alone is too little to hand
@@ -215,13 +218,18 @@ void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const fl
   const int64_t tasks = (planes + per_task - 1) / per_task;
   par.For(static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
+    // plane q = n * C + c and its source channel, stepped without a division per plane
+    int64_t n = first / g.c, c = first % g.c, src_c = (c + g.c - g.channel_shift) % g.c;
     for (int64_t q = first; q < last; ++q) {
-      const int64_t n = q / g.c, c = q % g.c;
-      const int64_t src_c = (c + g.c - g.channel_shift) % g.c;
       const ShiftPlane p{x + (n * g.c + src_c) * plane, y + q * out_plane, Clamp(offsets[2 * c], g.h, g.sh),
                          Clamp(offsets[2 * c + 1], g.w, g.sw), g.scale ? g.scale[c] : 1.0f,
                          g.bias ? g.bias[c] : 0.0f};
-      kernel(g, p);
+      kernel(geom, p);
+      if (++src_c == g.c) src_c = 0;
+      if (++c == g.c) {
+        c = 0;
+        ++n;
+      }
     }
   });
 }
