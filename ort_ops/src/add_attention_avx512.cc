@@ -30,30 +30,30 @@ struct Vec {
 // The key masks of add_attention_impl.h's PartialS (same result as its generic KeyMasks): the
 // codes of 64 keys in 8 zmm (a masked key's code as 0), then per code bit r one vptestmq per 8 keys.
 constexpr int64_t kKeyMaskWords = 256 / 64;  // add_attention_impl.h's kKeyWords
-void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, uint64_t* kt);
+void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, int64_t r0, int64_t r1,
+              uint64_t* kt);
 #define MF_KEY_MASKS 1
 #include "add_attention_impl.h"
 static_assert(kKeyMaskWords == kKeyWords, "kKeyChunk changed");
 
-void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, uint64_t* kt) {
-  std::fill(kt, kt + p.bits * kKeyWords, uint64_t{0});
+void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, int64_t r0, int64_t r1,
+              uint64_t* kt) {
   const uint64_t* codes = p.k_codes + ((b * p.heads + h) * p.tokens) * p.words;
   alignas(64) uint64_t block[64];
   for (int64_t k0 = j0; k0 < j1; k0 += 64) {
     const int64_t n = std::min<int64_t>(64, j1 - k0), kw = (k0 - j0) / 64;
-    for (int64_t w = 0; w < p.words; ++w) {
+    for (int64_t w = r0 / 64; w * 64 < r1; ++w) {
       for (int64_t k = 0; k < 64; ++k) {
         const int64_t j = k0 + k;
         block[k] = k < n && (p.keep == nullptr || p.keep[b * p.tokens + j]) ? codes[j * p.words + w] : 0;
       }
       __m512i z[8];
       for (int q = 0; q < 8; ++q) z[q] = _mm512_load_si512(block + 8 * q);
-      const int64_t rows = std::min<int64_t>(64, p.bits - w * 64);
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << r));
+      for (int64_t r = std::max(r0, w * 64); r < std::min(r1, w * 64 + 64); ++r) {
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << (r - w * 64)));
         uint64_t m = 0;
         for (int q = 0; q < 8; ++q) m |= static_cast<uint64_t>(_mm512_test_epi64_mask(z[q], bit)) << (8 * q);
-        kt[(w * 64 + r) * kKeyWords + kw] = m;
+        kt[(r - r0) * kKeyWords + kw] = m;
       }
     }
   }

@@ -71,39 +71,47 @@ inline void GatherRows(float* acc, const float* s, int64_t stride, const uint64_
 // whose V rows stay in L1 while every row r gathers from them, and added to the row: one
 // load/add/store of the row per 64 keys instead of one per (key, set bit).
 constexpr int64_t kKeyWords = kKeyChunk / 64;
+constexpr int64_t kRowBlock = 16;  // rows of S per task of the S phase (tasks balance over threads)
 
-// kt[r * kKeyWords + (j - j0) / 64] bit (j - j0) % 64 = key j of (b, h) counts and its code has
-// bit r, for keys [j0, j1) (at most kKeyChunk). kt is zeroed here. (The AVX-512 kernel has its
-// own, MF_KEY_MASKS: eight codes tested per instruction instead of one set bit at a time.)
+// kt[(r - r0) * kKeyWords + (j - j0) / 64] bit (j - j0) % 64 = key j of (b, h) counts and its
+// code has bit r, for keys [j0, j1) (at most kKeyChunk) and rows [r0, r1) (at most kRowBlock).
+// kt is zeroed here. (The AVX-512 kernel has its own, MF_KEY_MASKS: eight codes tested per
+// instruction instead of one set bit at a time.)
 #ifndef MF_KEY_MASKS
-void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, uint64_t* kt) {
-  std::fill(kt, kt + p.bits * kKeyWords, uint64_t{0});
+void KeyMasks(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, int64_t r0, int64_t r1,
+              uint64_t* kt) {
+  std::fill(kt, kt + (r1 - r0) * kKeyWords, uint64_t{0});
   for (int64_t j = j0; j < j1; ++j) {
     if (p.keep != nullptr && !p.keep[b * p.tokens + j]) continue;
     const uint64_t* code = p.k_codes + ((b * p.heads + h) * p.tokens + j) * p.words;
     const uint64_t bit = uint64_t{1} << ((j - j0) % 64);
     uint64_t* col = kt + (j - j0) / 64;
-    for (int64_t w = 0; w < p.words; ++w)
-      for (uint64_t m = code[w]; m != 0; m &= m - 1) col[(w * 64 + __builtin_ctzll(m)) * kKeyWords] |= bit;
+    for (int64_t w = r0 / 64; w * 64 < r1; ++w) {
+      uint64_t m = code[w];
+      if (w * 64 < r0) m &= ~uint64_t{0} << (r0 - w * 64);          // bits below r0
+      if (r1 - w * 64 < 64) m &= (uint64_t{1} << (r1 - w * 64)) - 1;  // bits from r1 on
+      for (; m != 0; m &= m - 1) col[(w * 64 + __builtin_ctzll(m) - r0) * kKeyWords] |= bit;
+    }
   }
 }
 #endif
 
-void PartialS(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, float* part) {
+// Rows [r0, r1) (at most kRowBlock) of the partial S of keys [j0, j1) (at most kKeyChunk) of
+// (b, h), into part[r][D]: row r of S is the sum of the V rows of the kept keys whose code has
+// bit r. The key codes are first turned into one key mask per row (KeyMasks), so each row is
+// summed in registers by GatherRows (two alternating partial sums) 64 keys at a time, whose V
+// rows stay in L1 while every row gathers from them, and added to the row: one load/add/store
+// of the row per 64 keys instead of one per (key, set bit).
+void PartialS(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, int64_t j1, int64_t r0, int64_t r1,
+              float* part) {
   const int64_t d = p.depth, c = p.heads * p.depth;
-  uint64_t local[64 * kKeyWords];
-  std::vector<uint64_t> heap;
-  uint64_t* kt = local;
-  if (p.bits > 64) {
-    heap.resize(static_cast<size_t>(p.bits * kKeyWords));
-    kt = heap.data();
-  }
-  KeyMasks(p, b, h, j0, j1, kt);
+  uint64_t kt[kRowBlock * kKeyWords];
+  KeyMasks(p, b, h, j0, j1, r0, r1, kt);
   const float* v0 = p.v + (b * p.tokens + j0) * c + h * d;
   const int64_t key_words = (j1 - j0 + 63) / 64;
   for (int64_t kw = 0; kw < key_words; ++kw)
-    for (int64_t r = 0; r < p.bits; ++r)
-      GatherRows(part + r * d, v0 + kw * 64 * c, c, kt + r * kKeyWords + kw, 1, d, kw > 0);
+    for (int64_t r = r0; r < r1; ++r)
+      GatherRows(part + r * d, v0 + kw * 64 * c, c, kt + (r - r0) * kKeyWords + kw, 1, d, kw > 0);
 }
 
 // The taps of conv(V')_t for one output row: out[0:D] += w * V'[b, src, h, :] per tap, in tap
@@ -230,19 +238,26 @@ void Queries(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t0, int
 void Run(const AddAttentionProblem& p, const Parallel& par) {
   const int64_t bh = p.batch * p.heads, sd = p.bits * p.depth;
   const int64_t key_chunks = std::max<int64_t>(1, (p.tokens + kKeyChunk - 1) / kKeyChunk);
-  // Phase 1: partial S per (b, h, key chunk); phase 2: sum the chunks in order.
-  std::vector<float> parts(static_cast<size_t>(bh * key_chunks * sd));
-  par.For(static_cast<size_t>(bh * key_chunks), [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task), g = i / key_chunks, chunk = i % key_chunks;
+  const int64_t row_blocks = (p.bits + kRowBlock - 1) / kRowBlock;
+  // Phase 1: partial S per (b, h, key chunk, block of rows), straight into S with one key chunk;
+  // phase 2: sum the chunks in order.
+  std::vector<float> parts(key_chunks > 1 ? static_cast<size_t>(bh * key_chunks * sd) : 0);
+  float* dst = key_chunks > 1 ? parts.data() : p.s;
+  par.For(static_cast<size_t>(bh * key_chunks * row_blocks), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) / row_blocks, rb = static_cast<int64_t>(task) % row_blocks;
+    const int64_t g = i / key_chunks, chunk = i % key_chunks;
     const int64_t j0 = chunk * kKeyChunk, j1 = std::min(p.tokens, j0 + kKeyChunk);
-    PartialS(p, g / p.heads, g % p.heads, j0, j1, parts.data() + i * sd);
+    const int64_t r0 = rb * kRowBlock, r1 = std::min(p.bits, r0 + kRowBlock);
+    PartialS(p, g / p.heads, g % p.heads, j0, j1, r0, r1, dst + i * sd);
   });
-  par.For(static_cast<size_t>(bh), [&](size_t g) {
-    float* s = p.s + static_cast<int64_t>(g) * sd;
-    const float* first = parts.data() + static_cast<int64_t>(g) * key_chunks * sd;
-    std::copy(first, first + sd, s);
-    for (int64_t k = 1; k < key_chunks; ++k) AddRow(s, first + k * sd, sd);
-  });
+  if (key_chunks > 1) {
+    par.For(static_cast<size_t>(bh), [&](size_t g) {
+      float* s = p.s + static_cast<int64_t>(g) * sd;
+      const float* first = parts.data() + static_cast<int64_t>(g) * key_chunks * sd;
+      std::copy(first, first + sd, s);
+      for (int64_t k = 1; k < key_chunks; ++k) AddRow(s, first + k * sd, sd);
+    });
+  }
   // Phase 3: outputs per (b, h, query chunk).
   const int64_t query_chunks = (p.tokens + kQueryChunk - 1) / kQueryChunk;
   par.For(static_cast<size_t>(bh * query_chunks), [&](size_t task) {
