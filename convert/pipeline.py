@@ -30,6 +30,7 @@ from mfconvert.convert.files import check_outputs
 from mfconvert.convert.onnx_entry import ConversionResult, convert_onnx, save_result
 from mfconvert.convert.onnx_model import (PROTO_LIMIT, check_output_path, check_serializable, data_path_for,
                                           load_model, read_model)
+from mfconvert.passes import fuse_spatial_shift
 from mfconvert.passes.linear import accumulator_checks, annotate_accumulators
 from mfconvert.passes.shift_format import ShiftFormat
 
@@ -291,6 +292,8 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
         if kept_bn:
             notes.append(f"BatchNormalization statistics of {len(kept_bn)} node(s) the shift-conv pass kept "
                          f"re-estimated on {len(calibration)} examples")
+    # last, after everything that reads the unfused form: SpatialShift + its 1×1 scale conv (+ Relu/Clip) → one op
+    notes += fuse_spatial_shift.fuse_into(result)
     # save
     if output is not None:
         save_result(result, output)
