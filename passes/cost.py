@@ -3,7 +3,8 @@ performs (docs/ops.md's arithmetic), weight bytes, an energy estimate, and per l
 SQNR of the rounded weights (docs/report.md defines every figure).
 
 Counted: MatMul, Gemm, Conv, Softmax and BatchNormalization nodes of the main graph, and our
-ops (ShiftLinear, AddLinearAttention, ShiftConv, AdderConv, the ShiftMoEMLP blocks). Elementwise
+ops (ShiftLinear, AddLinearAttention, ShiftConv, AdderConv, SpatialShift's fused tail, the
+ShiftMoEMLP blocks). Elementwise
 ops (activations, normalisation, residual adds, reshapes) are the same before and after and are
 not counted. A sum of n terms counts n additions (accumulation into a zeroed register, as the
 kernels run it: the usual MAC count); a scaling by an exact power of two (the fixed-point
@@ -28,7 +29,7 @@ ENERGY_PJ = {"fp32_mul": 3.7, "fp32_add": 0.9, "int32_add": 0.1, "int64_add": 0.
              "shift": 0.13}
 KINDS = ("fp32_mul", "fp32_add", "int32_add", "int64_add", "int_abs", "shift", "fp32_special")
 COUNTED_FLOAT_OPS = ("MatMul", "Gemm", "Conv", "Softmax", "BatchNormalization")
-OUR_OPS = ("ShiftLinear", "AddLinearAttention", "ShiftConv", "AdderConv")
+OUR_OPS = ("ShiftLinear", "AddLinearAttention", "ShiftConv", "AdderConv", "SpatialShift")
 DEFAULT_MOE_SHIFT_FRACTION = 0.5
 EXACT_DB = 300.0   # the SQNR reported for weights the format holds exactly (JSON has no infinity)
 ATTENTION_KEY_CHUNK = 256   # keys per partial sum of the AddLinearAttention kernel (add_attention_impl.h)
@@ -318,6 +319,18 @@ def adder_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None
                    _fused_activation(at, n_out))
 
 
+def spatial_shift_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None:
+    """SpatialShift: the move performs nothing; its fused tail (docs/ops.md#spatialshift) one
+    multiplication per output element with a scale and one addition with a bias (the clamp
+    compares: not counted)."""
+    x = dims.get(node.input[0])
+    if x is None or len(x) != 4:
+        return None
+    sh, sw = _attrs(node).get("strides", [1, 1])
+    n_out = x[0] * x[1] * -(-x[2] // sh) * -(-x[3] // sw)
+    return ops(fp32_mul=n_out if _given(node, 2) else 0, fp32_add=n_out if _given(node, 3) else 0)
+
+
 def node_ops(node: onnx.NodeProto, dims: dict, inits: dict, memo: dict | None = None) -> dict | None:
     """What `node` performs (None: unknown or not counted); `memo` keeps the figures of nodes
     already counted (reading a layer's codes twice costs time)."""
@@ -327,7 +340,7 @@ def node_ops(node: onnx.NodeProto, dims: dict, inits: dict, memo: dict | None = 
         return memo[id(node)]
     if node.domain == DOMAIN:
         fn = {"ShiftLinear": shift_linear_ops, "AddLinearAttention": attention_ops,
-              "ShiftConv": shift_conv_ops, "AdderConv": adder_conv_ops}.get(node.op_type)
+              "ShiftConv": shift_conv_ops, "AdderConv": adder_conv_ops, "SpatialShift": spatial_shift_ops}.get(node.op_type)
         return fn(node, dims, inits) if fn else None
     return float_node_ops(node, dims)
 

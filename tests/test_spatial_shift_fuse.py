@@ -51,6 +51,14 @@ def test_block_fuses_scale_conv_and_relu6(stride):
     want, got = run(unfused, x), run(fused, x)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert fuse_spatial_shifts(fused)[1] == []   # nothing left to fuse: the same model back
+    # the report's counts (passes/cost.py): the tail's multiply and add per element are still counted
+    from mfconvert.passes.cost import model_costs
+    teacher = export(block)
+    result = convert(teacher)
+    n_out = 8 * -(-9 // stride) * -(-10 // stride)
+    costs = [model_costs(teacher, m, {"x": [1, 3, 9, 10]}, result.report.changes)["after"] for m in (unfused, fused)]
+    assert costs[1]["multiplications"] == costs[0]["multiplications"]
+    assert costs[1]["additions"] == costs[0]["additions"] - n_out   # the conv's accumulation into zero is gone
 
 
 def test_scale_folded_into_pointwise_conv_is_left_alone():
