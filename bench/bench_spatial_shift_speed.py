@@ -6,7 +6,7 @@ depthwise scale conv, the block's ReLU6 after it), against the original in ONNX 
   layout pass) and ORT_ENABLE_EXTENDED: medians of interleaved runs, spinning off (the machine is
   shared), for the original, the converted model as the pass and calibration leave it
   ('unfused'), and after passes/fuse_spatial_shift.py ('fused': the scale, bias and ReLU6 inside
-  the SpatialShift);
+  the SpatialShift); at 'all' also the fused model with ORT's NchwcTransformer disabled;
 - where the time goes (--profile): ORT's profiler on each model, the kernel time summed by kind
   (SpatialShift, the 1×1 scale convs, NCHWc reorders, the other convs, the rest);
 - the kernel (--only kernel): SpatialShift (plain, and fused with scale, bias and Clip 0..6)
@@ -43,9 +43,10 @@ from mfconvert.ort_ops import DOMAIN  # noqa: E402
 from mfconvert.zoo.public import imagenet_images, mobilenet_v2  # noqa: E402
 
 
-def make_session(model, threads: int, level: str = "all", lib: str | None = None, profile_prefix: str | None = None):
+def make_session(model, threads: int, level: str = "all", lib: str | None = None, profile_prefix: str | None = None,
+                 disabled: tuple[str, ...] = ()):
     """Spinning off, ORT's level 'all' (default) or 'extended', our ops from `lib` (default: the
-    library mfconvert.ort_ops finds, MFCONVERT_OPS_LIBRARY included)."""
+    library mfconvert.ort_ops finds, MFCONVERT_OPS_LIBRARY included), ORT optimizers `disabled`."""
     import onnxruntime as ort
 
     from mfconvert.ort_ops import library_path
@@ -58,7 +59,8 @@ def make_session(model, threads: int, level: str = "all", lib: str | None = None
     if profile_prefix:
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled))
 
 
 def fused(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -122,6 +124,9 @@ def end_to_end(named: dict, x: np.ndarray, repeats: int, libs: dict) -> dict:
     for threads in (1, 2):
         for level in ("all", "extended"):
             sessions = {k: make_session(m, threads, level, libs.get(k)) for k, m in named.items()}
+            if level == "all" and "fused" in named:   # the default level without the NCHWc layout pass
+                sessions["fused, NchwcTransformer off"] = make_session(named["fused"], threads, level,
+                                                                       disabled=("NchwcTransformer",))
             med = interleaved({k: (lambda s=s: s.run(None, {"image": x})) for k, s in sessions.items()}, repeats)
             row = {k: v * 1e3 for k, v in med.items()}
             out[f"{threads}t {level}"] = row
