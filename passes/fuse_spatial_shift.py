@@ -95,6 +95,29 @@ def _activation(node: onnx.NodeProto, constants: dict, opset: int) -> dict | Non
     return {"activation": "Clip", "clip_min": float(lo), "clip_max": float(hi)}
 
 
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the subgraphs of `graph`'s nodes read (outer-scope reads included)."""
+    found: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                found.update(i for n in sub.node for i in n.input)
+                found.update(o.name for o in sub.output)
+                found |= _subgraph_reads(sub)
+    return found
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """`name`, or `name`.1, .2, … where it is taken; recorded as taken."""
+    out, k = name, 0
+    while out in taken:
+        k += 1
+        out = f"{name}.{k}"
+    taken.add(out)
+    return out
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
@@ -113,7 +136,9 @@ def fuse_spatial_shifts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     for node in g.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in g.output}
+    # a tensor a subgraph (If/Loop/Scan body) reads from the outer scope is read there too
+    graph_outputs = {o.name for o in g.output} | _subgraph_reads(g)
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
 
     def sole_reader(tensor: str) -> onnx.NodeProto | None:
         r = readers.get(tensor, [])
@@ -137,7 +162,7 @@ def fuse_spatial_shifts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
         if act is not None and act_node.input[0] != conv.output[0]:
             act = None
         last = act_node if act is not None else conv
-        names = [f"{node.name}.scale", f"{node.name}.bias"]
+        names = [_fresh(f"{node.name or node.output[0]}.{what}", taken) for what in ("scale", "bias")]
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale, np.float32), names[0]))
         inputs = [node.input[0], node.input[1], names[0]]
         if bias is not None:

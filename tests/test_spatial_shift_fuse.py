@@ -130,6 +130,38 @@ def test_chain_variations(kwargs, fused_ops):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
+def test_unnamed_chains_get_distinct_constants_and_subgraph_reads_block():
+    """Two unnamed SpatialShift chains: each fused with constants of its own name; a shift output
+    that an If branch reads from the outer scope is not fused away."""
+    first = chain()
+    second = chain()
+    g = first.graph
+    for n in g.node:
+        n.name = ""
+    extra = [helper.make_node("SpatialShift", ["Y", "off"], ["s2"], domain=DOMAIN),
+             helper.make_node("Conv", ["s2", "w", "b"], ["Y2"], group=4, kernel_shape=[1, 1])]
+    g.node.extend(extra)
+    g.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, None))
+    fused, lines = fuse_spatial_shifts(first)
+    shifts = [n for n in fused.graph.node if n.op_type == "SpatialShift"]
+    assert len(shifts) == 2 and lines and "2 SpatialShift" in lines[0]
+    names = [i for n in shifts for i in n.input[2:]]
+    assert len(set(names)) == 4
+    x = np.random.default_rng(2).normal(size=(2, 4, 5, 6)).astype(np.float32)
+    want = session(first.SerializeToString()).run(["Y", "Y2"], {"X": x})
+    got = session(fused.SerializeToString()).run(["Y", "Y2"], {"X": x})
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+    # an If whose branch reads the shift's output: that tensor must stay
+    branch = helper.make_graph([helper.make_node("Identity", ["s"], ["r"])], "then", [],
+                               [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)])
+    second.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    second.graph.node.append(helper.make_node("If", ["cond"], ["Z"], then_branch=branch, else_branch=branch))
+    second.graph.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, None))
+    fused, lines = fuse_spatial_shifts(second)
+    assert fused is second and lines == []
+
+
 def test_fused_layer_is_the_reference_and_trains_scale_and_bias():
     """The torch layer with a tail: eval bit for bit with the NumPy reference (hostile values),
     gradients of scale and bias = Σ g·shifted and Σ g where the clamp passes, 0 where it clips."""
