@@ -286,3 +286,29 @@ def test_sign_codes_without_thresholds(d):
     for isa in ISAS:
         got = run_op(model, {"Q": q, "K": k, "V": v}, isa)
         assert (np.abs(got - expect) - tol).max() <= 0, f"{isa}: {np.abs(got - expect).max()}"
+
+
+def test_heads_of_64_with_overflowing_norms():
+    """Heads of 64 channels, where the AVX-512 kernel keeps each row in registers from the gather
+    to Y, two rows at a time: rows whose ‖Z‖² overflows float32 (|Z| above ~1.8e19) take the
+    rescaled norm, whichever row of a pair they are (token 6 is the odd last one), and the other
+    rows are unchanged; against the float64 NumPy reference, every ISA, with a token conv."""
+    from tests import numpy_reference as ref
+    rng = np.random.default_rng(7)
+    t, h, d = 7, 2, 64
+    q, k, v = (rng.standard_normal((1, t, h * d)).astype(np.float32) for _ in range(3))
+    v[0, 2, 5], v[0, 3, 70], v[0, 6, 64] = 1e25, -4e24, 2e20   # sums stay finite, squares do not
+    k[0, 2, :d], k[0, 3, d:], k[0, 6, d:] = -1, -1, -1          # key codes 0: these V rows stay out of S,
+    # so only Z of token 2 (head 0) and of tokens 3 and 6 (head 1) overflows: pairs (2, 3) mixed
+    conv = (0.1 * rng.standard_normal((h, 3))).astype(np.float32)
+    expect = ref.add_linear_attention(q, k, v, h, conv_weight=conv)
+    node = helper.make_node("AddLinearAttention", ["Q", "K", "V", "", "conv"], ["Y"], domain=DOMAIN, num_heads=h)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "QKV"],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(conv, "conv")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    for isa in ISAS:
+        y = run_op(model, {"Q": q, "K": k, "V": v}, isa)
+        # Unit-norm rows plus conv taps of up to 0.1 * 1e25 near the huge tokens: float32 rounding.
+        np.testing.assert_allclose(y, expect, rtol=2e-6, atol=2e-6, err_msg=isa)
+        assert np.abs(y[0, [2, 3, 6]]).max() > 0.5 and np.isfinite(y).all()

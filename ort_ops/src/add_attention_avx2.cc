@@ -21,6 +21,7 @@ struct Vec {
   static __m256 Zero() { return _mm256_setzero_ps(); }
   static __m256 Mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
   static __m256 Set1(float x) { return _mm256_set1_ps(x); }
+  static __m256 Div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
   static void AddTail(float* acc, const float* row, int64_t n) {
     for (int64_t i = 0; i < n; ++i) acc[i] += row[i];
   }

@@ -21,6 +21,7 @@ struct Vec {
   static __m512 Zero() { return _mm512_setzero_ps(); }
   static __m512 Mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
   static __m512 Set1(float x) { return _mm512_set1_ps(x); }
+  static __m512 Div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
   static void AddTail(float* acc, const float* row, int64_t n) {
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc), _mm512_maskz_loadu_ps(m, row)));

@@ -19,34 +19,43 @@ inline void AddRow(float* acc, const float* row, int64_t n) {
 // vectors of the accumulator held in registers per pass over the bits, as two partial sums (the
 // set bits taken alternately, then added) so the two dependency chains of adds overlap. With
 // `add_to` the sum is added to acc's values instead (acc + (r + e) per element).
+using VecT = decltype(Vec::Zero());
+
+// Block [i0, i0 + 4 * Vec::kWidth) of GatherRows' sum, in registers r0..r3.
+inline void Gather4(const float* s, int64_t stride, const uint64_t* code, int64_t words, int64_t i0,
+                    VecT& r0, VecT& r1, VecT& r2, VecT& r3) {
+  r0 = Vec::Zero(), r1 = Vec::Zero(), r2 = Vec::Zero(), r3 = Vec::Zero();
+  auto e0 = Vec::Zero(), e1 = Vec::Zero(), e2 = Vec::Zero(), e3 = Vec::Zero();
+  for (int64_t w = 0; w < words; ++w) {
+    for (uint64_t m = code[w]; m != 0;) {
+      const float* row = s + (w * 64 + __builtin_ctzll(m)) * stride + i0;
+      m &= m - 1;
+      r0 = Vec::Add(r0, Vec::Load(row));
+      r1 = Vec::Add(r1, Vec::Load(row + Vec::kWidth));
+      r2 = Vec::Add(r2, Vec::Load(row + 2 * Vec::kWidth));
+      r3 = Vec::Add(r3, Vec::Load(row + 3 * Vec::kWidth));
+      if (m == 0) break;
+      const float* next = s + (w * 64 + __builtin_ctzll(m)) * stride + i0;
+      m &= m - 1;
+      e0 = Vec::Add(e0, Vec::Load(next));
+      e1 = Vec::Add(e1, Vec::Load(next + Vec::kWidth));
+      e2 = Vec::Add(e2, Vec::Load(next + 2 * Vec::kWidth));
+      e3 = Vec::Add(e3, Vec::Load(next + 3 * Vec::kWidth));
+    }
+  }
+  r0 = Vec::Add(r0, e0);
+  r1 = Vec::Add(r1, e1);
+  r2 = Vec::Add(r2, e2);
+  r3 = Vec::Add(r3, e3);
+}
+
 inline void GatherRows(float* acc, const float* s, int64_t stride, const uint64_t* code, int64_t words, int64_t n,
                        bool add_to = false) {
   constexpr int64_t kBlock = 4 * Vec::kWidth;
   int64_t i0 = 0;
   for (; i0 + kBlock <= n; i0 += kBlock) {
-    auto r0 = Vec::Zero(), r1 = Vec::Zero(), r2 = Vec::Zero(), r3 = Vec::Zero();
-    auto e0 = Vec::Zero(), e1 = Vec::Zero(), e2 = Vec::Zero(), e3 = Vec::Zero();
-    for (int64_t w = 0; w < words; ++w) {
-      for (uint64_t m = code[w]; m != 0;) {
-        const float* row = s + (w * 64 + __builtin_ctzll(m)) * stride + i0;
-        m &= m - 1;
-        r0 = Vec::Add(r0, Vec::Load(row));
-        r1 = Vec::Add(r1, Vec::Load(row + Vec::kWidth));
-        r2 = Vec::Add(r2, Vec::Load(row + 2 * Vec::kWidth));
-        r3 = Vec::Add(r3, Vec::Load(row + 3 * Vec::kWidth));
-        if (m == 0) break;
-        const float* next = s + (w * 64 + __builtin_ctzll(m)) * stride + i0;
-        m &= m - 1;
-        e0 = Vec::Add(e0, Vec::Load(next));
-        e1 = Vec::Add(e1, Vec::Load(next + Vec::kWidth));
-        e2 = Vec::Add(e2, Vec::Load(next + 2 * Vec::kWidth));
-        e3 = Vec::Add(e3, Vec::Load(next + 3 * Vec::kWidth));
-      }
-    }
-    r0 = Vec::Add(r0, e0);
-    r1 = Vec::Add(r1, e1);
-    r2 = Vec::Add(r2, e2);
-    r3 = Vec::Add(r3, e3);
+    VecT r0, r1, r2, r3;
+    Gather4(s, stride, code, words, i0, r0, r1, r2, r3);
     if (add_to) {
       r0 = Vec::Add(Vec::Load(acc + i0), r0);
       r1 = Vec::Add(Vec::Load(acc + i0 + Vec::kWidth), r1);
@@ -114,30 +123,61 @@ void PartialS(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t j0, in
       GatherRows(part + r * d, v0 + kw * 64 * c, c, kt + (r - r0) * kKeyWords + kw, 1, d, kw > 0);
 }
 
-// The taps of conv(V')_t for one output row: out[0:D] += w * V'[b, src, h, :] per tap, in tap
-// order (nothing for a masked token or a zero weight). Taps are collected, then added with four
-// vectors of the row held in registers over all of them (one load and store of the row per
-// kTapBatch taps instead of one per tap); the float operations are the same, in the same order.
+// Calls f(w, row) for the taps of conv(V')_t in order: row = V[b, src, h, :], skipping masked
+// tokens and zero weights.
+template <class F>
+void ForEachTap(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, F&& f) {
+  auto tap = [&](int64_t src, float w) {
+    if (w == 0.0f || (p.keep != nullptr && !p.keep[b * p.tokens + src])) return;
+    f(w, p.v + (b * p.tokens + src) * p.heads * p.depth + h * p.depth);
+  };
+  if (p.conv_rank == 2) {
+    const float* w = p.conv + h * p.conv_k;
+    const int64_t half = p.conv_k / 2;
+    for (int64_t u = 0; u < p.conv_k; ++u) {
+      const int64_t src = t + u - half;
+      if (src >= 0 && src < p.tokens) tap(src, w[u]);
+    }
+    return;
+  }
+  const float* w = p.conv + h * p.conv_kh * p.conv_kw;
+  const int64_t hh = p.conv_kh / 2, hw = p.conv_kw / 2;
+  if (t < p.prefix) {
+    tap(t, w[hh * p.conv_kw + hw]);
+    return;
+  }
+  const int64_t row = (t - p.prefix) / p.grid_w, col = (t - p.prefix) % p.grid_w;
+  for (int64_t a = 0; a < p.conv_kh; ++a) {
+    const int64_t r = row + a - hh;
+    if (r < 0 || r >= p.grid_h) continue;
+    for (int64_t e = 0; e < p.conv_kw; ++e) {
+      const int64_t q = col + e - hw;
+      if (q >= 0 && q < p.grid_w) tap(p.prefix + r * p.grid_w + q, w[a * p.conv_kw + e]);
+    }
+  }
+}
+
+// The taps of conv(V')_t for one output row: out[0:D] += w * row per tap, in tap order. Taps are
+// collected, then added with four vectors of the row held in registers over all of them (one
+// load and store of the row per kTapBatch taps instead of one per tap); the float operations are
+// the same, in the same order.
 constexpr int kTapBatch = 32;
 struct Taps {
-  Taps(const AddAttentionProblem& p_, int64_t b_, int64_t h_, float* out_) : p(p_), b(b_), h(h_), out(out_) {}
-  const AddAttentionProblem& p;
-  int64_t b, h;
+  Taps(int64_t d_, float* out_) : d(d_), out(out_) {}
+  int64_t d;
   float* out;
   float w[kTapBatch];           // (not zeroed: only [0, n) is read)
   const float* row[kTapBatch];
   int n = 0;
 
-  void Add(int64_t src, float weight) {
-    if (weight == 0.0f || (p.keep != nullptr && !p.keep[b * p.tokens + src])) return;
+  void Add(float weight, const float* r) {
     w[n] = weight;
-    row[n] = p.v + (b * p.tokens + src) * p.heads * p.depth + h * p.depth;
+    row[n] = r;
     if (++n == kTapBatch) Flush();
   }
 
   void Flush() {
     constexpr int64_t kBlock = 4 * Vec::kWidth;
-    const int64_t d = p.depth;
     int64_t i0 = 0;
     for (; i0 + kBlock <= d; i0 += kBlock) {
       auto a0 = Vec::Load(out + i0), a1 = Vec::Load(out + i0 + Vec::kWidth);
@@ -166,72 +206,139 @@ struct Taps {
 
 // conv(V')_t added into out[0:D].
 void AddConv(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, float* out) {
-  Taps taps(p, b, h, out);
-  if (p.conv_rank == 2) {
-    const float* w = p.conv + h * p.conv_k;
-    const int64_t half = p.conv_k / 2;
-    for (int64_t u = 0; u < p.conv_k; ++u) {
-      const int64_t src = t + u - half;
-      if (src >= 0 && src < p.tokens) taps.Add(src, w[u]);
-    }
-    taps.Flush();
-    return;
-  }
-  const float* w = p.conv + h * p.conv_kh * p.conv_kw;
-  const int64_t hh = p.conv_kh / 2, hw = p.conv_kw / 2;
-  if (t < p.prefix) {
-    taps.Add(t, w[hh * p.conv_kw + hw]);
-    taps.Flush();
-    return;
-  }
-  const int64_t row = (t - p.prefix) / p.grid_w, col = (t - p.prefix) % p.grid_w;
-  for (int64_t a = 0; a < p.conv_kh; ++a) {
-    const int64_t r = row + a - hh;
-    if (r < 0 || r >= p.grid_h) continue;
-    for (int64_t e = 0; e < p.conv_kw; ++e) {
-      const int64_t q = col + e - hw;
-      if (q >= 0 && q < p.grid_w) taps.Add(p.prefix + r * p.grid_w + q, w[a * p.conv_kw + e]);
-    }
-  }
+  Taps taps(p.depth, out);
+  ForEachTap(p, b, h, t, [&](float w, const float* row) { taps.Add(w, row); });
   taps.Flush();
+}
+
+// Y row t from z = acc[0:D]: z / max(‖z‖, 1e-12) + conv(V')_t.
+void FinishRow(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, const float* acc, float* yrow) {
+  const int64_t d = p.depth;
+  // ‖z‖² with kLanes partial sums (a vectorisable order; PyTorch's differs, see the spec).
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += acc[i + l] * acc[i + l];
+  float sq = 0.0f;
+  for (; i < d; ++i) sq += acc[i] * acc[i];
+  for (int l = 0; l < kLanes; ++l) sq += lanes[l];
+  if (std::isinf(sq)) {
+    // ‖z‖² overflowed float32 (some |z| above ~1.8e19, z finite): the same quotient from
+    // z·2^-e, 2^e the binade of max|z| (exact scaling). Finite sums keep the path above.
+    float big = 0.0f;
+    for (int64_t i = 0; i < d; ++i) big = std::max(big, std::fabs(acc[i]));
+    if (std::isfinite(big)) {
+      int e = 0;
+      std::frexp(big, &e);
+      const float down = std::ldexp(1.0f, -e);
+      float s2 = 0.0f;
+      for (int64_t i = 0; i < d; ++i) s2 += (acc[i] * down) * (acc[i] * down);
+      const float root = std::sqrt(s2);
+      for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] * down / root;
+      if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);
+      return;
+    }
+  }
+  const float norm = std::max(std::sqrt(sq), 1e-12f);
+  for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] / norm;
+  if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);
+}
+
+// The in-register path of Queries for a row of D = 4 vectors of kLanes floats: z of tokens ta and
+// tb (two rows, so that the latency chains of one row's epilogue — the sum of the kLanes partial
+// squares, sqrt, division, conv taps — overlap the other's), then Y. The same float operations in
+// the same order as the general path. Returns false, with z of both rows left in za / zb (D
+// floats each), when a ‖z‖² overflows: the caller takes FinishRow's rescaling for those rows.
+struct RowRegs {
+  VecT z0, z1, z2, z3;
+};
+
+inline void RowZ(const AddAttentionProblem& p, const float* s, int64_t b, int64_t h, int64_t t, RowRegs& r) {
+  const int64_t d = p.depth, c = p.heads * p.depth;
+  Gather4(s, d, p.q_codes + ((b * p.heads + h) * p.tokens + t) * p.words, p.words, 0, r.z0, r.z1, r.z2, r.z3);
+  const float* vrow = p.v + (b * p.tokens + t) * c + h * d;
+  const auto half = Vec::Set1(0.5f), inv_pi = Vec::Set1(kInvPi);
+  r.z0 = Vec::Add(Vec::Mul(half, Vec::Load(vrow)), Vec::Mul(r.z0, inv_pi));
+  r.z1 = Vec::Add(Vec::Mul(half, Vec::Load(vrow + Vec::kWidth)), Vec::Mul(r.z1, inv_pi));
+  r.z2 = Vec::Add(Vec::Mul(half, Vec::Load(vrow + 2 * Vec::kWidth)), Vec::Mul(r.z2, inv_pi));
+  r.z3 = Vec::Add(Vec::Mul(half, Vec::Load(vrow + 3 * Vec::kWidth)), Vec::Mul(r.z3, inv_pi));
+}
+
+// ‖z‖² in FinishRow's order: kLanes partial sums over the D / kLanes vectors, then added in lane order.
+inline float RowSquares(const RowRegs& r) {
+  auto sq_lanes = Vec::Mul(r.z0, r.z0);  // = 0 + z0² (a square is never -0)
+  sq_lanes = Vec::Add(sq_lanes, Vec::Mul(r.z1, r.z1));
+  sq_lanes = Vec::Add(sq_lanes, Vec::Mul(r.z2, r.z2));
+  sq_lanes = Vec::Add(sq_lanes, Vec::Mul(r.z3, r.z3));
+  float lanes[kLanes];
+  Vec::Store(lanes, sq_lanes);
+  float sq = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sq += lanes[l];
+  return sq;
+}
+
+inline void RowStore(float* dst, const RowRegs& r) {
+  Vec::Store(dst, r.z0);
+  Vec::Store(dst + Vec::kWidth, r.z1);
+  Vec::Store(dst + 2 * Vec::kWidth, r.z2);
+  Vec::Store(dst + 3 * Vec::kWidth, r.z3);
+}
+
+// Y row t = z / max(√sq, 1e-12) + conv(V')_t, from registers.
+inline void RowFinish(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t, float sq, RowRegs& r) {
+  const int64_t d = p.depth, c = p.heads * p.depth;
+  const auto norm = Vec::Set1(std::max(std::sqrt(sq), 1e-12f));
+  r.z0 = Vec::Div(r.z0, norm);
+  r.z1 = Vec::Div(r.z1, norm);
+  r.z2 = Vec::Div(r.z2, norm);
+  r.z3 = Vec::Div(r.z3, norm);
+  if (p.conv_rank != 0) {
+    ForEachTap(p, b, h, t, [&](float w, const float* row) {
+      const auto wv = Vec::Set1(w);
+      r.z0 = Vec::Add(r.z0, Vec::Mul(wv, Vec::Load(row)));
+      r.z1 = Vec::Add(r.z1, Vec::Mul(wv, Vec::Load(row + Vec::kWidth)));
+      r.z2 = Vec::Add(r.z2, Vec::Mul(wv, Vec::Load(row + 2 * Vec::kWidth)));
+      r.z3 = Vec::Add(r.z3, Vec::Mul(wv, Vec::Load(row + 3 * Vec::kWidth)));
+    });
+  }
+  RowStore(p.y + (b * p.tokens + t) * c + h * d, r);
 }
 
 void Queries(const AddAttentionProblem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, float* acc) {
   const int64_t d = p.depth, c = p.heads * p.depth;
   const float* s = p.s + (b * p.heads + h) * p.bits * d;
-  for (int64_t t = t0; t < t1; ++t) {
-    GatherRows(acc, s, d, p.q_codes + ((b * p.heads + h) * p.tokens + t) * p.words, p.words, d);
-    const float* vrow = p.v + (b * p.tokens + t) * c + h * d;
-    float* yrow = p.y + (b * p.tokens + t) * c + h * d;
-    for (int64_t i = 0; i < d; ++i) acc[i] = 0.5f * vrow[i] + acc[i] * kInvPi;
-    // ‖z‖² with kLanes partial sums (a vectorisable order; PyTorch's differs, see the spec).
-    float lanes[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= d; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) lanes[l] += acc[i + l] * acc[i + l];
-    float sq = 0.0f;
-    for (; i < d; ++i) sq += acc[i] * acc[i];
-    for (int l = 0; l < kLanes; ++l) sq += lanes[l];
-    if (std::isinf(sq)) {
-      // ‖z‖² overflowed float32 (some |z| above ~1.8e19, z finite): the same quotient from
-      // z·2^-e, 2^e the binade of max|z| (exact scaling). Finite sums keep the path above.
-      float big = 0.0f;
-      for (int64_t i = 0; i < d; ++i) big = std::max(big, std::fabs(acc[i]));
-      if (std::isfinite(big)) {
-        int e = 0;
-        std::frexp(big, &e);
-        const float down = std::ldexp(1.0f, -e);
-        float s2 = 0.0f;
-        for (int64_t i = 0; i < d; ++i) s2 += (acc[i] * down) * (acc[i] * down);
-        const float root = std::sqrt(s2);
-        for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] * down / root;
-        if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);
-        continue;
+  // A row of D = 4 vectors of kLanes floats (AVX-512, heads of 64): each row stays in registers
+  // from the gather to the store of Y, two rows at a time (RowZ ... RowFinish).
+  const bool in_registers = Vec::kWidth == kLanes && d == 4 * Vec::kWidth;
+  int64_t t = t0;
+  if (in_registers) {
+    for (; t < t1; t += 2) {
+      const bool two = t + 1 < t1;
+      RowRegs ra, rb;
+      RowZ(p, s, b, h, t, ra);
+      if (two) RowZ(p, s, b, h, t + 1, rb);
+      const float sa = RowSquares(ra), sb = two ? RowSquares(rb) : 0.0f;
+      if (std::isinf(sa)) {  // ‖z‖² overflowed: the general path's rescaling, from z
+        RowStore(acc, ra);
+        FinishRow(p, b, h, t, acc, p.y + (b * p.tokens + t) * c + h * d);
+      } else {
+        RowFinish(p, b, h, t, sa, ra);
+      }
+      if (!two) break;
+      if (std::isinf(sb)) {
+        RowStore(acc, rb);
+        FinishRow(p, b, h, t + 1, acc, p.y + (b * p.tokens + t + 1) * c + h * d);
+      } else {
+        RowFinish(p, b, h, t + 1, sb, rb);
       }
     }
-    const float norm = std::max(std::sqrt(sq), 1e-12f);
-    for (int64_t i = 0; i < d; ++i) yrow[i] = acc[i] / norm;
-    if (p.conv_rank != 0) AddConv(p, b, h, t, yrow);
+    return;
+  }
+  for (; t < t1; ++t) {
+    const float* vrow = p.v + (b * p.tokens + t) * c + h * d;
+    GatherRows(acc, s, d, p.q_codes + ((b * p.heads + h) * p.tokens + t) * p.words, p.words, d);
+    for (int64_t i = 0; i < d; ++i) acc[i] = 0.5f * vrow[i] + acc[i] * kInvPi;
+    FinishRow(p, b, h, t, acc, p.y + (b * p.tokens + t) * c + h * d);
   }
 }
 

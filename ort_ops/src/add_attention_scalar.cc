@@ -16,6 +16,7 @@ struct Vec {
   static float Zero() { return 0.0f; }
   static float Mul(float a, float b) { return a * b; }
   static float Set1(float x) { return x; }
+  static float Div(float a, float b) { return a / b; }
   static void AddTail(float*, const float*, int64_t) {}
 };
 
