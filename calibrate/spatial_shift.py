@@ -560,6 +560,18 @@ def _now() -> float:
     return time.monotonic()
 
 
+def _output_error(got: list[list[np.ndarray]], want: list[list[np.ndarray]]) -> float:
+    """Mean over the float outputs of ‖got − want‖² / ‖want‖², summed over the batches."""
+    errors = []
+    for k in range(len(want[0])):
+        if not np.issubdtype(np.asarray(want[0][k]).dtype, np.floating):
+            continue
+        num = sum(float(((np.asarray(g[k], np.float64) - np.asarray(w[k], np.float64)) ** 2).sum()) for g, w in zip(got, want))
+        den = sum(float((np.asarray(w[k], np.float64) ** 2).sum()) for w in want)
+        errors.append(num / max(den, 1e-300))
+    return float(np.mean(errors)) if errors else 0.0
+
+
 def reconstruct_blocks(student: onnx.ModelProto, original: onnx.ModelProto, data: Examples, changes,
                        cfg: Reconstruction | None = None, session_fn=None, batch: int = 16,
                        max_examples: int = MAX_EXAMPLES, progress=None) -> tuple[onnx.ModelProto, list[str]]:
@@ -568,7 +580,8 @@ def reconstruct_blocks(student: onnx.ModelProto, original: onnx.ModelProto, data
     pointwise 1×1 conv, the Add where there is one) is extracted, fed its input as the *converted*
     model computes it (earlier blocks already trained), and trained towards the block's output as
     the *original* computes it on the same examples (`train_block`); the trained values are kept
-    only where the held-out examples' error falls. Each change's `calibration['reconstruction']`
+    only where the held-out examples' error falls, and all of them only if the model's outputs on
+    the held-out examples come closer to the original's. Each change's `calibration['reconstruction']`
     holds the figures; the lines say what was done."""
     cfg = cfg or Reconstruction()
     if session_fn is None:
@@ -624,6 +637,21 @@ def reconstruct_blocks(student: onnx.ModelProto, original: onnx.ModelProto, data
     lines = [f"spatial-shift: {len(layers) - len(skipped)} block(s) trained on their output error (Adam, {steps} steps in "
              f"{spent:.0f} s of {_now() - t0:.0f} s, {n_train} examples, {n_held} held out), kept where the held-out error fell: {kept}"
              + (f"; median held-out block error {np.median(befores):.0%} → {np.median(afters):.0%}" if befores else "")]
+    if kept:   # each kept block fell on the held-out examples; the model's outputs must fall too, or none is kept
+        names = [o.name for o in original.graph.output]
+        held = list(Examples(items[n_train:], data.pad_values).batches(batch))
+        want = _run(original, names, held, session_fn)
+        before, after = (_output_error(_run(m, names, held, session_fn), want) for m in (student, out))
+        if not after < before:
+            out = onnx.ModelProto()
+            out.CopyFrom(student)
+            for layer in layers:
+                if layer.change.calibration and "reconstruction" in layer.change.calibration:
+                    layer.change.calibration["reconstruction"]["kept"] = False
+            lines[0] += (f"; none kept: the model's held-out output error rose {before:.3g} → {after:.3g} "
+                         "(relative squared error)")
+        else:
+            lines[0] += f"; the model's held-out output error {before:.3g} → {after:.3g} (relative squared error)"
     if skipped:
         lines.append(f"spatial-shift: {len(skipped)} block(s) not trained (first: {skipped[0]})")
     return out, lines

@@ -319,7 +319,7 @@ def test_reconstruction_lowers_held_out_block_error():
 
     e_cal, e_trained = error(calibrated), error(trained)
     assert e_trained < 0.8 * e_cal, (e_cal, e_trained)
-    assert "2 block(s) trained" in lines[0]
+    assert "2 block(s) trained" in lines[0] and "the model's held-out output error" in lines[0]
     for change in free.report.changes:
         fig = change.calibration["reconstruction"]
         assert fig["steps"] > 0
@@ -344,5 +344,38 @@ def test_block_training_that_does_not_help_is_not_kept():
     trained, lines = reconstruct_blocks(calibrated, original, data, free.report.changes,
                                         Reconstruction(minutes=0.1, steps=20, lr=50.0, check_every=5))
     assert "kept where the held-out error fell: 0" in lines[0]
+    for a, b in zip(calibrated.graph.initializer, trained.graph.initializer):
+        assert a.name == b.name and np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_blocks_are_not_kept_when_the_models_output_does_not_improve(monkeypatch):
+    """Blocks that each improved are still all dropped when the whole model's held-out output error
+    does not fall (the guard reconstruct_blocks applies last); the error itself is NumPy's."""
+    from mfconvert.calibrate import spatial_shift
+    from mfconvert.calibrate.spatial_shift import Reconstruction, _output_error, reconstruct_blocks
+
+    rng = np.random.default_rng(0)
+    want = [[rng.normal(size=(2, 3)), np.arange(3)], [rng.normal(size=(1, 3)), np.arange(3)]]
+    got = [[w[0] + 0.1 * rng.normal(size=w[0].shape), w[1]] for w in want]
+    ref = (sum(((g[0] - w[0]) ** 2).sum() for g, w in zip(got, want)) / sum((w[0] ** 2).sum() for w in want))
+    assert _output_error(got, want) == pytest.approx(ref, rel=1e-12)   # integer outputs are not errors
+
+    original = _two_blocks()
+    config = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=None, spatial_shift=SpatialShiftConfig())
+    free = convert_onnx(original, config)
+    data = Examples([{"x": x} for x in images(64, 1)])
+    calibrated, _ = calibrate_shifts(free.model, original, data, free.report.changes)
+    errors = iter([1.0, 2.0])   # before, after: the model's output error rose
+    monkeypatch.setattr(spatial_shift, "_output_error", lambda got, want: next(errors))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:   # test_reconstruction_lowers_held_out_block_error's training (blocks are kept), less time
+        trained, lines = reconstruct_blocks(calibrated, original, data, free.report.changes,
+                                            Reconstruction(minutes=0.12, steps=200, lr=1e-2))
+    finally:
+        torch.set_num_threads(threads)
+    assert "kept where the held-out error fell: 0" not in lines[0]
+    assert "none kept: the model's held-out output error rose 1 → 2" in lines[0]
+    assert all(not c.calibration["reconstruction"]["kept"] for c in free.report.changes)
     for a, b in zip(calibrated.graph.initializer, trained.graph.initializer):
         assert a.name == b.name and np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
