@@ -34,7 +34,7 @@ constexpr int64_t kInBlock = 64;     // inputs per block: 4 tokens' tables are 3
 constexpr int64_t kGroupTasks = 8;   // from this many token groups on, one task per group
 constexpr int64_t kLutBudget = int64_t{8} << 20;  // few rows: all tables at once up to this size
 constexpr size_t kTaskStackBytes = size_t{64} << 10;  // a task's scratch up to this size on the stack
-constexpr int64_t kPrefetchBytes = 1024;  // codes are prefetched this far ahead (at batch 1 they come from L3)
+constexpr int64_t kPrefetchBytes = 1024;  // few rows: codes are prefetched this far ahead (at batch 1 from L3)
 constexpr int64_t kFewRowsTaskMacs = int64_t{1} << 17;  // few rows: the least MACs per task
 
 MF_AVX512 inline __m512i Quantize16(__m512 x, const ActQuant& q) {
@@ -72,7 +72,7 @@ MF_AVX512 void BuildLuts(const float* x, int64_t in, const ActQuant& q, int32_t*
 // Accumulates inputs [i0, i0 + n) for outputs [64 g, 64 g + 64) of NT tokens into acc (16 zmm,
 // [token][16-output block]); lut points at input i0 of token 0, tokens lut_stride apart. With
 // `first` the accumulators start at 0; with `last` they are rescaled into y (rows `out` apart).
-template <int NT>
+template <int NT, bool kPrefetch>
 MF_AVX512 void LutSpan(const int32_t* lut, int64_t lut_stride, const PackedShiftLinear& p, int64_t g,
                        int64_t i0, int64_t n, __m512i* acc_mem, bool first, bool last, float* y) {
   const int64_t in = p.attrs.in_features, out = p.attrs.out_features;  // in: T * X's columns
@@ -85,7 +85,7 @@ MF_AVX512 void LutSpan(const int32_t* lut, int64_t lut_stride, const PackedShift
     for (int b = 0; b < 4; ++b) acc[t][b] = first ? _mm512_setzero_si512() : acc_mem[t * 4 + b];
   for (int64_t i = 0; i < n; ++i, lut += 32)
   for (int k = 0; k < terms; ++k, codes += kLutOut) {  // the T terms of input i share its table
-    _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes), _MM_HINT_T0);
+    if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBytes), _MM_HINT_T0);
     // Block b's codes are byte b of each dword (shift_linear_pack.h); vpermt2d reads bits 0-4.
     __m512i idx[4];
     idx[0] = _mm512_load_si512(codes);
@@ -124,13 +124,16 @@ MF_AVX512 void LutSpan(const int32_t* lut, int64_t lut_stride, const PackedShift
   }
 }
 
+// kPrefetch: few rows, where the codes stream from L3 (batch 1) and are read once per token group;
+// with many rows they are in L2 and a prefetch per code load cost 5-10 % (197 x 768 x 192).
+template <bool kPrefetch>
 MF_AVX512 void LutSpanN(int nt, const int32_t* lut, int64_t lut_stride, const PackedShiftLinear& p,
                         int64_t g, int64_t i0, int64_t n, __m512i* acc, bool first, bool last, float* y) {
   switch (nt) {
-    case 1: LutSpan<1>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
-    case 2: LutSpan<2>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
-    case 3: LutSpan<3>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
-    default: LutSpan<4>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
+    case 1: LutSpan<1, kPrefetch>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
+    case 2: LutSpan<2, kPrefetch>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
+    case 3: LutSpan<3, kPrefetch>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
+    default: LutSpan<4, kPrefetch>(lut, lut_stride, p, g, i0, n, acc, first, last, y); break;
   }
 }
 
@@ -138,7 +141,7 @@ MF_AVX512 void LutSpanN(int nt, const int32_t* lut, int64_t lut_stride, const Pa
 // inputs (in * 32 int32 per token) or is null: then they are built here, one input block at a
 // time, into the task's own scratch (accumulators and one block's tables: 16 * out bytes + 32 KiB).
 void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int64_t r0, int nt,
-             int64_t g0, int64_t g1, float* y) {
+             int64_t g0, int64_t g1, float* y, bool prefetch) {
   const int64_t in = p.attrs.in_features / p.lut_terms, out = p.attrs.out_features;  // X's columns
   const size_t acc_bytes = static_cast<size_t>((g1 - g0) * 16 * 64);
   const size_t lut_bytes = lut ? 0 : static_cast<size_t>(kLutTokens * kInBlock * 32 * 4);
@@ -166,8 +169,13 @@ void LutTask(const float* x, const int32_t* lut, const PackedShiftLinear& p, int
       stride = kInBlock * 32;
     }
     const bool first = i0 == 0, last = i0 + n == in;
-    for (int64_t g = g0; g < g1; ++g)
-      LutSpanN(nt, l, stride, p, g, i0, n, acc + (g - g0) * 16, first, last, y + r0 * out);
+    for (int64_t g = g0; g < g1; ++g) {
+      if (prefetch) {
+        LutSpanN<true>(nt, l, stride, p, g, i0, n, acc + (g - g0) * 16, first, last, y + r0 * out);
+      } else {
+        LutSpanN<false>(nt, l, stride, p, g, i0, n, acc + (g - g0) * 16, first, last, y + r0 * out);
+      }
+    }
   }
 }
 
@@ -183,7 +191,7 @@ void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows,
     par.For(static_cast<size_t>(token_groups), [&](size_t tg) {
       const int64_t r0 = static_cast<int64_t>(tg) * kLutTokens;
       LutTask(x, nullptr, p, r0, static_cast<int>(std::min<int64_t>(kLutTokens, rows - r0)), 0,
-              p.lut_groups, y);
+              p.lut_groups, y, false);
     });
     return;
   }
@@ -209,7 +217,7 @@ void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows,
     const int64_t r0 = static_cast<int64_t>(task) / chunks * kLutTokens;
     const int64_t g0 = static_cast<int64_t>(task) % chunks * per_task;
     LutTask(x, lut, p, r0, static_cast<int>(std::min<int64_t>(kLutTokens, rows - r0)), g0,
-            std::min(p.lut_groups, g0 + per_task), y);
+            std::min(p.lut_groups, g0 + per_task), y, true);
   });
 }
 
