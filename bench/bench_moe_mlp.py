@@ -1,13 +1,14 @@
 """Benchmark the ShiftMoEMLP block in ONNX Runtime at routing splits 0/50/80/100 % to Shift,
 against the original dense fp32 MLP and the same MLP with both linears as ShiftLinear.
 
-    .venv/bin/python bench/bench_moe_mlp.py [--threads 2] [--repeats 40]
+    .venv/bin/python bench/bench_moe_mlp.py [--threads 2] [--repeats 40] [--splits 0 0.5 0.8 1]
 
 Each MLP is fc1 → GELU (erf form, as torch exports it) → fc2 with random weights (normal, std
 0.05) and biases, input [1, tokens, d]. The MoE block is what `moe-mlp` makes of it; its router
 is then set to route on the sign of feature 0, and the inputs carry +1 there for exactly the
 tokens that should go to Shift. Runs are interleaved; each figure is the median of `repeats`
-samples. Every session has thread spinning off: three sessions each own a spinning 2-thread pool
+samples (and a second table of the fastest samples, which a shared machine disturbs least).
+Every session has thread spinning off: three sessions each own a spinning 2-thread pool
 on 2 cores, and with spinning on, the previous session's spinning threads starve the next one
 (measured outliers of 10–20 ms on runs of 1 ms). The last columns give the per-token expert latencies (τ_mult, τ_shift) that
 ShiftMoEMLP's balancing loss takes and the split they make its target.
@@ -19,7 +20,9 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-from bench_shift_linear import cpu_name, plain_session, time_interleaved
+import statistics
+
+from bench_shift_linear import cpu_name, interleaved_samples, plain_session
 from onnx import TensorProto, helper, numpy_helper
 
 from mfconvert.convert import ConvertConfig, MoEMLPConfig, ShiftLinearConfig, convert_onnx
@@ -72,7 +75,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--splits", type=float, nargs="+", default=SPLITS,
+                    help="shares of tokens routed to Shift (0 is needed for the routing overhead)")
     args = ap.parse_args()
+    splits = sorted(set(args.splits) | {0.0})
     rng = np.random.default_rng(args.seed)
     only = dict(add_attention=None)
     rows = []
@@ -86,26 +92,29 @@ def main():
         x = rng.standard_normal((1, tokens, d)).astype(np.float32)
         runs = {"dense": lambda: sessions["dense"].run(None, {"x": x}),
                 "shift": lambda: sessions["shift"].run(None, {"x": x})}
-        for split in SPLITS:
+        for split in splits:
             xs = x.copy()
             xs[0, :, 0] = -1.0
             xs[0, rng.permutation(tokens)[:round(split * tokens)], 0] = 1.0
             runs[split] = lambda xs=xs: sessions["moe"].run(None, {"x": xs})
-        rows.append(((tokens, d, hidden), time_interleaved(runs, args.repeats)))
+        rows.append(((tokens, d, hidden), interleaved_samples(runs, args.repeats)))
 
-    print(f"ShiftMoEMLP block vs dense fp32 MLP, ONNX Runtime {ort.__version__} on {cpu_name()}, "
-          f"{args.threads} threads (no spinning), median of {args.repeats} interleaved samples\n")
-    print("| tokens, d→h→d | dense µs | ShiftLinear MLP µs | "
-          + " | ".join(f"MoE {int(s * 100)} % Shift µs (×dense)" for s in SPLITS)
-          + " | routing overhead µs | MoE 100 % vs ShiftLinear + overhead | τ_shift/τ_mult | balanced split |")
-    print("|---|" + "---:|" * (5 + len(SPLITS)))
-    for (tokens, d, hidden), t in rows:
-        overhead = t[0.0] - t["dense"]
-        cells = " | ".join(f"{t[s] * 1e6:.0f} ({t[s] / t['dense']:.2f}×)" for s in SPLITS)
-        ratio = t["shift"] / t["dense"]
-        print(f"| {tokens}, {d}→{hidden}→{d} | {t['dense'] * 1e6:.0f} | {t['shift'] * 1e6:.0f} | {cells} "
-              f"| {overhead * 1e6:.0f} | {t[1.0] / (t['shift'] + overhead):.2f}× | {ratio:.2f} "
-              f"| {100 / (1 + ratio):.0f} % Shift |")
+    for stat, label in ((statistics.median, "median"), (min, "fastest")):
+        print(f"ShiftMoEMLP block vs dense fp32 MLP, ONNX Runtime {ort.__version__} on {cpu_name()}, "
+              f"{args.threads} threads (no spinning), {label} of {args.repeats} interleaved samples\n")
+        print("| tokens, d→h→d | dense µs | ShiftLinear MLP µs | "
+              + " | ".join(f"MoE {round(s * 100)} % Shift µs (×dense)" for s in splits)
+              + " | routing overhead µs | MoE 100 % vs ShiftLinear + overhead | τ_shift/τ_mult | balanced split |")
+        print("|---|" + "---:|" * (5 + len(splits)))
+        for (tokens, d, hidden), samples in rows:
+            t = {k: stat(v) for k, v in samples.items()}
+            overhead = t[0.0] - t["dense"]
+            cells = " | ".join(f"{t[s] * 1e6:.0f} ({t[s] / t['dense']:.2f}×)" for s in splits)
+            ratio = t["shift"] / t["dense"]
+            full = f"{t[1.0] / (t['shift'] + overhead):.2f}×" if 1.0 in t else "—"
+            print(f"| {tokens}, {d}→{hidden}→{d} | {t['dense'] * 1e6:.0f} | {t['shift'] * 1e6:.0f} | {cells} "
+                  f"| {overhead * 1e6:.0f} | {full} | {ratio:.2f} | {100 / (1 + ratio):.0f} % Shift |")
+        print()
 
 
 if __name__ == "__main__":
