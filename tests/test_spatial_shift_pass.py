@@ -216,3 +216,16 @@ def test_spatial_shift_takes_the_depthwise_conv_before_shift_conv_and_adder_conv
         ops = sorted(c.new_op for c in result.report.changes)
         conv_op = "ShiftConv" if "shift_conv" in others and others["shift_conv"] else "AdderConv"
         assert ops == sorted(["SpatialShift", conv_op, conv_op]), ops
+
+
+def test_reconstruction_config_fields_round_trip_and_are_checked():
+    """The reconstruction's --config fields: defaults, a JSON round trip, and one-line errors naming
+    the field for values out of range or of the wrong type."""
+    cfg = SpatialShiftConfig()
+    assert (cfg.reconstruct_minutes, cfg.reconstruct_steps, cfg.reconstruct_lr, cfg.reconstruct_offsets) == (2.0, 2000, 1e-3, False)
+    given = ConvertConfig(spatial_shift=SpatialShiftConfig(reconstruct_minutes=0.5, reconstruct_offsets=True))
+    assert ConvertConfig.from_dict(given.to_dict()).spatial_shift == given.spatial_shift
+    for bad, words in (({"reconstruct_minutes": -1}, "reconstruct_minutes"), ({"reconstruct_lr": 0}, "reconstruct_lr"),
+                       ({"reconstruct_offsets": "yes"}, "reconstruct_offsets")):
+        with pytest.raises(ValueError, match=words):
+            ConvertConfig.from_dict({"spatial_shift": bad})
