@@ -175,10 +175,10 @@ def test_block_boundaries(isa, rows, in_f):
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("terms", [1, 2])
 def test_few_rows_split_over_outputs(isa, rows, terms):
-    # Few rows (AVX-512): the 64-output groups go to tasks of at least 2^17 MACs, several groups
-    # each (here 16 groups, at batch 1 tasks of 6 groups with one term and 3 with two, the last
+    # Few rows (AVX-512): the 64-output groups go to tasks of at least 2^20 MACs, several groups
+    # each (here 41 groups, at batch 1 tasks of 22 groups with one term and 11 with two, the last
     # task shorter, the last group 40 outputs), on two threads; codes prefetched past the end.
-    check(np.random.default_rng(rows * 10 + terms), 384, 1000, (rows,), terms=terms)
+    check(np.random.default_rng(rows * 10 + terms), 768, 2600, (rows,), terms=terms)
 
 
 @pytest.mark.parametrize("weight_bits", [2, 3, 4, 5])

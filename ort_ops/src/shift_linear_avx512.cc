@@ -35,7 +35,7 @@ constexpr int64_t kGroupTasks = 8;   // from this many token groups on, one task
 constexpr int64_t kLutBudget = int64_t{8} << 20;  // few rows: all tables at once up to this size
 constexpr size_t kTaskStackBytes = size_t{64} << 10;  // a task's scratch up to this size on the stack
 constexpr int64_t kPrefetchBytes = 1024;  // few rows: codes are prefetched this far ahead (at batch 1 from L3)
-constexpr int64_t kFewRowsTaskMacs = int64_t{1} << 17;  // few rows: the least MACs per task
+constexpr int64_t kFewRowsTaskMacs = int64_t{1} << 20;  // few rows: the least MACs per task (see below)
 
 MF_AVX512 inline __m512i Quantize16(__m512 x, const ActQuant& q) {
   const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(q.scale)),
@@ -206,9 +206,10 @@ void ShiftLinearAvx512(const PackedShiftLinear& p, const float* x, int64_t rows,
       BuildLuts(x + r * in, in, p.quant, lut + r * in * 32);
     });
   }
-  // Output groups per task: at least kFewRowsTaskMacs MACs each (batch 1, 384 x 1536: 6 of the 24
-  // groups, 4 tasks), so a task outweighs handing it to a pool thread that has to be woken; at
-  // most about kGroupTasks tasks in all, as before.
+  // Output groups per task: at least kFewRowsTaskMacs MACs each (~30 us of kernel), so a task
+  // outweighs handing it to a pool thread that has to be woken (with spinning off it arrives late:
+  // batch 1, 384 x 1536, one term, 2 free cores, fastest calls in ORT: 4 tasks 39-40 us, one task
+  // 34 us); at most about kGroupTasks tasks in all, as before.
   const int64_t group_macs = std::min<int64_t>(rows, kLutTokens) * p.attrs.in_features * kLutOut;
   const int64_t per_task = std::max({int64_t{1}, p.lut_groups * token_groups / kGroupTasks,
                                      std::min(p.lut_groups, (kFewRowsTaskMacs + group_macs - 1) / group_macs)});
