@@ -242,7 +242,7 @@ def convert(
         except ValueError as err:
             fail(str(err))
     options = PipelineOptions(
-        shift_terms=TERMS_AUTO if terms == TERMS_AUTO and config_file is None else cfg_terms(cfg),
+        shift_terms=TERMS_AUTO if terms == TERMS_AUTO and config_file is None else None,
         target=target_drop, data=examples, rounding="nearest" if dry_run else rounding, finetuning=finetuning,
         max_drop=max_drop, logits=finetune_loss == "kl", outputs=distilled, act_percentile=act_percentile,
         input_shapes=shapes)
@@ -302,11 +302,6 @@ def parse_shift_terms(text: str) -> int | str:
         return int(text)
     except ValueError:
         fail(f"--shift-terms must be auto or an integer in [1, 4], got {text!r}")
-
-
-def cfg_terms(cfg: ConvertConfig) -> int:
-    shift = cfg.shift_linear or cfg.moe_mlp
-    return shift.terms if shift is not None else 1
 
 
 def main() -> None:

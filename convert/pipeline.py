@@ -43,7 +43,8 @@ TERMS_AUTO = "auto"
 @dataclass
 class PipelineOptions:
     """What the pipeline does beyond the passes' config (each a CLI flag)."""
-    shift_terms: int | str = TERMS_AUTO   # 'auto' (calibrate/allocate.py) or the config's terms as they are
+    shift_terms: int | str | None = TERMS_AUTO   # 'auto' (calibrate/allocate.py); an integer: that many terms on
+    #   every shift-weighted pass (terms_by_node entries kept); None: the config's terms as they are
     target: float = allocate.DEFAULT_TARGET   # auto's output error target: ½·‖y − y′‖²/‖y‖² (≈ 1 − cosine)
     data: Examples | None = None          # calibration data (--data)
     rounding: str = "compensated"         # with data: 'compensated' or 'nearest'
@@ -178,6 +179,24 @@ def spatial_shift_first(model_path: str, original: onnx.ModelProto, calibration:
     return ShiftStage(model, stage.report, lines + more)
 
 
+def with_fixed_terms(config: ConvertConfig, terms) -> ConvertConfig:
+    """`config` with `terms` (PipelineOptions.shift_terms) set on every shift-weighted pass when it
+    is an integer; 'auto' and None leave it as it is. Raises ValueError naming the option."""
+    if terms is None or terms == TERMS_AUTO:
+        return config
+    if isinstance(terms, bool) or not isinstance(terms, int):
+        raise ValueError(f"shift_terms must be 'auto', None or an integer, got {terms!r}")
+    changes = {}
+    for f in dataclasses.fields(config):
+        cfg = getattr(config, f.name)
+        if isinstance(cfg, ShiftFormat):
+            try:
+                changes[f.name] = dataclasses.replace(cfg, terms=terms)
+            except ValueError as err:
+                raise ValueError(f"shift_terms: {err}") from None
+    return dataclasses.replace(config, **changes)
+
+
 def convert_model(model_path: str, config: ConvertConfig | None = None, options: PipelineOptions | None = None,
                   output: str | None = None, force: bool = False, progress=None) -> PipelineResult:
     """Convert `model_path` by the pipeline (module docstring); write `output` once, atomically."""
@@ -186,6 +205,7 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
     config = config or ConvertConfig()
     options = options or PipelineOptions()
     check_rounding(options.rounding)
+    config = with_fixed_terms(config, options.shift_terms)
     # load: large tensors stay in their files until a pass reads them
     light, label, size, data_files = read_model(model_path, lazy=True)
     if output is not None:   # checked before any work (convert/files.py): never a file read

@@ -221,3 +221,31 @@ def test_max_drop_measures_and_keeps_an_moe_block_whole(tmp_path):
     assert ops.count("ShiftLinear") == (0 if moe_kept else 2) + (0 if head_kept else 1)
     assert result.error == pytest.approx(drop(reference, model_outputs(result.result.model, examples),
                                               logits=False))
+
+
+def test_pipeline_shift_terms_sets_every_shift_pass(mlp, tmp_path):
+    """PipelineOptions.shift_terms as the Python API's --shift-terms: an integer sets the terms of
+    every shift-weighted pass (a config asking for 1 term gets 2), None keeps the config's, and a
+    value out of range is a one-line error naming the option. The 2-term model equals the NumPy
+    two-term reference bit for bit (exact integer arithmetic, ReLU between the layers)."""
+    from mfconvert.convert.pipeline import PipelineOptions, convert_model, with_fixed_terms
+
+    net, path = mlp
+    config = ConvertConfig(shift_linear=ShiftLinearConfig(terms=1), add_attention=None, moe_mlp=None)
+    two = convert_model(path, config, PipelineOptions(shift_terms=2)).result.model
+    assert [a["terms"] for a in shift_attrs(two).values()] == [2, 2]
+    kept = convert_model(path, ConvertConfig(shift_linear=ShiftLinearConfig(terms=3), add_attention=None, moe_mlp=None),
+                         PipelineOptions(shift_terms=None)).result.model
+    assert [a["terms"] for a in shift_attrs(kept).values()] == [3, 3]
+    w1, b1, w2, b2 = (p.detach().numpy() for p in (net[0].weight, net[0].bias, net[2].weight, net[2].bias))
+    def shift2(v, w, b):
+        e = ref.channel_exponent(w)
+        sign, m = (np.concatenate([c[k] for c in ref.round_weight_terms(w, e, 5, 2)], axis=1) for k in (0, 1))
+        return ref.shift_linear(np.tile(v, 2), sign, m, e, b, 5, 32, 16)
+    x = inputs(2)
+    want = shift2(np.maximum(shift2(x.reshape(-1, D), w1, b1), 0), w2, b2)
+    np.testing.assert_array_equal(ort(two, x).reshape(-1, D), want)
+    with pytest.raises(ValueError, match="^shift_terms: .*terms"):
+        with_fixed_terms(config, 9)
+    with pytest.raises(ValueError, match="^shift_terms must be"):
+        with_fixed_terms(config, "two")
