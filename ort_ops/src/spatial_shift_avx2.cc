@@ -17,6 +17,7 @@ namespace mfconvert {
 namespace {
 
 using spatial_shift_detail::Rows;
+using spatial_shift_detail::WithTail;
 
 template <bool S, bool B, bool C>
 SS_INLINE __m256 Tail(__m256 v, __m256 s, __m256 b, __m256 lo, __m256 hi) {
@@ -106,35 +107,20 @@ SS_TARGET void Flat(const SpatialShiftGeom& g, const ShiftPlane& p) {
 }
 
 template <bool STRIDED>
-void FlatDispatch(const SpatialShiftGeom& g, const ShiftPlane& p, int k) {
-  switch (k) {
-    case 0: return Flat<STRIDED, false, false, false>(g, p);
-    case 1: return Flat<STRIDED, false, false, true>(g, p);
-    case 2: return Flat<STRIDED, false, true, false>(g, p);
-    case 3: return Flat<STRIDED, false, true, true>(g, p);
-    case 4: return Flat<STRIDED, true, false, false>(g, p);
-    case 5: return Flat<STRIDED, true, false, true>(g, p);
-    case 6: return Flat<STRIDED, true, true, false>(g, p);
-    default: return Flat<STRIDED, true, true, true>(g, p);
-  }
+void FlatDispatch(const SpatialShiftGeom& g, const ShiftPlane& p) {
+  WithTail(g, [&](auto s, auto b, auto c) {
+    Flat<STRIDED, decltype(s)::value, decltype(b)::value, decltype(c)::value>(g, p);
+  });
 }
 
 template <int SW>
 void Dispatch(const SpatialShiftGeom& g, const ShiftPlane& p) {
-  const int k = (g.scale ? 4 : 0) | (g.bias ? 2 : 0) | (g.clip ? 1 : 0);
   // stride 1: rows of 16 or more floats go faster row by row (measured at 28 wide)
   if (!g.edge && g.h * g.w <= kFlat && (g.sh != 1 || g.sw != 1 || g.w < 16))
-    return g.sh == 1 && g.sw == 1 ? FlatDispatch<false>(g, p, k) : FlatDispatch<true>(g, p, k);
-  switch (k) {
-    case 0: return Plane<SW, false, false, false>(g, p);
-    case 1: return Plane<SW, false, false, true>(g, p);
-    case 2: return Plane<SW, false, true, false>(g, p);
-    case 3: return Plane<SW, false, true, true>(g, p);
-    case 4: return Plane<SW, true, false, false>(g, p);
-    case 5: return Plane<SW, true, false, true>(g, p);
-    case 6: return Plane<SW, true, true, false>(g, p);
-    default: return Plane<SW, true, true, true>(g, p);
-  }
+    return g.sh == 1 && g.sw == 1 ? FlatDispatch<false>(g, p) : FlatDispatch<true>(g, p);
+  WithTail(g, [&](auto s, auto b, auto c) {
+    Plane<SW, decltype(s)::value, decltype(b)::value, decltype(c)::value>(g, p);
+  });
 }
 
 }  // namespace

@@ -18,6 +18,7 @@ namespace mfconvert {
 namespace {
 
 using spatial_shift_detail::Rows;
+using spatial_shift_detail::WithTail;
 
 // Lane bits [a, e), 0 <= a <= e <= 16.
 SS_INLINE __mmask16 Lanes(int64_t a, int64_t e) {
@@ -162,41 +163,19 @@ SS_TARGET void FlatStrided(const SpatialShiftGeom& g, const ShiftPlane& p) {
 
 template <int SW>
 void Dispatch(const SpatialShiftGeom& g, const ShiftPlane& p) {
-  const int k = (g.scale ? 4 : 0) | (g.bias ? 2 : 0) | (g.clip ? 1 : 0);
   if (!g.edge && g.h * g.w <= kFlat && (SW != 1 || g.sh != 1)) {
-    switch (k) {
-      case 0: return FlatStrided<false, false, false>(g, p);
-      case 1: return FlatStrided<false, false, true>(g, p);
-      case 2: return FlatStrided<false, true, false>(g, p);
-      case 3: return FlatStrided<false, true, true>(g, p);
-      case 4: return FlatStrided<true, false, false>(g, p);
-      case 5: return FlatStrided<true, false, true>(g, p);
-      case 6: return FlatStrided<true, true, false>(g, p);
-      default: return FlatStrided<true, true, true>(g, p);
-    }
+    return WithTail(g, [&](auto s, auto b, auto c) {
+      FlatStrided<decltype(s)::value, decltype(b)::value, decltype(c)::value>(g, p);
+    });
   }
   if (SW == 1 && g.sh == 1 && !g.edge && g.h * g.w <= kFlat) {
-    switch (k) {
-      case 0: return Flat<false, false, false>(g, p);
-      case 1: return Flat<false, false, true>(g, p);
-      case 2: return Flat<false, true, false>(g, p);
-      case 3: return Flat<false, true, true>(g, p);
-      case 4: return Flat<true, false, false>(g, p);
-      case 5: return Flat<true, false, true>(g, p);
-      case 6: return Flat<true, true, false>(g, p);
-      default: return Flat<true, true, true>(g, p);
-    }
+    return WithTail(g, [&](auto s, auto b, auto c) {
+      Flat<decltype(s)::value, decltype(b)::value, decltype(c)::value>(g, p);
+    });
   }
-  switch (k) {
-    case 0: return Plane<SW, false, false, false>(g, p);
-    case 1: return Plane<SW, false, false, true>(g, p);
-    case 2: return Plane<SW, false, true, false>(g, p);
-    case 3: return Plane<SW, false, true, true>(g, p);
-    case 4: return Plane<SW, true, false, false>(g, p);
-    case 5: return Plane<SW, true, false, true>(g, p);
-    case 6: return Plane<SW, true, true, false>(g, p);
-    default: return Plane<SW, true, true, true>(g, p);
-  }
+  WithTail(g, [&](auto s, auto b, auto c) {
+    Plane<SW, decltype(s)::value, decltype(b)::value, decltype(c)::value>(g, p);
+  });
 }
 
 }  // namespace

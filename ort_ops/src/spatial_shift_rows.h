@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "spatial_shift.h"
 
@@ -14,6 +15,25 @@ namespace spatial_shift_detail {
 inline void Columns(const SpatialShiftGeom& g, int64_t dx, int64_t* j0, int64_t* j1) {
   *j0 = dx >= 0 ? 0 : std::min(g.ow, (-dx + g.sw - 1) / g.sw);
   *j1 = std::max(*j0, std::min(g.ow, g.w - dx <= 0 ? 0 : (g.w - dx - 1) / g.sw + 1));
+}
+
+// The fused tail's flags of g (scale, bias, clip) as compile-time constants: calls
+// f(std::bool_constant<S>, std::bool_constant<B>, std::bool_constant<C>), so each ISA's kernels
+// are instantiated once per tail and the per-element branches are resolved at compile time.
+template <class F>
+inline void WithTail(const SpatialShiftGeom& g, const F& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  switch ((g.scale ? 4 : 0) | (g.bias ? 2 : 0) | (g.clip ? 1 : 0)) {
+    case 0: return f(N{}, N{}, N{});
+    case 1: return f(N{}, N{}, T{});
+    case 2: return f(N{}, T{}, N{});
+    case 3: return f(N{}, T{}, T{});
+    case 4: return f(T{}, N{}, N{});
+    case 5: return f(T{}, N{}, T{});
+    case 6: return f(T{}, T{}, N{});
+    default: return f(T{}, T{}, T{});
+  }
 }
 
 // The plane's rows: a row outside the image is `zero` (zeros padding; the affine and clamp of
