@@ -96,7 +96,7 @@ class ShiftAddConvConfig(ShiftFormat, _Selection):
 # -- shared -------------------------------------------------------------------------------------
 def _candidates(graph: gs.Graph, result: PassResult, cfg) -> list:
     """(node, label, match) of each conv to convert; the others skipped with their reason."""
-    from mfconvert.passes.conv import match_conv   # here: importing passes.conv registers shift-conv
+    from mfconvert.passes.conv import match_conv, shift_scale_reason   # here: importing passes.conv registers shift-conv
 
     convs = [n for n in graph.nodes if (n.domain or "") in ("", "ai.onnx") and claimant(graph, n) is None
              and n.op in ("Conv", "ConvInteger", "QLinearConv")]
@@ -107,7 +107,7 @@ def _candidates(graph: gs.Graph, result: PassResult, cfg) -> list:
         if node.op != "Conv":
             result.skip(label, f"{node.op} convolves integer activations; {OP} takes and gives float32")
             continue
-        reason = exclusion_reason(label, cfg.include, cfg.exclude)
+        reason = exclusion_reason(label, cfg.include, cfg.exclude) or shift_scale_reason(node)
         if reason:
             result.skip(label, reason)
             continue

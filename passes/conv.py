@@ -296,6 +296,26 @@ def _last_dim(tensor: gs.Tensor) -> int | None:
     return int(dims[-1]) if dims and isinstance(dims[-1], (int, np.integer)) and dims[-1] >= 0 else None
 
 
+def shift_scale_reason(node: gs.Node) -> str | None:
+    """Why a conv pass leaves `node`, if it is the per-channel 1×1 Conv (group = C, weight
+    [C, 1, 1, 1]) right after a SpatialShift: the shift's scale, kept float32 so that the pipeline's
+    last step (passes/fuse_spatial_shift.py) folds it, and its Relu/Clip, into the shift's single
+    pass; as a ShiftConv it would be a second pass with a power-of-two scale, and as an AdderConv
+    not a scale at all."""
+    x = node.inputs[0] if node.inputs else None
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if x is None or len(x.inputs) != 1 or not isinstance(w, gs.Constant):
+        return None
+    shift = x.inputs[0]
+    if shift.op != "SpatialShift" or (shift.domain or "") != DOMAIN:
+        return None
+    shape = tuple(w.shape)
+    if len(shape) != 4 or shape[1:] != (1, 1, 1) or int(node.attrs.get("group", 1)) != shape[0]:
+        return None
+    return (f"the per-channel scale of SpatialShift {node_label(shift)!r}: kept float32 for fuse-spatial-shift, "
+            "which makes it, and its Relu/Clip, part of the shift's single pass (docs/ops.md#spatialshift)")
+
+
 @register(NAME, ShiftConvConfig, "Conv with constant weights (BN, bias Add and Pad folded) → ShiftConv (w = ±2^p)")
 def run(graph: gs.Graph, cfg: ShiftConvConfig) -> PassResult:
     result = PassResult(NAME)
@@ -306,7 +326,7 @@ def run(graph: gs.Graph, cfg: ShiftConvConfig) -> PassResult:
             result.skip(label, f"{node.op} convolves integer activations; ShiftConv takes and gives float32, "
                                "so it is left as it is (a QDQ model's DequantizeLinear → Conv converts)")
             continue
-        reason = exclusion_reason(label, cfg.include, cfg.exclude)
+        reason = exclusion_reason(label, cfg.include, cfg.exclude) or shift_scale_reason(node)
         if reason:
             result.skip(label, reason)
             continue

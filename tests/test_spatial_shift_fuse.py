@@ -247,3 +247,38 @@ def test_pipeline_fuses_last(tmp_path):
     x = np.random.default_rng(3).normal(size=(2, 3, 9, 10)).astype(np.float32)
     want = run(unfused, x)
     np.testing.assert_allclose(run(saved, x), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("others", ["shift_conv", "adder_conv"])
+def test_conv_passes_leave_the_shift_scale_to_the_fusion(tmp_path, others):
+    """With a conv pass on too (shift-conv, the default; or adder-conv), the per-channel scale conv
+    after a SpatialShift stays float32 with its reason in the report (as a ShiftConv it would be
+    a power-of-two scale in a second pass, as an AdderConv no scale at all), so the saved model's
+    shift carries it fused; every other conv is converted. The block's output equals the same
+    conversion's unfused model in ORT, within the multiply-add rounding above."""
+    from mfconvert.convert import ConvertConfig
+    from mfconvert.convert.pipeline import PipelineOptions, convert_model
+    from mfconvert.passes.adder_conv import AdderConvConfig
+    from mfconvert.passes.conv import ShiftConvConfig
+    from mfconvert.passes.spatial_shift import SpatialShiftConfig
+
+    teacher = export(Block(1, True, seed=5))
+    path = tmp_path / "block.onnx"
+    onnx.save(teacher, path)
+    conv = dict(shift_conv=ShiftConvConfig()) if others == "shift_conv" else \
+        dict(shift_conv=None, adder_conv=AdderConvConfig(first=True))
+    cfg = ConvertConfig(shift_linear=None, add_attention=None, spatial_shift=SpatialShiftConfig(), **conv)
+    done = convert_model(str(path), cfg, PipelineOptions(shift_terms=1))
+    model = done.result.model
+    op = "ShiftConv" if others == "shift_conv" else "AdderConv"
+    assert "Conv" not in ops(model) and ops(model).count(op) == 2, ops(model)
+    node = next(n for n in model.graph.node if n.op_type == "SpatialShift")
+    assert len(node.input) == 4 and any(a.name == "activation" for a in node.attribute)
+    skips = {s.node: s.reason for s in done.result.report.skips}
+    assert any(label.endswith(".scale") and "per-channel scale of SpatialShift" in why for label, why in skips.items()), skips
+    from mfconvert.convert import convert_onnx
+    unfused = convert_onnx(teacher, cfg).model   # the passes alone: the pipeline's fusion not run
+    assert "Conv" in ops(unfused)
+    x = np.random.default_rng(4).normal(size=(2, 3, 9, 10)).astype(np.float32)
+    want = run(unfused, x)
+    np.testing.assert_allclose(run(model, x), want, rtol=0, atol=1e-5 * np.abs(want).max())
