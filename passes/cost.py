@@ -91,7 +91,7 @@ def tensor_dims(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[d
     return dims, why
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def node_attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -109,7 +109,7 @@ def float_node_ops(node: onnx.NodeProto, dims: dict) -> dict | None:
     shapes are unknown."""
     a = dims.get(node.input[0]) if node.input else None
     y = dims.get(node.output[0]) if node.output else None
-    at = _attrs(node)
+    at = node_attrs(node)
     if node.op_type == "MatMul":
         if a is None or y is None or not a:
             return None
@@ -143,6 +143,7 @@ def float_node_ops(node: onnx.NodeProto, dims: dict) -> dict | None:
 
 # --- our ops ------------------------------------------------------------------------------------
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """{name: tensor} of the model's initializers and Constant nodes' values."""
     found = {i.name: i for i in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
@@ -150,7 +151,9 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return found
 
 
-def _array(inits: dict, name: str) -> np.ndarray | None:
+def constant_array(inits: dict, name: str) -> np.ndarray | None:
+    """The value of constant `name` in `inits` (initializers()), or None: absent, left on disk, or
+    unreadable."""
     t = inits.get(name)
     if t is None or (t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data):
         return None   # a tensor left on disk: not read for a report figure
@@ -190,7 +193,7 @@ def nonzero_codes(packed: np.ndarray, bits: int, count: int) -> int:
 
 
 def _codes_input(node: onnx.NodeProto, inits: dict, count: int, bits: int) -> np.ndarray | None:
-    packed = _array(inits, node.input[1]) if _given(node, 1) else None
+    packed = constant_array(inits, node.input[1]) if _given(node, 1) else None
     if packed is None or packed.dtype != np.uint8 or packed.size * 8 < count * bits:
         return None
     return packed.reshape(-1)
@@ -200,7 +203,7 @@ def shift_linear_ops(node: onnx.NodeProto, dims: dict, inits: dict, rows: float 
     """ShiftLinear (docs/ops.md#arithmetic), per row: `in` quantisations (x·2^F, a shift), one
     shift and one int32 addition per non-zero code over all terms, and per output one rescale by
     2^(e−F) (a shift) and, with a bias, one float addition."""
-    at = _attrs(node)
+    at = node_attrs(node)
     n_in, n_out, bits, terms = at.get("in_features"), at.get("out_features"), at.get("weight_bits", 5), at.get("terms", 1)
     if rows is None:
         d = dims.get(node.input[0]) or dims.get(node.output[0])
@@ -220,7 +223,7 @@ def attention_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None:
     multiplies and adds, one sqrt) and Z/‖Z‖ (D divisions, counted as multiplications). The
     set bits depend on the data: counted at half the code bits (sign codes at τ = 0 of
     zero-mean inputs). `sign` with thresholds normalises Q and K first; `ksh` hashes Q."""
-    at = _attrs(node)
+    at = node_attrs(node)
     q = dims.get(node.input[0]) or dims.get(node.output[0])
     heads = at.get("num_heads")
     if q is None or len(q) != 3 or not heads:
@@ -282,7 +285,7 @@ def shift_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None
     (padded taps included, as the definition sums them): one shift and one int32 addition per
     non-zero code of its output channel over all terms; x·2^F per input element; per output one
     rescale (shift), the bias add and the fused activation."""
-    at = _attrs(node)
+    at = node_attrs(node)
     x = dims.get(node.input[0])
     m, bits, terms, group = at.get("out_channels"), at.get("weight_bits", 5), at.get("terms", 1), at.get("group", 1)
     if x is None or not m or len(x) < 3:
@@ -305,7 +308,7 @@ def adder_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None
     """AdderConv: per output element and tap of its group, x_q − w_q (an int32 subtraction), its
     absolute value and an int64 addition; x·2^F per input element (W is quantised once per
     session: not counted); per output the rescale by −2^−F (a shift), bias and activation."""
-    at = _attrs(node)
+    at = node_attrs(node)
     x, w = dims.get(node.input[0]), dims.get(node.input[1])
     if x is None or w is None or len(x) < 3:
         return None
@@ -326,7 +329,7 @@ def spatial_shift_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | N
     x = dims.get(node.input[0])
     if x is None or len(x) != 4:
         return None
-    sh, sw = _attrs(node).get("strides", [1, 1])
+    sh, sw = node_attrs(node).get("strides", [1, 1])
     n_out = x[0] * x[1] * -(-x[2] // sh) * -(-x[3] // sw)
     return ops(fp32_mul=n_out if _given(node, 2) else 0, fp32_add=n_out if _given(node, 3) else 0)
 
@@ -415,10 +418,10 @@ def _linear_weight(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
     """The float weight [out, in] of an original MatMul/Gemm whose weight is a constant."""
     if len(node.input) < 2:
         return None
-    w = _array(inits, node.input[1])
+    w = constant_array(inits, node.input[1])
     if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
         return None
-    transposed = node.op_type == "Gemm" and _attrs(node).get("transB", 0)
+    transposed = node.op_type == "Gemm" and node_attrs(node).get("transB", 0)
     return w if transposed else w.T
 
 
@@ -433,7 +436,7 @@ def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict
         block = change.target or change.node
         part = "fc1" if change.node == block else "fc2"
         shift = by_name.get(f"{block}/moe/shift.{part}")
-        weight = _array(inits, f"{block}/moe/mult.{part}.weight")
+        weight = constant_array(inits, f"{block}/moe/mult.{part}.weight")
         node = shift
     else:
         node = next((n for n in new_nodes if n.op_type in ("ShiftLinear", "ShiftConv")), None)
@@ -445,10 +448,10 @@ def layer_sqnr(change, new_nodes: list, orig_node, orig_inits: dict, inits: dict
                 weight = (folded or {}).get(node.name)
     if node is None or weight is None:
         return None
-    at = _attrs(node)
+    at = node_attrs(node)
     bits, terms = at.get("weight_bits", 5), at.get("terms", 1)
     packed = _codes_input(node, inits, terms * weight.size, bits)
-    exponent = _array(inits, node.input[2]) if _given(node, 2) else None
+    exponent = constant_array(inits, node.input[2]) if _given(node, 2) else None
     if packed is None or exponent is None or exponent.size != weight.shape[0]:
         return None
     return code_sqnr_db(weight, packed, exponent, bits, terms)
@@ -465,7 +468,7 @@ def _attention_before(change, new_nodes: list, dims: dict) -> dict | None:
     the Softmax over B·H·T·T scores (scale and mask are elementwise: not counted)."""
     node = new_nodes[0] if new_nodes else None
     q = dims.get(node.output[0]) if node is not None else None
-    heads = _attrs(node).get("num_heads") if node is not None else None
+    heads = node_attrs(node).get("num_heads") if node is not None else None
     if q is None or len(q) != 3 or not heads:
         return None
     b, t, c = q

@@ -20,42 +20,20 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mfconvert.ort_ops import DOMAIN
+from mfconvert.passes.cost import constant_array, initializers, node_attrs
 
 NAME = "fuse-spatial-shift"
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:   # Constant nodes with a tensor value (Clip's bounds in exported models)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
-                and node.attribute[0].name == "value":
-            out[node.output[0]] = node.attribute[0].t
-    return out
-
-
-def _array(constants: dict, name: str) -> np.ndarray | None:
-    tensor = constants.get(name)
-    if tensor is None:
-        return None
-    try:
-        return numpy_helper.to_array(tensor)
-    except Exception:   # noqa: BLE001 - external data or an unreadable tensor: not fused
-        return None
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _scale_conv(node: onnx.NodeProto, constants: dict) -> tuple[np.ndarray, np.ndarray | None] | None:
     """(scale [C], bias [C] or None) of a per-channel 1×1 Conv, else None."""
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
         return None
-    a = _attrs(node)
+    a = node_attrs(node)
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    w = _array(constants, node.input[1])
-    b = _array(constants, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    w = constant_array(constants, node.input[1])
+    b = constant_array(constants, node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if w is None or w.dtype != np.float32 or w.ndim != 4 or w.shape[1:] != (1, 1, 1):
         return None
     c = w.shape[0]
@@ -77,13 +55,13 @@ def _activation(node: onnx.NodeProto, constants: dict, opset: int) -> dict | Non
     if node.op_type != "Clip":
         return None
     if opset < 11:
-        a = _attrs(node)
+        a = node_attrs(node)
         lo, hi = a.get("min", -math.inf), a.get("max", math.inf)
     else:
         bounds = []
         for i, default in ((1, -math.inf), (2, math.inf)):
             if len(node.input) > i and node.input[i]:
-                v = _array(constants, node.input[i])
+                v = constant_array(constants, node.input[i])
                 if v is None or v.size != 1 or v.dtype != np.float32:
                     return None
                 bounds.append(float(v.reshape(-1)[0]))
@@ -130,7 +108,7 @@ def fuse_spatial_shifts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    constants = _constants(out)
+    constants = initializers(out)
     opset = _opset(out)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
