@@ -25,6 +25,15 @@ SS_INLINE __mmask16 Lanes(int64_t a, int64_t e) {
   return static_cast<__mmask16>(((1u << e) - 1u) & ~((1u << a) - 1u));
 }
 
+// Stores the first n (1..16) lanes of v at y: a full vector, or a masked store that touches
+// nothing past y + n.
+SS_INLINE void StoreFirst(float* y, int64_t n, __m512 v) {
+  if (n == 16)
+    _mm512_storeu_ps(y, v);
+  else
+    _mm512_mask_storeu_ps(y, Lanes(0, n), v);
+}
+
 // Lanes [a, e) of output columns j.. read xr[(j + l) * SW + dx]; the others 0.0.
 template <int SW>
 SS_INLINE __m512 Load(const float* xr, int64_t w, int64_t j, int64_t dx, int64_t a, int64_t e) {
@@ -74,10 +83,7 @@ SS_TARGET void Plane(const SpatialShiftGeom& g, const ShiftPlane& p) {
         if (e < n) v = _mm512_mask_blend_ps(Lanes(e, n), v, _mm512_set1_ps(xr[w - 1]));
       }
       v = Tail<S, B, C>(v, s, b, lo, hi);
-      if (n == 16)
-        _mm512_storeu_ps(yr + j, v);
-      else
-        _mm512_mask_storeu_ps(yr + j, Lanes(0, n), v);
+      StoreFirst(yr + j, n, v);
     }
   });
 }
@@ -112,10 +118,7 @@ SS_TARGET void Flat(const SpatialShiftGeom& g, const ShiftPlane& p) {
     const __mmask16 cols = _mm512_cmpge_epi32_mask(col, col_lo) & _mm512_cmplt_epi32_mask(col, col_hi);
     const __m512 v = _mm512_maskz_loadu_ps(rows & cols, reinterpret_cast<const float*>(base + static_cast<uintptr_t>(k * 4)));
     const __m512 y = Tail<S, B, C>(v, s, b, lo, hi);
-    if (n == 16)
-      _mm512_storeu_ps(p.y + k, y);
-    else
-      _mm512_mask_storeu_ps(p.y + k, Lanes(0, n), y);
+    StoreFirst(p.y + k, n, y);
     col = _mm512_add_epi32(col, step);
     col = _mm512_mask_sub_epi32(col, _mm512_cmpge_epi32_mask(col, width), col, width);
   }
@@ -149,10 +152,7 @@ SS_TARGET void FlatStrided(const SpatialShiftGeom& g, const ShiftPlane& p) {
     const __m512i index = _mm512_add_epi32(_mm512_mullo_epi32(r, w), q);
     const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, index, p.x, 4);
     const __m512 y = Tail<S, B, C>(v, s, b, lo, hi);
-    if (n == 16)
-      _mm512_storeu_ps(p.y + k, y);
-    else
-      _mm512_mask_storeu_ps(p.y + k, Lanes(0, n), y);
+    StoreFirst(p.y + k, n, y);
     i = _mm512_add_epi32(i, step_i);
     j = _mm512_add_epi32(j, step_j);
     const __mmask16 wrap = _mm512_cmpge_epi32_mask(j, ow);
