@@ -375,3 +375,14 @@ def _spatial_shift_move(x: np.ndarray, offsets: np.ndarray, strides, padding: st
                     q = min(max(q, 0), w - 1)
                 y[:, ch, i, j] = x[:, src, r, q]
     return y
+
+
+def shift_conv_read_through(x: np.ndarray, offsets: np.ndarray, conv: dict, shift_strides=(1, 1),
+                            shift_padding: str = "zeros", shift_channel_shift: int = 0, shift_scale=None,
+                            shift_bias=None, shift_clip=None) -> np.ndarray:
+    """ShiftConv with an input shift (docs/ops.md#input-shift-read-through): by definition
+    ShiftConv(SpatialShift(X, offsets, scale, bias; attrs), ...) — the two references composed.
+    conv: shift_conv's keyword arguments (codes, exponent, bias, bits, ...)."""
+    shifted = spatial_shift(x, offsets, shift_strides, shift_padding, shift_channel_shift, shift_scale, shift_bias,
+                            shift_clip)
+    return shift_conv(shifted, **conv)

@@ -10,6 +10,7 @@
 #include "parallel.h"
 #include "shift_conv_common.h"
 #include "shift_linear_pack.h"
+#include "spatial_shift.h"
 
 namespace mfconvert {
 
@@ -35,6 +36,27 @@ inline constexpr int64_t kShiftConvLutMaxIn = 1 << 16;   // T * K * C
 // The custom ops (registered in register_ops.cc).
 const OrtCustomOp* ShiftConvCustomOp();
 const OrtCustomOp* AdderConvCustomOp();
+
+// A SpatialShift read through (docs/ops.md#input-shift-read-through): the conv's input is
+// SpatialShift(X, offsets, scale, bias) of the unshifted X, and the kernels produce each channel's
+// shifted plane (the SpatialShift plane kernel of their ISA, bit for bit the op's) where they
+// build their input planes, into a few planes of scratch: no shifted tensor is written.
+struct ConvInputShift {
+  SpatialShiftGeom g;  // of the unshifted X [N, C, H, W]; the conv's input is [N, C, g.oh, g.ow]
+  const int64_t* offsets = nullptr;
+  SpatialShiftPlaneFn plane = nullptr;
+
+  // Channel c of image n of the conv's input into dst ([g.oh][g.ow] floats).
+  void Plane(const float* x, int64_t n, int64_t c, float* dst) const {
+    if (g.oh * g.ow == 0) return;
+    plane(g, SpatialShiftPlaneOf(g, offsets, x + n * g.c * g.h * g.w, c, dst));
+  }
+};
+
+// Channels per scratch plane of a read-through run: the channel loop becomes at most this many
+// tasks, each with its own plane (dynamically balanced on ORT's pool; 16 planes of 112 x 112 are
+// 784 KiB).
+inline constexpr int64_t kShiftSlots = 16;
 
 // ShiftConv weights decoded for a channel count C/G: normalised codes (sign << 4 | m, kZeroCode
 // for zero) [M][T][C/G][K], per output the rescale 2^(e_o - F) and bias.
@@ -62,6 +84,7 @@ struct ShiftConvRun {
   const ShiftConvEntry* entries;  // per output o: positive [begin[o], split[o]), negative [split[o], begin[o + 1])
   const int64_t* begin;
   const int64_t* split;
+  const ConvInputShift* shift = nullptr;  // read through a SpatialShift (x is then its unshifted X)
 };
 
 void ShiftConvScalar(const PackedShiftConv& p, const ConvGeom& g, const ConvActivation& act,
@@ -79,6 +102,7 @@ struct ShiftConvLutRun {
   ConvPlanes planes;             // of the float input (the kernel quantises while building tables)
   ConvActivation act;
   const int64_t* tap;            // per tap its offset in a channel's planes (ConvPlanes::TapOffset)
+  const ConvInputShift* shift = nullptr;  // read through a SpatialShift (x is then its unshifted X)
 };
 
 // Whether the lookup-table path serves this layer: group 1, enough output channels to amortise a

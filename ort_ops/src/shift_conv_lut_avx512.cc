@@ -149,8 +149,15 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
   const int64_t planes = (pl.Total(1) + 15) / 16 * 16;
   const int64_t tmp_total = CheckedProduct<ConvError>("conv scratch rows", {c, tmp_stride + 2});
   const int64_t cols = CheckedProduct<ConvError>("im2col strip", {strip, in + m});
+  const bool unpadded_1x1 = g.k == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.pb == 0 && g.pr == 0 &&
+                            pl.channel == g.h * g.w && pl.wq == g.w && r.tap[0] == 0;
+  // Read-through: a 1x1, stride-1, unpadded conv's planes are the shifted image itself, written
+  // there by the shift; otherwise the shifted planes go through slots as in the direct kernel.
+  int64_t slot_stride = 0;
+  const int64_t slot_floats = unpadded_1x1 ? 0 : ShiftSlotFloats(g, r.shift, &slot_stride);
   int64_t total = 0;
-  if (!AddOk(planes, tmp_total, &total) || !AddOk(total, cols + 16, &total) || total > (int64_t{1} << 40))
+  if (!AddOk(planes, tmp_total, &total) || !AddOk(total, cols + 16, &total) || !AddOk(total, slot_floats, &total) ||
+      total > (int64_t{1} << 40))
     throw ConvError{"conv scratch does not fit"};
   scratch.Reserve(static_cast<size_t>(total) * 4);
   int32_t* buf = scratch.As<int32_t>();
@@ -159,23 +166,26 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
   int32_t* range = tmp + c * tmp_stride;
   int32_t* xcol = tmp + tmp_total;
   float* ycol = reinterpret_cast<float*>(xcol + (strip * in + 15) / 16 * 16);
+  float* slots = ycol + (cols - (strip * in + 15) / 16 * 16) + 16;
   AlignedBuffer inner;  // ShiftLinearAvx512's shared tables (fewer than 32 rows only)
   const int64_t cblocks = (c + 15) / 16, oblocks = (m + 15) / 16;
-  const bool unpadded_1x1 = g.k == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.pb == 0 && g.pr == 0 &&
-                            pl.channel == g.h * g.w && pl.wq == g.w && r.tap[0] == 0;
   for (int64_t n = 0; n < g.n; ++n) {
-    const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
     // A 1x1, stride-1, unpadded conv: the planes are the image itself (plane = channel = H * W,
-    // Wq = W, tap offset 0) and the transposes read no further than OH * Wq: no copy.
+    // Wq = W, tap offset 0) and the transposes read no further than OH * Wq: no copy (with a
+    // shift read through, each shifted channel is written straight into its plane).
     const int32_t* planes_n = buf;
-    if (unpadded_1x1) {
-      planes_n = reinterpret_cast<const int32_t*>(xn);
-    } else {
+    if (unpadded_1x1 && r.shift == nullptr) {
+      planes_n = reinterpret_cast<const int32_t*>(x + n * g.c * g.h * g.w);
+    } else if (unpadded_1x1) {
       par.For(static_cast<size_t>(c), [&](size_t ci) {
         const int64_t ch = static_cast<int64_t>(ci);
-        BuildChannel<S>(xn + ch * g.h * g.w, g, pl, nullptr, buf + ch * pl.channel, tmp + ch * tmp_stride, false,
-                        range + 2 * ch, range + 2 * ch + 1);
+        r.shift->Plane(x, n, ch, reinterpret_cast<float*>(buf + ch * pl.channel));
+      });
+    } else {
+      ForChannels(g, r.shift, x, n, slots, slot_stride, par, [&](int64_t ch, const float* src) {
+        BuildChannel<S>(src, g, pl, nullptr, buf + ch * pl.channel, tmp + ch * tmp_stride, false, range + 2 * ch,
+                        range + 2 * ch + 1);
       });
     }
     for (int64_t f0 = 0; f0 < pl.flat; f0 += strip) {

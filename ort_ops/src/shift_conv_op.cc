@@ -134,6 +134,18 @@ class ShiftConvKernel {
       fmt_.act_bits = read("act_bits", 32, 2, 32);
       fmt_.act_frac_bits = read("act_frac_bits", 16, -32, 32);
       fmt_.terms = read("terms", 1, 1, kMaxTerms);
+      // The optional input shift (docs/ops.md#input-shift-read-through): inputs 4-6 and the
+      // shift_* attributes, SpatialShift's own checks under the prefix.
+      shift_attrs_.Read(info, "shift_");
+      const size_t named = ki.GetInputCount();
+      has_shift_ = named > 4 && !ki.GetInputName(4).empty();
+      if (!has_shift_) {
+        const bool tail = (named > 5 && !ki.GetInputName(5).empty()) || (named > 6 && !ki.GetInputName(6).empty());
+        if (shift_attrs_.any_present || tail)
+          throw ConvError{"shift_* attributes and the inputs shift_scale, shift_bias need input 4 (shift_offsets)"};
+      } else if (conv_.kernel.size() != 2) {
+        throw ConvError{"input 4 (shift_offsets) needs a 2-D ShiftConv (kernel_shape of 2 values, X [N, C, H, W])"};
+      }
       std::string err;
       if (!SelectIsa(&isa_, &err)) throw ConvError{err};
       // Initializer weights are kept (and decoded at the first run, when C is known).
@@ -237,7 +249,16 @@ class ShiftConvKernel {
     const auto x_info = x.GetTensorTypeAndShapeInfo();
     if (x_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       throw ConvError{std::string("X must be float32, got ") + TypeName(x_info.GetElementType())};
-    const ConvGeom g = ConvGeom::Make(conv_, x_info.GetShape());
+    // Read through a shift: the conv's input is SpatialShift(X, ...), [N, C, ceil(H/sh), ceil(W/sw)].
+    ConvInputShift shift;
+    std::vector<int64_t> conv_in = x_info.GetShape();
+    if (has_shift_) {
+      shift.g = SpatialShiftMakeGeom(shift_attrs_, conv_in, ctx, 4, "shift_", &shift.offsets);
+      shift.plane = SpatialShiftPlaneKernel(isa_);
+      conv_in = {shift.g.n, shift.g.c, shift.g.oh, shift.g.ow};
+    }
+    const ConvInputShift* through = has_shift_ ? &shift : nullptr;
+    const ConvGeom g = ConvGeom::Make(conv_, conv_in);
     int64_t reduce = 0;
     if (!ProductOk({g.cg, g.k, fmt_.terms}, &reduce) || reduce > kConvMaxReduce)
       throw ConvError{"(C/group) * K * terms = " + ProductString({g.cg, g.k, fmt_.terms}) + " is above 2^22"};
@@ -248,7 +269,21 @@ class ShiftConvKernel {
     float* yd = y.GetTensorMutableData<float>();
     const Parallel par(context);
     if (isa_ == Isa::kScalar || !ConvPlanesPay(g)) {
-      ShiftConvScalar(*p, g, conv_.act, xd, yd, par);
+      if (through == nullptr) {
+        ShiftConvScalar(*p, g, conv_.act, xd, yd, par);
+        return;
+      }
+      // The fallback materialises each image's shifted input (SpatialShiftRun, the op's own run).
+      const int64_t in_image = g.c * g.h * g.w, x_image = shift.g.c * shift.g.h * shift.g.w;
+      std::vector<float> shifted(static_cast<size_t>(in_image));
+      SpatialShiftGeom one = shift.g;
+      one.n = 1;
+      ConvGeom g1 = g;
+      g1.n = 1;
+      for (int64_t n = 0; n < g.n; ++n) {
+        if (in_image > 0) SpatialShiftRun(one, shift.offsets, xd + n * x_image, shifted.data(), par, isa_);
+        ShiftConvScalar(*p, g1, conv_.act, shifted.data(), yd + n * g.m * g.oh * g.ow, par);
+      }
       return;
     }
     // The entry lists depend on the input's spatial size: initializer weights keep the last ones.
@@ -280,12 +315,12 @@ class ShiftConvKernel {
     }
     ScratchPool::Lease scratch(scratch_);
     if (prep->lut) {
-      const ShiftConvLutRun run{prep->lut.get(), g, prep->planes, conv_.act, prep->tap.data()};
+      const ShiftConvLutRun run{prep->lut.get(), g, prep->planes, conv_.act, prep->tap.data(), through};
       ShiftConvLutAvx512(run, xd, yd, par, scratch.buffer());
       return;
     }
     const ShiftConvRun run{p.get(), g, prep->planes, conv_.act, prep->entries.data(), prep->begin.data(),
-                           prep->split.data()};
+                           prep->split.data(), through};
     if (isa_ == Isa::kAvx512) {
       ShiftConvAvx512(run, xd, yd, par, scratch.buffer());
     } else {
@@ -297,7 +332,8 @@ class ShiftConvKernel {
   ConvAttrs conv_;
   Format fmt_;
   Isa isa_ = Isa::kScalar;
-  bool constant_ = false, has_bias_ = false;
+  bool constant_ = false, has_bias_ = false, has_shift_ = false;
+  SpatialShiftAttrs shift_attrs_;
   std::vector<uint8_t> codes_;
   std::vector<int8_t> exponent_;
   std::vector<float> bias_;
@@ -322,16 +358,18 @@ struct ShiftConvOp : Ort::CustomOpBase<ShiftConvOp, ShiftConvKernel, true> {
   }
   const char* GetName() const { return "ShiftConv"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 4; }
+  // X, W_codes, W_exponent, B (optional), shift_offsets, shift_scale, shift_bias (optional)
+  size_t GetInputTypeCount() const { return 7; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     switch (index) {
       case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
       case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      case 4: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+    return index >= 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
                       : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }

@@ -200,19 +200,59 @@ struct TaskGrid {
   size_t size() const { return static_cast<size_t>(chunks * blocks); }
 };
 
+// Read-through (ConvInputShift): the floats of the per-task shifted planes (kShiftSlots planes of
+// the conv's H x W, each rounded up to 16 floats); 0 without a shift.
+inline int64_t ShiftSlotFloats(const ConvGeom& g, const ConvInputShift* shift, int64_t* stride) {
+  *stride = 0;
+  if (shift == nullptr) return 0;
+  *stride = (CheckedProduct<ConvError>("shifted plane", {g.h, g.w}) + 15) / 16 * 16;
+  return CheckedProduct<ConvError>("shifted planes", {kShiftSlots, *stride});
+}
+
+// Calls build(c, src) for every channel c of image n, src its [H][W] input plane: X's own, or
+// with a shift the channel's shifted plane, produced into the task's slot first. Without a shift
+// one task per channel; with one at most kShiftSlots tasks of consecutive channels, each with its
+// own slot (slots: kShiftSlots * slot_stride floats).
+template <class Build>
+void ForChannels(const ConvGeom& g, const ConvInputShift* shift, const float* x, int64_t n, float* slots,
+                 int64_t slot_stride, const Parallel& par, const Build& build) {
+  if (shift == nullptr) {
+    const float* xn = x + n * g.c * g.h * g.w;
+    par.For(static_cast<size_t>(g.c), [&](size_t ci) {
+      const int64_t c = static_cast<int64_t>(ci);
+      build(c, xn + c * g.h * g.w);
+    });
+    return;
+  }
+  const int64_t per = (g.c + kShiftSlots - 1) / kShiftSlots, tasks = (g.c + per - 1) / per;
+  par.For(static_cast<size_t>(tasks), [&](size_t t) {
+    float* slot = slots + static_cast<int64_t>(t) * slot_stride;
+    const int64_t c1 = std::min(g.c, (static_cast<int64_t>(t) + 1) * per);
+    for (int64_t c = static_cast<int64_t>(t) * per; c < c1; ++c) {
+      shift->Plane(x, n, c, slot);
+      build(c, static_cast<const float*>(slot));
+    }
+  });
+}
+
 // Scratch: [copies][C planes] + slack (one copy: x_q), then per channel a row buffer of Wq * sw + lanes int32
-// and the channel's x_q range.
+// and the channel's x_q range, then `extra` floats (*extra_ptr; the read-through slots).
 template <class S>
 int32_t* PlaneScratch(const ConvGeom& g, const ConvPlanes& pl, int copies, AlignedBuffer& scratch,
-                      int32_t** tmp, int32_t** range, int64_t* tmp_stride) {
+                      int32_t** tmp, int32_t** range, int64_t* tmp_stride, int64_t extra = 0,
+                      float** extra_ptr = nullptr) {
   *tmp_stride = (pl.wq * g.sw + S::kLanes + 15) / 16 * 16;
-  const int64_t planes = pl.Total(copies);
-  const int64_t total = CheckedProduct<ConvError>("conv scratch", {g.c, *tmp_stride + 2}) + planes;
+  const int64_t planes = (pl.Total(copies) + 15) / 16 * 16;
+  const int64_t rows = (CheckedProduct<ConvError>("conv scratch", {g.c, *tmp_stride + 2}) + 15) / 16 * 16;
+  int64_t total = 0;
+  if (!AddOk(rows, planes, &total) || !AddOk(total, extra, &total) || total > (int64_t{1} << 40))
+    throw ConvError{"conv scratch does not fit"};
   scratch.Reserve(static_cast<size_t>(total) * 4);
   int32_t* buf = scratch.As<int32_t>();
   std::memset(buf + pl.count * copies, 0, static_cast<size_t>(pl.slack) * 4);
   *tmp = buf + planes;
   *range = *tmp + g.c * *tmp_stride;
+  if (extra_ptr != nullptr) *extra_ptr = reinterpret_cast<float*>(buf + planes + rows);
   return buf;
 }
 
@@ -221,8 +261,10 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
   const ConvGeom& g = r.g;
   const ConvPlanes& pl = r.planes;
   int32_t *tmp = nullptr, *range = nullptr;
-  int64_t tmp_stride = 0;
-  int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride);
+  int64_t tmp_stride = 0, slot_stride = 0;
+  float* slots = nullptr;
+  const int64_t slot_floats = ShiftSlotFloats(g, r.shift, &slot_stride);
+  int32_t* buf = PlaneScratch<S>(g, pl, 1, scratch, &tmp, &range, &tmp_stride, slot_floats, &slots);
   // S::kVectors vectors of flat outputs per pass, but half as many when an output's inputs
   // ((C/G) * K * T int32 rows of V * S::kLanes) would overflow L1 at the full count (a ResNet
   // pointwise layer with few outputs, e.g. 144->24, which the lookup-table path does not take).
@@ -236,16 +278,14 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
                                             (pl.flat + kFull - 1) / kFull * kFull);
   const TaskGrid grid(g, pl, S::kLanes, half ? kHalf : S::kVectors);
   for (int64_t n = 0; n < g.n; ++n) {
-    const float* xn = x + n * g.c * g.h * g.w;
     float* yn = y + n * g.m * g.oh * g.ow;
     if (g.cg == 1) {
       // Depthwise (each group one channel): a channel's planes are built and read by its M/G
       // outputs in one task, while they are in L1/L2, instead of all planes first (MBs for
       // MobileNetV2's early layers) and then read back.
-      par.For(static_cast<size_t>(g.c), [&](size_t ci) {
-        const int64_t c = static_cast<int64_t>(ci);
-        BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
-                        range + 2 * c, range + 2 * c + 1);
+      ForChannels(g, r.shift, x, n, slots, slot_stride, par, [&](int64_t c, const float* src) {
+        BuildChannel<S>(src, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false, range + 2 * c,
+                        range + 2 * c + 1);
         if (half) {
           ShiftTask<S, kHalf>(r, buf, yn, c * g.mg, (c + 1) * g.mg, 0, pl.flat);
         } else {
@@ -254,10 +294,9 @@ void ShiftConvSimd(const ShiftConvRun& r, const float* x, float* y, const Parall
       });
       continue;
     }
-    par.For(static_cast<size_t>(g.c), [&](size_t ci) {
-      const int64_t c = static_cast<int64_t>(ci);
-      BuildChannel<S>(xn + c * g.h * g.w, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false,
-                      range + 2 * c, range + 2 * c + 1);
+    ForChannels(g, r.shift, x, n, slots, slot_stride, par, [&](int64_t c, const float* src) {
+      BuildChannel<S>(src, g, pl, &r.p->quant, buf + c * pl.channel, tmp + c * tmp_stride, false, range + 2 * c,
+                      range + 2 * c + 1);
     });
     par.For(grid.size(), [&](size_t t) {
       const int64_t b = static_cast<int64_t>(t) / grid.chunks, k = static_cast<int64_t>(t) % grid.chunks;

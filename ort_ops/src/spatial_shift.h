@@ -7,10 +7,13 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "ort_api.h"
 #include "parallel.h"
+#include "shift_conv_common.h"
 
 namespace mfconvert {
 
@@ -58,5 +61,34 @@ void SpatialShiftPlaneAvx512(const SpatialShiftGeom& g, const ShiftPlane& p);
 
 void SpatialShiftRun(const SpatialShiftGeom& g, const int64_t* offsets, const float* x, float* y,
                      const Parallel& par, Isa isa);
+
+using SpatialShiftPlaneFn = void (*)(const SpatialShiftGeom&, const ShiftPlane&);
+
+// The plane kernel of an ISA (all bit-identical).
+SpatialShiftPlaneFn SpatialShiftPlaneKernel(Isa isa);
+
+// The arguments of output plane c of one image: xn is the image's first input channel ([C][H][W]),
+// y the output plane ([OH][OW]); the channel shift applied and the offsets clamped.
+ShiftPlane SpatialShiftPlaneOf(const SpatialShiftGeom& g, const int64_t* offsets, const float* xn, int64_t c, float* y);
+
+// SpatialShift's attributes (docs/ops.md#spatialshift) read and checked once, each named
+// `prefix` + its name: "" for the SpatialShift op, "shift_" for a ShiftConv reading through a
+// shift (docs/ops.md#input-shift-read-through). Errors are ConvError naming the attribute.
+struct SpatialShiftAttrs {
+  int64_t sh = 1, sw = 1, channel_shift = 0;
+  bool edge = false, clip = false;
+  float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+  bool any_present = false;  // whether the node gave any of them
+
+  void Read(const OrtKernelInfo* info, const std::string& prefix);
+};
+
+// One run's geometry for X of shape x_shape, with the offsets, scale and bias inputs at
+// first_input, first_input + 1, first_input + 2 of ctx (scale and bias optional), each checked
+// and named `prefix` + offsets/scale/bias; *offsets gets the offsets' data. ConvError on a bad
+// shape, type or size (X's size and Y's plane are within int64).
+SpatialShiftGeom SpatialShiftMakeGeom(const SpatialShiftAttrs& a, const std::vector<int64_t>& x_shape,
+                                      Ort::KernelContext& ctx, size_t first_input, const std::string& prefix,
+                                      const int64_t** offsets);
 
 }  // namespace mfconvert
