@@ -57,7 +57,7 @@ ASAN_REPORT  = { cat $(ASAN_DIR)/report.* 2>/dev/null; exit 1; }
 KERNEL_TESTS := tests/test_shift_linear_kernel.py tests/test_add_attention_kernel.py \
                 tests/test_shift_conv_kernel.py tests/test_adder_conv_kernel.py \
                 tests/test_kernel_hostile.py tests/test_kernel_fuzz.py tests/test_spatial_shift_kernel.py \
-                tests/test_spatial_shift_fuzz.py
+                tests/test_spatial_shift_fuzz.py tests/test_shift_conv_read_through.py
 # Examples per fuzz test: a few in make test, many in make fuzz.
 FUZZ_QUICK  ?= 60
 FUZZ_LONG   ?= 2000

@@ -55,6 +55,8 @@ class PipelineOptions:
     act_percentile: float | None = None   # activation ranges at this percentile of |x|
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     predict: bool = True                  # fixed terms: the report still predicts their output error
+    read_through: bool = True             # fuse step: a ShiftConv reads through the SpatialShift before it
+    #   (docs/ops.md#input-shift-read-through; no CLI flag, as the scale-conv fusion has none)
 
 
 @dataclass
@@ -313,7 +315,8 @@ def convert_model(model_path: str, config: ConvertConfig | None = None, options:
             notes.append(f"BatchNormalization statistics of {len(kept_bn)} node(s) the shift-conv pass kept "
                          f"re-estimated on {len(calibration)} examples")
     # last, after everything that reads the unfused form: SpatialShift + its 1×1 scale conv (+ Relu/Clip) → one op
-    notes += fuse_spatial_shift.fuse_into(result)
+    # and a SpatialShift only a ShiftConv reads → that ShiftConv's input shift (options.read_through)
+    notes += fuse_spatial_shift.fuse_into(result, options.read_through)
     # save
     if output is not None:
         save_result(result, output)

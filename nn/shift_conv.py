@@ -12,18 +12,25 @@ In eval mode the layer computes exactly what the C++ kernel computes: x_q = sat_
 rescale by 2^(e_m − F), the bias, then the fused activation if any. In training mode the same
 arithmetic is emulated in float (F.conv on the rounded weights) with straight-through gradients.
 1-D ([N, C, L]) and 2-D ([N, C, H, W]) convolutions; groups and depthwise.
+
+An optional input shift (docs/ops.md#input-shift-read-through): `input_shift`, a SpatialShift
+layer (nn/spatial_shift.py) applied to x first, is the node's inputs 4-6 and shift_* attributes
+(passes/fuse_spatial_shift.py folds a SpatialShift into the ShiftConv that reads it). Its offsets,
+scale and bias train with the conv (`mfconvert finetune` on a fused model) and export with it.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mfconvert.nn import pow2
 from mfconvert.nn.shift_linear import ShiftLinear, _ste
+from mfconvert.nn.spatial_shift import SpatialShift
 
 ACTIVATIONS = ("", "Relu", "Clip")
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -72,8 +79,11 @@ class ShiftConv(ConvFaces, ShiftLinear):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_shape, strides=None, pads=None, dilations=None,
                  group: int = 1, bias: bool = True, *, activation: str = "", clip_min: float = -math.inf,
-                 clip_max: float = math.inf, **kwargs):
+                 clip_max: float = math.inf, input_shift: SpatialShift | None = None, **kwargs):
         k, s, p, d = conv_attributes(kernel_shape, strides, pads, dilations)
+        if input_shift is not None and (len(k) != 2 or input_shift.channels != in_channels):
+            raise ValueError(f"input_shift must be a SpatialShift over the {in_channels} input channels of a 2-D conv, "
+                             f"got {input_shift.channels} channels, kernel_shape {k}")
         if group < 1 or in_channels % group or out_channels % group:
             raise ValueError(f"group {group} must divide in_channels {in_channels} and out_channels {out_channels}")
         if activation not in ACTIVATIONS:
@@ -82,6 +92,7 @@ class ShiftConv(ConvFaces, ShiftLinear):
         self.in_channels, self.out_channels, self.group = in_channels, out_channels, group
         self.kernel_shape, self.strides, self.pads, self.dilations = k, s, p, d
         self.activation, self.clip_min, self.clip_max = activation, float(clip_min), float(clip_max)
+        self.input_shift = input_shift
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -126,9 +137,18 @@ class ShiftConv(ConvFaces, ShiftLinear):
             attrs["activation"] = self.activation
         if self.activation == "Clip":
             attrs.update(clip_min=self.clip_min, clip_max=self.clip_max)
+        if self.input_shift is not None:
+            attrs.update({f"shift_{k}": v for k, v in self.input_shift.onnx_attributes().items()})
         return attrs
 
     # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The input shift (if any), then the conv: the float emulation in training, the
+        kernel's integer arithmetic in eval mode."""
+        if self.input_shift is not None:
+            x = self.input_shift(x)
+        return super().forward(x)
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """Zero padding [begin..., end...] in F.pad's order (last dimension first)."""
         n = len(self.kernel_shape)
@@ -184,7 +204,10 @@ class ShiftConv(ConvFaces, ShiftLinear):
 
     def im2col(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as im2col rows per group: [group, N·L, C/g·prod(k)] (zero padding),
-        the rows whose product with the weight matrix of each group is the convolution."""
+        the rows whose product with the weight matrix of each group is the convolution (after the
+        input shift, if any)."""
+        if self.input_shift is not None:
+            x = self.input_shift(x)
         self._check_input(x)
         x = self._pad(x)
         if len(self.kernel_shape) == 1:
@@ -202,7 +225,8 @@ class ShiftConv(ConvFaces, ShiftLinear):
                 f"pads={self.pads}, dilations={self.dilations}, group={self.group}, bias={self.bias is not None}, "
                 f"mode={self.mode}, weight_bits={self.weight_bits}, terms={self.terms}, "
                 f"act=Q{self.act_bits - self.act_frac_bits}.{self.act_frac_bits}"
-                + (f", activation={self.activation}" if self.activation else ""))
+                + (f", activation={self.activation}" if self.activation else "")
+                + (", input_shift" if self.input_shift is not None else ""))
 
 
 def unpack_conv_codes(packed: np.ndarray, out_channels: int, in_features: int, terms: int, weight_bits: int) -> torch.Tensor:
@@ -245,7 +269,8 @@ def from_onnx(node, attrs: dict, constants: dict, ctx) -> ShiftConv:
                                  group=group, weight_bits=bits, act_bits=attrs.get("act_bits", 32),
                                  act_frac_bits=attrs.get("act_frac_bits", 16), mode=ctx.shift_mode if ctx else "Q",
                                  activation=attrs.get("activation", ""),
-                                 clip_min=attrs.get("clip_min", -math.inf), clip_max=attrs.get("clip_max", math.inf))
+                                 clip_min=attrs.get("clip_min", -math.inf), clip_max=attrs.get("clip_max", math.inf),
+                                 input_shift=_input_shift(node, attrs, constants))
     latent = ctx.latent.get(node.name) if ctx is not None else None
     if latent is not None and layer.mode == "Q":
         latent = np.asarray(latent, dtype=np.float32).reshape(m, -1)
@@ -254,18 +279,43 @@ def from_onnx(node, attrs: dict, constants: dict, ctx) -> ShiftConv:
     return layer
 
 
+def _input_shift(node, attrs: dict, constants: dict) -> SpatialShift | None:
+    """The SpatialShift layer of a node's input shift (inputs 4-6, shift_* attributes), or None:
+    nn/spatial_shift.py's from_onnx on the same constants and the attributes without the prefix."""
+    from mfconvert.nn import spatial_shift
+
+    if len(node.input) <= 4 or not node.input[4]:
+        return None
+    if 4 not in constants:
+        raise ValueError("ShiftConv without its constant input 4 (shift_offsets)")
+    shift_attrs = {k[len("shift_"):]: v for k, v in attrs.items() if k.startswith("shift_")}
+    try:
+        return spatial_shift.from_onnx(node, shift_attrs, {i - 3: v for i, v in constants.items() if i >= 4}, None)
+    except ValueError as err:
+        raise ValueError(f"input shift (inputs 4-6, shift_* attributes): {err}") from None
+
+
 def to_onnx(layer: ShiftConv, node, values: dict) -> list:
-    """Write the layer's packed codes, exponents and bias under the node's input names."""
+    """Write the layer's packed codes, exponents and bias under the node's input names, and its
+    input shift's rounded offsets, scale and bias under inputs 4-6."""
+    from mfconvert.nn import spatial_shift
+
     packed, exponent, bias = layer.onnx_constants()
     values[node.input[1]], values[node.input[2]] = packed, exponent
     if bias is not None:
         values[node.input[3]] = bias
+    if layer.input_shift is not None:
+        view = onnx.NodeProto()
+        view.input.extend([node.input[0], *node.input[4:7]])
+        spatial_shift.to_onnx(layer.input_shift, view, values)
     return []
 
 
 def registry_examples() -> list:
     """Small ShiftConv nodes for the registry test: 2-D with two terms and ReLU6, depthwise stride 2,
-    1-D dilated without bias; the layer must match the kernel bit for bit (atol 0)."""
+    1-D dilated without bias, and two reading through an input shift (a 1x1 conv after a stride-2
+    shift with scale, bias and ReLU6; a depthwise 3x3 after an edge-padded, channel-shifted one);
+    the layer must match the kernel bit for bit (atol 0)."""
     from mfconvert.nn.registry import Example   # the registry imports this module
     from onnx import helper
     from mfconvert.ort_ops import DOMAIN
@@ -276,13 +326,31 @@ def registry_examples() -> list:
                    activation="Clip", clip_min=0.0, clip_max=6.0), True, (2, 4, 7, 6)),
              (dict(in_channels=6, out_channels=6, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=6),
               True, (1, 6, 9, 8)),
-             (dict(in_channels=4, out_channels=5, kernel_shape=[3], dilations=[2], pads=[2, 2]), False, (2, 4, 11))]
+             (dict(in_channels=4, out_channels=5, kernel_shape=[3], dilations=[2], pads=[2, 2]), False, (2, 4, 11)),
+             (dict(in_channels=5, out_channels=7, kernel_shape=[1, 1],
+                   input_shift=SpatialShift(5, rng.integers(-1, 2, size=(5, 2)), strides=[2, 2],
+                                            scale=rng.normal(size=5), bias=rng.normal(size=5), activation="Clip",
+                                            clip=(0.0, 6.0))), True, (2, 5, 9, 8)),
+             (dict(in_channels=6, out_channels=6, kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=6,
+                   input_shift=SpatialShift(6, rng.integers(-2, 3, size=(6, 2)), padding="edge", channel_shift=2,
+                                            bias=rng.normal(size=6), activation="Relu")), False, (1, 6, 7, 9))]
     out = []
     for i, (kw, bias, shape) in enumerate(cases):
         layer = ShiftConv(bias=bias, act_frac_bits=12, **kw).eval()
         packed, exponent, b = layer.onnx_constants()
         consts = {f"codes{i}": packed, f"exponent{i}": exponent, **({f"bias{i}": b} if bias else {})}
-        node = helper.make_node("ShiftConv", ["X", *consts], ["Y"], name=f"shift_conv{i}", domain=DOMAIN,
+        inputs = ["X", f"codes{i}", f"exponent{i}", f"bias{i}" if bias else ""]
+        shift = layer.input_shift
+        if shift is not None:
+            tail = {"offsets": shift.integer_offsets(), "scale": shift.scale, "bias": shift.bias}
+            for what, value in tail.items():
+                name = f"shift_{what}{i}" if value is not None else ""
+                inputs.append(name)
+                if name:
+                    consts[name] = value if isinstance(value, np.ndarray) else value.detach().numpy().astype(np.float32)
+        while not inputs[-1]:
+            inputs.pop()
+        node = helper.make_node("ShiftConv", inputs, ["Y"], name=f"shift_conv{i}", domain=DOMAIN,
                                 **layer.onnx_attributes())
         out.append(Example(node, consts, {"X": (rng.normal(size=shape) * 2).astype(np.float32)}, 0.0))
     return out

@@ -290,6 +290,14 @@ def shift_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None
     m, bits, terms, group = at.get("out_channels"), at.get("weight_bits", 5), at.get("terms", 1), at.get("group", 1)
     if x is None or not m or len(x) < 3:
         return None
+    tail = ops()
+    if _given(node, 4):   # an input shift read through (docs/ops.md#input-shift-read-through): the conv's
+        if len(x) != 4:   # input is the shifted X, and the shift's tail (scale, bias) is this node's work
+            return None
+        sh, sw = at.get("shift_strides", [1, 1])
+        x = [x[0], x[1], -(-x[2] // sh), -(-x[3] // sw)]
+        n_in = math.prod(x)
+        tail = ops(fp32_mul=n_in if _given(node, 5) else 0, fp32_add=n_in if _given(node, 6) else 0)
     out = conv_output_dims(x, at)
     if out is None:
         return None
@@ -300,8 +308,8 @@ def shift_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None
     positions = x[0] * math.prod(out)            # output positions per channel
     nnz = nonzero_codes(packed, bits, count)     # summed over channels: each channel's row once per position
     n_out = positions * m
-    return add_ops(ops(shift=math.prod(x) + positions * nnz + n_out, int32_add=positions * nnz,
-                       fp32_add=n_out if _given(node, 3) else 0), _fused_activation(at, n_out))
+    return add_ops(add_ops(ops(shift=math.prod(x) + positions * nnz + n_out, int32_add=positions * nnz,
+                               fp32_add=n_out if _given(node, 3) else 0), _fused_activation(at, n_out)), tail)
 
 
 def adder_conv_ops(node: onnx.NodeProto, dims: dict, inits: dict) -> dict | None:
@@ -524,6 +532,10 @@ def model_costs(original: onnx.ModelProto, converted: onnx.ModelProto, shapes: d
             after = ops() if new_nodes else None
             for n in new_nodes:
                 after = add_ops(after, node_ops(n, new_dims, inits, memo))
+            if not new_nodes and c.pass_name == "spatial-shift" and any(
+                    n.op_type == "ShiftConv" and _given(n, 4) and _written_for(n.input[4], c.node, layer_names)
+                    for n in converted.graph.node):
+                after = ops()   # read through by the ShiftConv after it, which counts the shift's tail
         if c.pass_name == "add-attention":
             before = _attention_before(c, new_nodes, new_dims)
         elif orig is not None and counted(orig):

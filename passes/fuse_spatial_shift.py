@@ -10,6 +10,13 @@ multiply-add, so the fused model can differ from the unfused one in the last bit
 A Conv that is not float32 1×1, stride 1, unpadded, group = C with constant weight [C, 1, 1, 1]
 and bias [C], a SpatialShift that already has a tail, or an intermediate tensor that is a graph
 output or read twice, is left as it is.
+
+Then the read-through (read_through_shift_convs; docs/ops.md#input-shift-read-through): a
+SpatialShift (fused tail included) whose output only one 2-D ShiftConv reads, as its X, and that
+is no graph output nor read by a subgraph, becomes that ShiftConv's input shift — its offsets,
+scale and bias as the ShiftConv's inputs 4-6, its attributes as shift_* — so the shifted tensor
+is never written: ShiftConv(X, …, shift_…) is ShiftConv(SpatialShift(X, …), …) bit for bit. A
+ShiftConv that already reads through a shift is left as it is.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from mfconvert.ort_ops import DOMAIN
 from mfconvert.passes.cost import constant_array, initializers, node_attrs
 
 NAME = "fuse-spatial-shift"
+SHIFT_ATTRIBUTES = ("strides", "padding", "channel_shift", "activation", "clip_min", "clip_max", "sparsity")
 
 
 def _scale_conv(node: onnx.NodeProto, constants: dict) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -176,7 +184,69 @@ def fuse_spatial_shifts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
                  "Relu/Clip): scale, bias and activation in the shift's single pass"]
 
 
-def fuse_into(result) -> list[str]:
-    """The pipeline's hook: fuses result.model (a ConversionResult) in place; the report's lines."""
+def read_through_shift_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `model` with each SpatialShift that only a ShiftConv's X reads folded into that
+    ShiftConv (module docstring); the report's line naming the folded nodes (none when nothing
+    was folded)."""
+    shifts = [n for n in model.graph.node if n.op_type == "SpatialShift" and n.domain == DOMAIN]
+    if not shifts or not any(n.op_type == "ShiftConv" and n.domain == DOMAIN for n in model.graph.node):
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in g.output} | _subgraph_reads(g) | {v.name for v in g.input}
+    folded: list[tuple[str, str]] = []
+    drop: set[int] = set()
+    for i, node in enumerate(g.node):
+        if node.op_type != "SpatialShift" or node.domain != DOMAIN or len(node.input) < 2 or not node.input[1]:
+            continue
+        y = node.output[0]
+        r = readers.get(y, [])
+        if len(r) != 1 or y in graph_outputs:
+            continue
+        conv = r[0]
+        if conv.op_type != "ShiftConv" or conv.domain != DOMAIN or conv.input[0] != y \
+                or any(name == y for name in conv.input[1:]) or any(conv.input[4:]) \
+                or len(node_attrs(conv).get("kernel_shape", [])) != 2 \
+                or any(a.name.startswith("shift_") for a in conv.attribute):
+            continue
+        shift_inputs = list(node.input[1:4])
+        inputs = list(conv.input[:4]) + [""] * (4 - len(conv.input[:4])) + shift_inputs
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        del conv.input[:]
+        conv.input.extend([node.input[0], *inputs[1:]])
+        for a in node.attribute:
+            if a.name in SHIFT_ATTRIBUTES:
+                b = onnx.AttributeProto()
+                b.CopyFrom(a)
+                b.name = "shift_" + a.name
+                conv.attribute.append(b)
+        drop.add(i)
+        folded.append((node.name or y, conv.name or conv.output[0]))
+    if not folded:
+        return model, []
+    kept = [n for i, n in enumerate(g.node) if i not in drop]
+    del g.node[:]
+    g.node.extend(kept)
+    live = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    kept_info = [v for v in g.value_info if v.name in live]
+    del g.value_info[:]
+    g.value_info.extend(kept_info)
+    names = ", ".join(f"{s} → {c}" for s, c in folded[:6]) + (f", … ({len(folded) - 6} more)" if len(folded) > 6 else "")
+    return out, [f"{NAME}: {len(folded)} SpatialShift(s) read through by the ShiftConv after them (its input shift; "
+                 f"the shifted tensor is never written): {names}"]
+
+
+def fuse_into(result, read_through: bool = True) -> list[str]:
+    """The pipeline's hook: fuses result.model (a ConversionResult) in place; the report's lines.
+    read_through=False keeps every SpatialShift a node (PipelineOptions.read_through)."""
     result.model, lines = fuse_spatial_shifts(result.model)
+    if read_through:
+        result.model, more = read_through_shift_convs(result.model)
+        lines += more
     return lines

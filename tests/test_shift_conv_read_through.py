@@ -285,3 +285,130 @@ def test_read_through_fuzz(f):
     finally:
         del os.environ["MFCONVERT_ISA"]
     same_bits(y, want)
+
+
+# -- the pass (passes/fuse_spatial_shift.py: read_through_shift_convs) and the pipeline -------------
+def two_node_chain(rng, *, graph_output=False, extra_reader=False, conv_reads_as_weight=False, has_shift=False):
+    """X → SpatialShift(stride 2, scale, bias, Clip 0..6) → S → ShiftConv(3x3) → Y, with the
+    variations that must block the fold."""
+    _, two, _, _ = case(rng, 1, 6, (9, 8), 5, (3, 3), conv=dict(pads=[1, 1, 1, 1]), tail="sb",
+                        shift=dict(strides=[2, 2], activation="Clip", clip_min=0.0, clip_max=6.0))
+    model = onnx.load_from_string(two)
+    g = model.graph
+    if graph_output:
+        g.output.append(helper.make_tensor_value_info("S", TensorProto.FLOAT, None))
+    if extra_reader:
+        g.node.append(helper.make_node("Relu", ["S"], ["R"], name="relu"))
+        g.output.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, None))
+    if has_shift:
+        conv = g.node[1]
+        conv.input.extend(["", "off"])
+    return model
+
+
+def run_model(model: onnx.ModelProto, feeds, threads=2):
+    return session(model.SerializeToString(), threads=threads).run(None, feeds)
+
+
+def test_fold_writes_the_input_shift_and_keeps_the_output():
+    from mfconvert.passes.fuse_spatial_shift import read_through_shift_convs
+    rng = np.random.default_rng(11)
+    model = two_node_chain(rng)
+    folded, lines = read_through_shift_convs(model)
+    assert [n.op_type for n in folded.graph.node] == ["ShiftConv"]
+    conv = folded.graph.node[0]
+    assert list(conv.input) == ["X", "W", "E", "B", "off", "s", "sb"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert attrs["shift_strides"] == [2, 2] and attrs["shift_activation"] == b"Clip"
+    assert (attrs["shift_clip_min"], attrs["shift_clip_max"]) == (0.0, 6.0)
+    assert lines == ["fuse-spatial-shift: 1 SpatialShift(s) read through by the ShiftConv after them (its input "
+                     "shift; the shifted tensor is never written): shift → conv"]
+    x = random_x(rng, (1, 6, 9, 8), 32, 16)
+    same_bits(run_model(folded, {"X": x})[0], run_model(model, {"X": x})[0])
+    assert read_through_shift_convs(folded) == (folded, [])   # nothing left: the same model back
+
+
+@pytest.mark.parametrize("blocker", ["graph_output", "extra_reader", "has_shift"])
+def test_fold_leaves_a_shift_others_read(blocker):
+    from mfconvert.passes.fuse_spatial_shift import read_through_shift_convs
+    model = two_node_chain(np.random.default_rng(2), **{blocker: True})
+    folded, lines = read_through_shift_convs(model)
+    assert folded is model and lines == []
+
+
+def pipeline_block(tmp_path, stride, read_through):
+    from mfconvert.convert import ConvertConfig
+    from mfconvert.convert.pipeline import PipelineOptions, convert_model
+    from mfconvert.passes.conv import ShiftConvConfig
+    from mfconvert.passes.spatial_shift import SpatialShiftConfig
+    from tests.test_spatial_shift_pass import Block, export
+
+    path = tmp_path / "block.onnx"
+    if not path.exists():
+        onnx.save(export(Block(stride, True, seed=7 + stride)), path)
+    cfg = ConvertConfig(shift_linear=None, add_attention=None, shift_conv=ShiftConvConfig(),
+                        spatial_shift=SpatialShiftConfig())
+    return convert_model(str(path), cfg, PipelineOptions(shift_terms=1, read_through=read_through))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pipeline_block_read_through_equals_unfused(tmp_path, stride):
+    """A MobileNet-style block (stem conv, depthwise 3x3 + BN + ReLU6, 1x1 projection) through the
+    default pipeline with --spatial-shift: with the read-through the projection ShiftConv reads the
+    shift (scale, bias and ReLU6 fused into it), no SpatialShift is left, the note names it, the
+    output equals read_through=False's in ORT bit for bit, and the report's totals are the same."""
+    on, off = (pipeline_block(tmp_path, stride, flag) for flag in (True, False))
+    kinds = [n.op_type for n in on.result.model.graph.node]
+    assert "SpatialShift" not in kinds and "SpatialShift" in [n.op_type for n in off.result.model.graph.node]
+    conv = next(n for n in on.result.model.graph.node if n.op_type == "ShiftConv" and len(n.input) > 4)
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert len(conv.input) == 7 and attrs["shift_activation"] == b"Clip" and attrs["shift_strides"] == [stride] * 2
+    assert any("read through by the ShiftConv" in line for line in on.notes)
+    assert not any("read through" in line for line in off.notes)
+    x = np.random.default_rng(stride).normal(size=(3, 3, 9, 10)).astype(np.float32) * 2
+    for threads in (1, 2):
+        same_bits(run_model(on.result.model, {"x": x}, threads)[0], run_model(off.result.model, {"x": x}, threads)[0])
+    # the report's counts (passes/cost.py): the shift's tail counted in the ShiftConv, the same totals
+    costs = [r.result.report.costs for r in (on, off)]
+    assert costs[0]["after"] == costs[1]["after"], (costs[0]["after"], costs[1]["after"])
+
+
+def test_layer_parity_and_finetune_trains_the_folded_shift(tmp_path):
+    """The fused model as an OnnxModule (the registry's ShiftConv entry with its input_shift
+    layer): eval equals ORT bit for bit. calibrate.finetune (`mfconvert finetune`) on it moves the
+    shift's scale and bias, writes them under the ShiftConv's inputs 5-6, and the export runs in
+    ORT as the trained layers compute."""
+    from mfconvert.calibrate.data import Examples
+    from mfconvert.calibrate.finetune import FinetuneConfig, finetune
+    from mfconvert.nn.onnx_module import OnnxModule
+    from mfconvert.nn.shift_conv import ShiftConv
+    from tests.test_spatial_shift_pass import Block, export
+    import torch
+
+    model = pipeline_block(tmp_path, 2, True).result.model
+    module = OnnxModule(model).eval()
+    assert any(isinstance(m, ShiftConv) and m.input_shift is not None for m in module.layers.values())
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 9, 10)).astype(np.float32)
+    with torch.no_grad():
+        got = module(x=torch.from_numpy(x))
+    same_bits((got[0] if isinstance(got, (tuple, list)) else got).numpy(), run_model(model, {"x": x})[0])
+
+    conv = next(n for n in model.graph.node if n.op_type == "ShiftConv" and len(n.input) > 4)
+    inits = lambda m: {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}   # noqa: E731
+    before = inits(model)
+    data = Examples([{"x": rng.normal(size=(3, 9, 10)).astype(np.float32)} for _ in range(32)])
+    result = finetune(model, export(Block(2, True, seed=9)), data,
+                      FinetuneConfig(steps=10, batch_size=8, lr=5e-3, rounding="nearest", progress=False,
+                                     keep_best=False))
+    after = inits(result.model)
+    trained = next(n for n in result.model.graph.node if n.op_type == "ShiftConv" and len(n.input) > 4)
+    assert list(trained.input) == list(conv.input)
+    for name in conv.input[5:]:
+        assert after[name].dtype == np.float32 and not np.array_equal(after[name], before[name]), name
+    assert after[conv.input[4]].dtype == np.int64
+    x = rng.normal(size=(4, 3, 9, 10)).astype(np.float32)
+    with torch.no_grad():
+        want = OnnxModule(result.model).eval()(x=torch.from_numpy(x))
+    want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+    same_bits(run_model(result.model, {"x": x})[0], want)

@@ -272,8 +272,12 @@ def test_conv_passes_leave_the_shift_scale_to_the_fusion(tmp_path, others):
     model = done.result.model
     op = "ShiftConv" if others == "shift_conv" else "AdderConv"
     assert "Conv" not in ops(model) and ops(model).count(op) == 2, ops(model)
-    node = next(n for n in model.graph.node if n.op_type == "SpatialShift")
-    assert len(node.input) == 4 and any(a.name == "activation" for a in node.attribute)
+    # the fused shift: a SpatialShift before an AdderConv, read through by the ShiftConv after it
+    # (its inputs 4-6 and shift_* attributes, docs/ops.md#input-shift-read-through)
+    node = next(n for n in model.graph.node if n.op_type == "SpatialShift" or (n.op_type == "ShiftConv" and len(n.input) > 4))
+    first, prefix = (1, "") if node.op_type == "SpatialShift" else (4, "shift_")
+    assert node.op_type == ("ShiftConv" if others == "shift_conv" else "SpatialShift")
+    assert len(node.input) == first + 3 and any(a.name == prefix + "activation" for a in node.attribute)
     skips = {s.node: s.reason for s in done.result.report.skips}
     assert any(label.endswith(".scale") and "per-channel scale of SpatialShift" in why for label, why in skips.items()), skips
     from mfconvert.convert import convert_onnx
