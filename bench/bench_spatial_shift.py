@@ -36,7 +36,7 @@ from mfconvert.convert import ConvertConfig, convert_onnx
 from mfconvert.ort_ops import DOMAIN
 from mfconvert.passes.spatial_shift import SpatialShiftConfig
 from mfconvert.runtime import session
-from mfconvert.zoo.public import imagenet_images, mobilenet_v2
+from mfconvert.zoo.public import imagenet_images, mobilenet_v2, natural_images
 
 
 def crops(images: np.ndarray, per_image: int, seed: int) -> np.ndarray:
@@ -181,6 +181,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--skip-finetune", action="store_true")
+    ap.add_argument("--extra-train", choices=("natural",), default=None, help="finetune also on crops of "
+                    "scikit-image's 20 sample photographs (zoo/public.py natural_images), as many per image")
+    ap.add_argument("--judge-seen", action="store_true", help="also the agreement on other crops of the "
+                    "images finetuning saw (0-9): memorising those shows there, not on images 10-19")
+    ap.add_argument("--finetune-keep-below", type=float, nargs="*", default=[], help="also finetune these "
+                    "--keep-below rows, with and without the Sparse Shift penalty (the all-shifted row always is)")
     ap.add_argument("--probe", action="store_true", help="only: one layer converted at a time (features.17, .9, .2), "
                     "scale from the dominant tap (ρ 0) or the kernel's sum (ρ 1), on 3 crops per held-out image")
     ap.add_argument("--json")
@@ -195,6 +201,10 @@ def main():
     judged = crops(images[10:], args.per_image, seed=1)
     t_logits = logits(teacher, judged)
     agree = lambda m: float((logits(m, judged).argmax(1) == t_logits.argmax(1)).mean())
+    if args.judge_seen:   # crops of the finetuning images, other than those it trained on
+        seen = crops(images[:10], args.per_image, seed=4)
+        s_logits = logits(teacher, seen)
+        agree_seen = lambda m: float((logits(m, seen).argmax(1) == s_logits.argmax(1)).mean())
     print(f"{len(judged)} judged crops of 10 held-out images", flush=True)
 
     calib = Examples([{"image": x} for x in crops(images[:10], args.calib_per_image, seed=3)])
@@ -246,27 +256,37 @@ def main():
             print("  " + "; ".join(calibration["lines"]), flush=True)
             for layer, fig in calibration["layers"].items():
                 print(f"  {layer}: {fig}", flush=True)
-    # Sparse Shift: the --data model with the penalty on its offsets (the pass writes it as an attribute)
-    sparse = onnx.ModelProto()
-    sparse.CopyFrom(students["shift, --data"])
-    for node in sparse.graph.node:
-        if node.op_type == "SpatialShift":
-            node.attribute.append(helper.make_attribute("sparsity", float(args.sparsity)))
-    students["shift+sparse, --data"] = sparse
-    out["shift+sparse, --data"] = {"before": dict(out["shift, --data"]["before"], calibration=None)}
+    # Sparse Shift: each finetuned model with the penalty on its offsets (the pass writes it as an attribute)
+    tuned = ["shift, --data"] + [f"shift, --data, kept depthwise below {t:.0%} explained" for t in args.finetune_keep_below]
+    for name in tuned:
+        if name not in students:
+            raise SystemExit(f"--finetune-keep-below: no row {name!r} (give the threshold to --keep-below too)")
+        sparse = onnx.ModelProto()
+        sparse.CopyFrom(students[name])
+        for node in sparse.graph.node:
+            if node.op_type == "SpatialShift":
+                node.attribute.append(helper.make_attribute("sparsity", float(args.sparsity)))
+        students[name + " + sparse"] = sparse
+        out[name + " + sparse"] = {"before": dict(out[name]["before"], calibration=None)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
 
     if not args.skip_finetune:
-        train = Examples([{"image": x} for x in crops(images[:10], args.train_per_image, seed=2)])
-        for name in ("shift, --data", "shift+sparse, --data"):
+        pool = crops(images[:10], args.train_per_image, seed=2)
+        if args.extra_train == "natural":
+            pool = np.concatenate([pool, crops(natural_images(), args.train_per_image, seed=5)])
+        train = Examples([{"image": x} for x in pool])
+        out["train_examples"] = len(pool)
+        for name in [n for t in tuned for n in (t, t + " + sparse")]:
             cfg = FinetuneConfig(steps=None, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, loss="kl",
                                  rounding="nearest", keep_best=False, progress=False)
             t0 = time.monotonic()
             result = finetune(students[name], teacher, train, cfg)
             row = {"steps": result.steps, "seconds": time.monotonic() - t0, "loss": [result.losses[0], result.losses[-1]],
                    "unshifted": unshifted_share(result.model), "agreement": agree(result.model),
+                   **({"agreement_seen": agree_seen(result.model), "agreement_seen_before": agree_seen(students[name])}
+                      if args.judge_seen else {}),
                    "offsets_changed": int(sum((a != b).any(axis=1).sum() for a, b in
                                               zip(offsets_of(students[name]), offsets_of(result.model))))}
             out[name]["after"] = row

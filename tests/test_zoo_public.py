@@ -301,3 +301,23 @@ def test_calibrate_and_finetune_a_zoo_model(tmp_path, one_torch_thread):
     after = fidelity(reference, model_outputs(str(tmp_path / "ft.onnx"), held, threads=1))
     assert before["sqnr_db"] > 20    # the calibrated conversion is close to the original
     assert after["sqnr_db"] >= before["sqnr_db"] - 0.5, (before, after)
+
+
+def test_natural_images_are_preprocessed_as_imagenet():
+    """scikit-image's sample photographs (unlabelled distillation data) come out as the ImageNet
+    model expects: 20 distinct finite images, and torchvision's MobileNetV2 names the three whose
+    class is plain — the cat (chelsea.png) one of ImageNet's cats (281-285; measured 285), the
+    coffee one espresso or cup (967/968; measured 967), the rocket a space shuttle, missile or
+    projectile (812/657/744; measured 812). A wrong channel order, range or normalisation fails."""
+    try:
+        x = public.natural_images()
+        path = public.mobilenet_v2("torchscript")
+    except public.ZooUnavailable as err:
+        pytest.skip(f"zoo data unavailable: {err}")
+    assert x.shape == (20, 3, 224, 224) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert len({row.tobytes() for row in x}) == 20
+    top = _ort(path, {"image": x})[0].argmax(1)
+    name = dict(zip(public.NATURAL_MEMBERS, top))
+    assert 281 <= name["chelsea.png"] <= 285
+    assert name["coffee.png"] in (967, 968)
+    assert name["rocket.jpg"] in (812, 657, 744)

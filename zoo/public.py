@@ -345,15 +345,46 @@ def imagenet_images() -> tuple[np.ndarray, np.ndarray]:
         names = sorted(folder.glob("imagenet_*.jpg"))
     images, labels = [], []
     for path in names:
-        img = Image.open(path).convert("RGB")
-        scale = 256 / min(img.size)
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
-        left, top = (img.width - 224) // 2, (img.height - 224) // 2
-        x = np.asarray(img.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
-        x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-        images.append(x.transpose(2, 0, 1))
+        images.append(_imagenet_crop(Image.open(path)))
         labels.append(int(path.stem.split("_")[-1]))
     return np.stack(images).astype(np.float32), np.array(labels, np.int64)
+
+
+# scikit-image's bundled sample photographs (skimage/data in its wheel): unlabelled images of other
+# scenes than foolbox's, for distillation data that is not the judged images' own (bench/
+# bench_spatial_shift.py --extra-train). Textures, grey-scale and synthetic files are included
+# where they are photographs; the grey ones are repeated over the three channels.
+NATURAL = ("scikit-image", "0.25.2")
+NATURAL_MEMBERS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                   "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "gravel.png",
+                   "grass.png", "brick.png", "camera.png", "coins.png", "moon.png", "page.png", "text.png",
+                   "cell.png", "color.png", "logo.png")
+
+
+def _imagenet_crop(img) -> np.ndarray:
+    """PIL image -> float32 [3, 224, 224] as torchvision's ImageNet models expect (resize 256,
+    centre crop 224, ImageNet mean/std)."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    scale = 256 / min(img.size)
+    img = img.resize((max(224, round(img.width * scale)), max(224, round(img.height * scale))), Image.BILINEAR)
+    left, top = (img.width - 224) // 2, (img.height - 224) // 2
+    x = np.asarray(img.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def natural_images() -> np.ndarray:
+    """scikit-image's 20 sample photographs (NATURAL_MEMBERS), unlabelled: float32 [20, 3, 224,
+    224], preprocessed as imagenet_images()."""
+    from PIL import Image
+
+    root = cache_dir() / f"{NATURAL[0]}-{NATURAL[1]}"
+    members = [f"skimage/data/{m}" for m in NATURAL_MEMBERS]
+    if not all((root / m).is_file() for m in members):
+        _unpack(*NATURAL, members, root)
+    return np.stack([_imagenet_crop(Image.open(root / m)) for m in members]).astype(np.float32)
 
 
 MINILM_EXPORTERS = ("torchscript", "dynamo")
