@@ -178,10 +178,14 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
     if (unpadded_1x1 && r.shift == nullptr) {
       planes_n = reinterpret_cast<const int32_t*>(x + n * g.c * g.h * g.w);
     } else if (unpadded_1x1) {
-      par.For(static_cast<size_t>(c), [&](size_t ci) {
-        const int64_t ch = static_cast<int64_t>(ci);
-        r.shift->Plane(x, n, ch, reinterpret_cast<float*>(buf + ch * pl.channel));
-      });
+      // The planes are laid out as one image of the shifted input: SpatialShift's own run (its
+      // task split: planes grouped ~16K floats a task, small runs on the calling thread).
+      if (g.h * g.w > 0) {
+        SpatialShiftGeom one = r.shift->g;
+        one.n = 1;
+        SpatialShiftRun(one, r.shift->offsets, x + n * one.c * one.h * one.w, reinterpret_cast<float*>(buf), par,
+                        Isa::kAvx512);
+      }
     } else {
       ForChannels(g, r.shift, x, n, slots, slot_stride, par, [&](int64_t ch, const float* src) {
         BuildChannel<S>(src, g, pl, nullptr, buf + ch * pl.channel, tmp + ch * tmp_stride, false, range + 2 * ch,
