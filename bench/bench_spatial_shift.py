@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=3.0, help="finetuning budget per run")
     ap.add_argument("--per-image", type=int, default=24, help="judged crops per held-out image (10 images)")
     ap.add_argument("--train-per-image", type=int, default=32)
-    ap.add_argument("--sparsity", type=float, default=0.05, help="Sparse Shift L1 coefficient of the penalised run")
+    ap.add_argument("--sparsity", type=float, default=0.05, help="Sparse Shift L1 coefficient of the penalised run (0: no penalised run)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--fidelity", type=float, default=None, help="also the data-free conversion keeping channels "
@@ -259,6 +259,8 @@ def main():
     # Sparse Shift: each finetuned model with the penalty on its offsets (the pass writes it as an attribute)
     tuned = ["shift, --data"] + [f"shift, --data, kept depthwise below {t:.0%} explained" for t in args.finetune_keep_below]
     for name in tuned:
+        if args.sparsity == 0:   # no penalised copies
+            break
         if name not in students:
             raise SystemExit(f"--finetune-keep-below: no row {name!r} (give the threshold to --keep-below too)")
         sparse = onnx.ModelProto()
@@ -278,7 +280,7 @@ def main():
             pool = np.concatenate([pool, crops(natural_images(), args.train_per_image, seed=5)])
         train = Examples([{"image": x} for x in pool])
         out["train_examples"] = len(pool)
-        for name in [n for t in tuned for n in (t, t + " + sparse")]:
+        for name in [n for t in tuned for n in ((t,) if args.sparsity == 0 else (t, t + " + sparse"))]:
             cfg = FinetuneConfig(steps=None, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, loss="kl",
                                  rounding="nearest", keep_best=False, progress=False)
             t0 = time.monotonic()
