@@ -117,7 +117,8 @@ def run(model_bytes, feeds, threads=2):
 
 # (n, c, (h, w), m, kernel, conv attributes): the direct kernel (dense, strided, depthwise, 37
 # channels: slots of 3 channels), and the lookup-table path on AVX-512 (>= 64 in and out
-# channels: a 1x1 unpadded conv, whose planes the shift writes in place, and a padded 3x3).
+# channels: a 1x1 unpadded conv in one strip, shifted block by block into the task's slot and
+# transposed from there; one of several strips, whose planes the shift writes; a padded 3x3).
 CONVS = {
     "pointwise": (2, 8, (9, 10), 12, (1, 1), {}),
     "dense3x3_37ch": (1, 37, (7, 9), 10, (3, 3), dict(pads=[1, 1, 1, 1])),
@@ -127,6 +128,8 @@ CONVS = {
     "lut_pointwise": (2, 64, (7, 9), 72, (1, 1), dict(activation="Clip", clip_min=-1.0, clip_max=6.0)),
     "lut_3x3": (1, 16, (8, 9), 64, (3, 3), dict(pads=[1, 1, 1, 1])),
     "lut_pointwise_stride2": (1, 80, (9, 9), 64, (1, 1), dict(strides=[2, 2])),
+    # more flat outputs than one strip of im2col rows (2048 at 64 inputs): the shift writes the planes
+    "lut_pointwise_strips": (1, 64, (46, 47), 64, (1, 1), {}),
 }
 # SpatialShift attributes and tail (s: scale, b: bias).
 SHIFTS = {

@@ -151,10 +151,20 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
   const int64_t cols = CheckedProduct<ConvError>("im2col strip", {strip, in + m});
   const bool unpadded_1x1 = g.k == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.pb == 0 && g.pr == 0 &&
                             pl.channel == g.h * g.w && pl.wq == g.w && r.tap[0] == 0;
-  // Read-through: a 1x1, stride-1, unpadded conv's planes are the shifted image itself, written
-  // there by the shift; otherwise the shifted planes go through slots as in the direct kernel.
-  int64_t slot_stride = 0;
-  const int64_t slot_floats = unpadded_1x1 ? 0 : ShiftSlotFloats(g, r.shift, &slot_stride);
+  // Read-through. A 1x1, stride-1, unpadded conv whose flat outputs fit one strip (MobileNetV2's
+  // projections from 14 x 14 on): per block of 16 channels the shifted planes go into the task's
+  // slot (16 planes, in L1/L2) and are transposed from there into the im2col rows, so the shifted
+  // image exists nowhere whole. With more strips the planes are the shifted image itself, written
+  // by the shift; other geometries take the shifted planes through slots as the direct kernel.
+  const bool one_strip = r.shift != nullptr && unpadded_1x1 && pl.flat <= strip;
+  int64_t slot_stride = 0, slot_floats = 0;
+  if (one_strip) {
+    ShiftSlotFloats(g, r.shift, &slot_stride);
+    slot_stride = CheckedProduct<ConvError>("shifted channel blocks", {slot_stride, 16});
+    slot_floats = CheckedProduct<ConvError>("shifted channel blocks", {slot_stride, kShiftSlots});
+  } else if (!unpadded_1x1) {
+    slot_floats = ShiftSlotFloats(g, r.shift, &slot_stride);
+  }
   int64_t total = 0;
   if (!AddOk(planes, tmp_total, &total) || !AddOk(total, cols + 16, &total) || !AddOk(total, slot_floats, &total) ||
       total > (int64_t{1} << 40))
@@ -175,6 +185,32 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
     // Wq = W, tap offset 0) and the transposes read no further than OH * Wq: no copy (with a
     // shift read through, each shifted channel is written straight into its plane).
     const int32_t* planes_n = buf;
+    if (one_strip) {
+      // xcol[j][c] = shifted x[c][j] (K = 1, tap offset 0, plane = H * W = flat): per task a run of
+      // 16-channel blocks, each shifted into the task's slot and transposed out of it.
+      const int64_t plane = g.h * g.w, per = (cblocks + kShiftSlots - 1) / kShiftSlots;
+      par.For(static_cast<size_t>((cblocks + per - 1) / per), [&](size_t t) {
+        float* slot = slots + static_cast<int64_t>(t) * slot_stride;
+        const int64_t b1 = std::min(cblocks, (static_cast<int64_t>(t) + 1) * per);
+        for (int64_t b = static_cast<int64_t>(t) * per; b < b1; ++b) {
+          const int64_t c0 = b * 16;
+          const int nr = static_cast<int>(std::min<int64_t>(16, c - c0));
+          for (int i = 0; i < nr; ++i) r.shift->Plane(x, n, c0 + i, slot + i * plane);
+          for (int64_t j0 = 0; j0 < pl.flat; j0 += 16)
+            TransposeTile(reinterpret_cast<const int32_t*>(slot) + j0, plane, nr,
+                          static_cast<int>(std::min<int64_t>(16, pl.flat - j0)), xcol + j0 * in + c0, in);
+        }
+      });
+      ShiftLinearAvx512(*r.lin, reinterpret_cast<const float*>(xcol), pl.flat, ycol, par, inner);
+      par.For(static_cast<size_t>((pl.flat + 15) / 16), [&](size_t task) {
+        const int64_t j0 = static_cast<int64_t>(task) * 16;
+        const int nr = static_cast<int>(std::min<int64_t>(16, pl.flat - j0));
+        for (int64_t ob = 0; ob < oblocks; ++ob)
+          StoreTile(ycol + j0 * m + ob * 16, m, nr, static_cast<int>(std::min<int64_t>(16, m - ob * 16)), g, pl.wq,
+                    r.act, j0, ob * 16, yn);
+      });
+      continue;
+    }
     if (unpadded_1x1 && r.shift == nullptr) {
       planes_n = reinterpret_cast<const int32_t*>(x + n * g.c * g.h * g.w);
     } else if (unpadded_1x1) {
