@@ -187,10 +187,12 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
     const int32_t* planes_n = buf;
     if (one_strip) {
       // xcol[j][c] = shifted x[c][j] (K = 1, tap offset 0, plane = H * W = flat): per task a run of
-      // 16-channel blocks, each shifted into the task's slot and transposed out of it.
+      // 16-channel blocks, each shifted into the slot the task holds and transposed out of it.
       const int64_t plane = g.h * g.w, per = (cblocks + kShiftSlots - 1) / kShiftSlots;
+      ShiftSlots free;
       par.For(static_cast<size_t>((cblocks + per - 1) / per), [&](size_t t) {
-        float* slot = slots + static_cast<int64_t>(t) * slot_stride;
+        const int i = free.Take();
+        float* slot = slots + i * slot_stride;
         const int64_t b1 = std::min(cblocks, (static_cast<int64_t>(t) + 1) * per);
         for (int64_t b = static_cast<int64_t>(t) * per; b < b1; ++b) {
           const int64_t c0 = b * 16;
@@ -200,6 +202,7 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
             TransposeTile(reinterpret_cast<const int32_t*>(slot) + j0, plane, nr,
                           static_cast<int>(std::min<int64_t>(16, pl.flat - j0)), xcol + j0 * in + c0, in);
         }
+        free.Give(i);
       });
       ShiftLinearAvx512(*r.lin, reinterpret_cast<const float*>(xcol), pl.flat, ycol, par, inner);
       par.For(static_cast<size_t>((pl.flat + 15) / 16), [&](size_t task) {

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -209,10 +210,29 @@ inline int64_t ShiftSlotFloats(const ConvGeom& g, const ConvInputShift* shift, i
   return CheckedProduct<ConvError>("shifted planes", {kShiftSlots, *stride});
 }
 
+// The read-through slots in use: a task takes the lowest free one and gives it back, so tasks run
+// one after another on a thread reuse the same slot (hot in L1/L2) and at most as many are touched
+// as tasks run at once (<= kShiftSlots, the most tasks a loop has: one is always free).
+class ShiftSlots {
+ public:
+  int Take() {
+    uint32_t m = used_.load(std::memory_order_relaxed);
+    for (;;) {
+      const int i = __builtin_ctz(~m);  // m has a zero bit below kShiftSlots (see above)
+      if (used_.compare_exchange_weak(m, m | (1u << i), std::memory_order_acquire, std::memory_order_relaxed)) return i;
+    }
+  }
+  void Give(int i) { used_.fetch_and(~(1u << i), std::memory_order_release); }
+
+ private:
+  std::atomic<uint32_t> used_{0};
+};
+static_assert(kShiftSlots <= 32, "ShiftSlots holds one bit per slot");
+
 // Calls build(c, src) for every channel c of image n, src its [H][W] input plane: X's own, or
-// with a shift the channel's shifted plane, produced into the task's slot first. Without a shift
-// one task per channel; with one at most kShiftSlots tasks of consecutive channels, each with its
-// own slot (slots: kShiftSlots * slot_stride floats).
+// with a shift the channel's shifted plane, produced into a slot first. Without a shift one task
+// per channel; with one at most kShiftSlots tasks of consecutive channels, each holding a free
+// slot while it runs (slots: kShiftSlots * slot_stride floats).
 template <class Build>
 void ForChannels(const ConvGeom& g, const ConvInputShift* shift, const float* x, int64_t n, float* slots,
                  int64_t slot_stride, const Parallel& par, const Build& build) {
@@ -225,13 +245,16 @@ void ForChannels(const ConvGeom& g, const ConvInputShift* shift, const float* x,
     return;
   }
   const int64_t per = (g.c + kShiftSlots - 1) / kShiftSlots, tasks = (g.c + per - 1) / per;
+  ShiftSlots free;
   par.For(static_cast<size_t>(tasks), [&](size_t t) {
-    float* slot = slots + static_cast<int64_t>(t) * slot_stride;
+    const int i = free.Take();
+    float* slot = slots + i * slot_stride;
     const int64_t c1 = std::min(g.c, (static_cast<int64_t>(t) + 1) * per);
     for (int64_t c = static_cast<int64_t>(t) * per; c < c1; ++c) {
       shift->Plane(x, n, c, slot);
       build(c, static_cast<const float*>(slot));
     }
+    free.Give(i);
   });
 }
 
