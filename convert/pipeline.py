@@ -55,7 +55,9 @@ class PipelineOptions:
     act_percentile: float | None = None   # activation ranges at this percentile of |x|
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     predict: bool = True                  # fixed terms: the report still predicts their output error
-    read_through: bool = True             # fuse step: a ShiftConv reads through the SpatialShift before it
+    # fuse step: a ShiftConv reads through the SpatialShift before it (no shifted tensor written). Off by
+    # default: on MobileNetV2 it measured 1.00–1.02× the unfused model's time (BENCHMARKS.md, "Read-through").
+    read_through: bool = False
     #   (docs/ops.md#input-shift-read-through; no CLI flag, as the scale-conv fusion has none)
 
 

@@ -250,7 +250,8 @@ def test_pipeline_fuses_last(tmp_path):
 
 
 @pytest.mark.parametrize("others", ["shift_conv", "adder_conv"])
-def test_conv_passes_leave_the_shift_scale_to_the_fusion(tmp_path, others):
+@pytest.mark.parametrize("read_through", [False, True])
+def test_conv_passes_leave_the_shift_scale_to_the_fusion(tmp_path, others, read_through):
     """With a conv pass on too (shift-conv, the default; or adder-conv), the per-channel scale conv
     after a SpatialShift stays float32 with its reason in the report (as a ShiftConv it would be
     a power-of-two scale in a second pass, as an AdderConv no scale at all), so the saved model's
@@ -268,15 +269,15 @@ def test_conv_passes_leave_the_shift_scale_to_the_fusion(tmp_path, others):
     conv = dict(shift_conv=ShiftConvConfig()) if others == "shift_conv" else \
         dict(shift_conv=None, adder_conv=AdderConvConfig(first=True))
     cfg = ConvertConfig(shift_linear=None, add_attention=None, spatial_shift=SpatialShiftConfig(), **conv)
-    done = convert_model(str(path), cfg, PipelineOptions(shift_terms=1))
+    done = convert_model(str(path), cfg, PipelineOptions(shift_terms=1, read_through=read_through))
     model = done.result.model
     op = "ShiftConv" if others == "shift_conv" else "AdderConv"
     assert "Conv" not in ops(model) and ops(model).count(op) == 2, ops(model)
-    # the fused shift: a SpatialShift before an AdderConv, read through by the ShiftConv after it
-    # (its inputs 4-6 and shift_* attributes, docs/ops.md#input-shift-read-through)
+    # the fused shift: a SpatialShift, or with read_through read by the ShiftConv after it (its
+    # inputs 4-6 and shift_* attributes, docs/ops.md#input-shift-read-through; an AdderConv cannot)
     node = next(n for n in model.graph.node if n.op_type == "SpatialShift" or (n.op_type == "ShiftConv" and len(n.input) > 4))
     first, prefix = (1, "") if node.op_type == "SpatialShift" else (4, "shift_")
-    assert node.op_type == ("ShiftConv" if others == "shift_conv" else "SpatialShift")
+    assert node.op_type == ("ShiftConv" if others == "shift_conv" and read_through else "SpatialShift")
     assert len(node.input) == first + 3 and any(a.name == prefix + "activation" for a in node.attribute)
     skips = {s.node: s.reason for s in done.result.report.skips}
     assert any(label.endswith(".scale") and "per-channel scale of SpatialShift" in why for label, why in skips.items()), skips
