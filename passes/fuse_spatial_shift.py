@@ -176,12 +176,17 @@ def fuse_spatial_shifts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     kept_inits = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(kept_inits)
+    _drop_dead_value_info(g)
+    return out, [f"{NAME}: {fused} SpatialShift → per-channel 1×1 Conv chain(s) fused ({with_act} with their "
+                 "Relu/Clip): scale, bias and activation in the shift's single pass"]
+
+
+def _drop_dead_value_info(g: onnx.GraphProto) -> None:
+    """Removes the value_info of tensors no node, graph input or initializer produces any more."""
     live = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
     kept_info = [v for v in g.value_info if v.name in live]
     del g.value_info[:]
     g.value_info.extend(kept_info)
-    return out, [f"{NAME}: {fused} SpatialShift → per-channel 1×1 Conv chain(s) fused ({with_act} with their "
-                 "Relu/Clip): scale, bias and activation in the shift's single pass"]
 
 
 def read_through_shift_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -233,10 +238,7 @@ def read_through_shift_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
     kept = [n for i, n in enumerate(g.node) if i not in drop]
     del g.node[:]
     g.node.extend(kept)
-    live = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-    kept_info = [v for v in g.value_info if v.name in live]
-    del g.value_info[:]
-    g.value_info.extend(kept_info)
+    _drop_dead_value_info(g)
     names = ", ".join(f"{s} → {c}" for s, c in folded[:6]) + (f", … ({len(folded) - 6} more)" if len(folded) > 6 else "")
     return out, [f"{NAME}: {len(folded)} SpatialShift(s) read through by the ShiftConv after them (its input shift; "
                  f"the shifted tensor is never written): {names}"]
