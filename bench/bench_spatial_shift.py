@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--extra-train", choices=("natural",), default=None, help="finetune also on crops of "
                     "scikit-image's 20 sample photographs (zoo/public.py natural_images), as many per image")
+    ap.add_argument("--extra-calib", choices=("natural",), default=None, help="--data: calibrate also on "
+                    "crops of scikit-image's 20 sample photographs, as many per image")
     ap.add_argument("--judge-seen", action="store_true", help="also the agreement on other crops of the "
                     "images finetuning saw (0-9): memorising those shows there, not on images 10-19")
     ap.add_argument("--finetune-keep-below", type=float, nargs="*", default=[], help="also finetune these "
@@ -207,7 +209,15 @@ def main():
         agree_seen = lambda m: float((logits(m, seen).argmax(1) == s_logits.argmax(1)).mean())
     print(f"{len(judged)} judged crops of 10 held-out images", flush=True)
 
-    calib = Examples([{"image": x} for x in crops(images[:10], args.calib_per_image, seed=3)])
+    calib_pool = crops(images[:10], args.calib_per_image, seed=3)
+    if args.extra_calib == "natural":   # interleaved, so that the held-out last quarter has both kinds
+        extra = crops(natural_images(), args.calib_per_image, seed=6)
+        mixed = np.empty((len(calib_pool) + len(extra),) + calib_pool.shape[1:], np.float32)
+        order = np.random.default_rng(7).permutation(len(mixed))
+        mixed[order[:len(calib_pool)]], mixed[order[len(calib_pool):]] = calib_pool, extra
+        calib_pool = mixed
+    out["calibration_examples"] = len(calib_pool)
+    calib = Examples([{"image": x} for x in calib_pool])
     students = {}
     rows = ([] if args.skip_free else [("shift", {}, False)]) + [("shift, --data", {}, True)]
     explained = None
