@@ -83,7 +83,8 @@ sanitize: setup $(ASAN_LIB)
 sanitize-quick: setup $(ASAN_LIB)
 	rm -f $(ASAN_DIR)/report.*
 	$(ASAN_ENV) MFCONVERT_FUZZ_EXAMPLES=$(FUZZ_QUICK) $(PY) -m pytest -q -p no:cacheprovider \
-	    tests/test_kernel_hostile.py tests/test_kernel_fuzz.py || $(ASAN_REPORT)
+	    tests/test_kernel_hostile.py tests/test_kernel_fuzz.py tests/test_spatial_shift_fuzz.py \
+	    tests/test_shift_conv_read_through.py::test_read_through_fuzz || $(ASAN_REPORT)
 
 fuzz: setup $(ASAN_LIB)
 	MFCONVERT_FUZZ_EXAMPLES=$(FUZZ_LONG) $(PY) -m pytest -q $(wildcard tests/test_*fuzz*.py)
