@@ -51,6 +51,15 @@ struct ConvInputShift {
     if (g.oh * g.ow == 0) return;
     plane(g, SpatialShiftPlaneOf(g, offsets, x + n * g.c * g.h * g.w, c, dst));
   }
+
+  // Image n of the conv's input, whole, into dst ([C][g.oh][g.ow] floats): SpatialShift's own run
+  // (its task split), on ISA isa.
+  void Image(const float* x, int64_t n, float* dst, const Parallel& par, Isa isa) const {
+    if (g.oh * g.ow == 0) return;
+    SpatialShiftGeom one = g;
+    one.n = 1;
+    SpatialShiftRun(one, offsets, x + n * g.c * g.h * g.w, dst, par, isa);
+  }
 };
 
 // Channels per scratch plane of a read-through run: the channel loop becomes at most this many

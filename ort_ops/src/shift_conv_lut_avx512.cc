@@ -188,13 +188,9 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
     if (one_strip) {
       // xcol[j][c] = shifted x[c][j] (K = 1, tap offset 0, plane = H * W = flat): per task a run of
       // 16-channel blocks, each shifted into the slot the task holds and transposed out of it.
-      const int64_t plane = g.h * g.w, per = (cblocks + kShiftSlots - 1) / kShiftSlots;
-      ShiftSlots free;
-      par.For(static_cast<size_t>((cblocks + per - 1) / per), [&](size_t t) {
-        const int i = free.Take();
-        float* slot = slots + i * slot_stride;
-        const int64_t b1 = std::min(cblocks, (static_cast<int64_t>(t) + 1) * per);
-        for (int64_t b = static_cast<int64_t>(t) * per; b < b1; ++b) {
+      const int64_t plane = g.h * g.w;
+      ForSlotTasks(cblocks, slots, slot_stride, par, [&](int64_t b0, int64_t b1, float* slot) {
+        for (int64_t b = b0; b < b1; ++b) {
           const int64_t c0 = b * 16;
           const int nr = static_cast<int>(std::min<int64_t>(16, c - c0));
           for (int i = 0; i < nr; ++i) r.shift->Plane(x, n, c0 + i, slot + i * plane);
@@ -202,7 +198,6 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
             TransposeTile(reinterpret_cast<const int32_t*>(slot) + j0, plane, nr,
                           static_cast<int>(std::min<int64_t>(16, pl.flat - j0)), xcol + j0 * in + c0, in);
         }
-        free.Give(i);
       });
       ShiftLinearAvx512(*r.lin, reinterpret_cast<const float*>(xcol), pl.flat, ycol, par, inner);
       par.For(static_cast<size_t>((pl.flat + 15) / 16), [&](size_t task) {
@@ -219,12 +214,7 @@ void ShiftConvLutAvx512(const ShiftConvLutRun& r, const float* x, float* y, cons
     } else if (unpadded_1x1) {
       // The planes are laid out as one image of the shifted input: SpatialShift's own run (its
       // task split: planes grouped ~16K floats a task, small runs on the calling thread).
-      if (g.h * g.w > 0) {
-        SpatialShiftGeom one = r.shift->g;
-        one.n = 1;
-        SpatialShiftRun(one, r.shift->offsets, x + n * one.c * one.h * one.w, reinterpret_cast<float*>(buf), par,
-                        Isa::kAvx512);
-      }
+      r.shift->Image(x, n, reinterpret_cast<float*>(buf), par, Isa::kAvx512);
     } else {
       ForChannels(g, r.shift, x, n, slots, slot_stride, par, [&](int64_t ch, const float* src) {
         BuildChannel<S>(src, g, pl, nullptr, buf + ch * pl.channel, tmp + ch * tmp_stride, false, range + 2 * ch,

@@ -274,14 +274,11 @@ class ShiftConvKernel {
         return;
       }
       // The fallback materialises each image's shifted input (SpatialShiftRun, the op's own run).
-      const int64_t in_image = g.c * g.h * g.w, x_image = shift.g.c * shift.g.h * shift.g.w;
-      std::vector<float> shifted(static_cast<size_t>(in_image));
-      SpatialShiftGeom one = shift.g;
-      one.n = 1;
+      std::vector<float> shifted(static_cast<size_t>(g.c * g.h * g.w));
       ConvGeom g1 = g;
       g1.n = 1;
       for (int64_t n = 0; n < g.n; ++n) {
-        if (in_image > 0) SpatialShiftRun(one, shift.offsets, xd + n * x_image, shifted.data(), par, isa_);
+        shift.Image(xd, n, shifted.data(), par, isa_);
         ShiftConvScalar(*p, g1, conv_.act, shifted.data(), yd + n * g.m * g.oh * g.ow, par);
       }
       return;

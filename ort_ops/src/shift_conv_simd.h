@@ -229,6 +229,21 @@ class ShiftSlots {
 };
 static_assert(kShiftSlots <= 32, "ShiftSlots holds one bit per slot");
 
+// Calls body(i0, i1, slot) over [0, items) in at most kShiftSlots tasks of consecutive items on
+// ORT's pool, each holding a free slot (slots + k * slot_stride floats) while it runs.
+template <class Body>
+void ForSlotTasks(int64_t items, float* slots, int64_t slot_stride, const Parallel& par, const Body& body) {
+  if (items <= 0) return;
+  const int64_t per = (items + kShiftSlots - 1) / kShiftSlots, tasks = (items + per - 1) / per;
+  ShiftSlots free;
+  par.For(static_cast<size_t>(tasks), [&](size_t t) {
+    const int k = free.Take();
+    const int64_t i0 = static_cast<int64_t>(t) * per;
+    body(i0, std::min(items, i0 + per), slots + k * slot_stride);
+    free.Give(k);
+  });
+}
+
 // Calls build(c, src) for every channel c of image n, src its [H][W] input plane: X's own, or
 // with a shift the channel's shifted plane, produced into a slot first. Without a shift one task
 // per channel; with one at most kShiftSlots tasks of consecutive channels, each holding a free
@@ -244,17 +259,11 @@ void ForChannels(const ConvGeom& g, const ConvInputShift* shift, const float* x,
     });
     return;
   }
-  const int64_t per = (g.c + kShiftSlots - 1) / kShiftSlots, tasks = (g.c + per - 1) / per;
-  ShiftSlots free;
-  par.For(static_cast<size_t>(tasks), [&](size_t t) {
-    const int i = free.Take();
-    float* slot = slots + i * slot_stride;
-    const int64_t c1 = std::min(g.c, (static_cast<int64_t>(t) + 1) * per);
-    for (int64_t c = static_cast<int64_t>(t) * per; c < c1; ++c) {
+  ForSlotTasks(g.c, slots, slot_stride, par, [&](int64_t c0, int64_t c1, float* slot) {
+    for (int64_t c = c0; c < c1; ++c) {
       shift->Plane(x, n, c, slot);
       build(c, static_cast<const float*>(slot));
     }
-    free.Give(i);
   });
 }
 
